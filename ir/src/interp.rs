@@ -8,19 +8,23 @@ use crate::graph::{Graph, NodeId};
 use crate::op::{Aggregate, BranchMode, Conv2d, Norm, Op, Pool2d, ReduceKind, TreeEnsemble, TreeNode};
 use crate::tensor::Tensor;
 use crate::types::{Dim, Elem, Shape};
-use ndarray::{concatenate, s, Array2, ArrayD, ArrayView2, ArrayViewD, Axis, IxDyn, Zip};
+use ndarray::{concatenate, s, Array2, ArrayD, ArrayView2, ArrayViewD, Axis, IxDyn, LinalgScalar, Zip};
 use std::collections::HashMap;
 
 type OpResult<T> = std::result::Result<T, String>;
 
 /// Evaluate the graph's outputs on `inputs` (one tensor per graph input, in order).
 pub fn run(g: &Graph, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-    run_observed(g, inputs, &mut |_, _| {})
+    run_observed(g, inputs, &mut |_, _, _| {})
 }
 
-/// As [`run`], calling `observe` with every node's value as it is computed (calibration
-/// uses this to record the range of each tensor).
-pub fn run_observed(g: &Graph, inputs: &[Tensor], observe: &mut dyn FnMut(NodeId, &Tensor)) -> Result<Vec<Tensor>> {
+/// As [`run`], calling `observe` with every node's value (and its operands' values) as it
+/// is computed: calibration records each tensor's range this way.
+pub fn run_observed(
+    g: &Graph,
+    inputs: &[Tensor],
+    observe: &mut dyn FnMut(NodeId, &Tensor, &[&Tensor]),
+) -> Result<Vec<Tensor>> {
     check_inputs(g, inputs)?;
     let order =
         g.topo_order().ok_or_else(|| IrError::Eval { node: g.name.clone(), msg: "the graph has a cycle".into() })?;
@@ -33,15 +37,13 @@ pub fn run_observed(g: &Graph, inputs: &[Tensor], observe: &mut dyn FnMut(NodeId
     for &id in &order {
         let node = g.node(id);
         let operands = g.operands(id);
+        let args: Vec<&Tensor> = operands.iter().map(|o| &values[o]).collect();
         let value = match &node.op {
             Op::Input { index } => inputs[*index].clone(),
-            op => {
-                let args: Vec<&Tensor> = operands.iter().map(|o| &values[o]).collect();
-                eval_op(op, &args)
-                    .map_err(|msg| IrError::Eval { node: format!("{} '{}'", op.mnemonic(), node.name), msg })?
-            }
+            op => eval_op(op, &args)
+                .map_err(|msg| IrError::Eval { node: format!("{} '{}'", op.mnemonic(), node.name), msg })?,
         };
-        observe(id, &value);
+        observe(id, &value, &args);
         for o in operands {
             let r = remaining.get_mut(&o).expect("operand is a node");
             *r -= 1;
@@ -52,6 +54,105 @@ pub fn run_observed(g: &Graph, inputs: &[Tensor], observe: &mut dyn FnMut(NodeId
         values.insert(id, value);
     }
     Ok(g.outputs().iter().map(|o| values[&o.node].clone()).collect())
+}
+
+/// Evaluate as the encrypted circuit behaves: a lookup that drops low bits reads its input
+/// with Gaussian noise of `slot_std` slots (bucket widths), so values near a bucket
+/// boundary sometimes round the other way. With the noise a bootstrap tolerates at
+/// failure probability p, `slot_std` = 1 / (2·z(p)) ≈ 0.07 for p = 2^-40. Deterministic
+/// for a given `seed`.
+pub fn run_noisy(g: &Graph, inputs: &[Tensor], slot_std: f64, seed: u64) -> Result<Vec<Tensor>> {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, StandardNormal};
+    check_inputs(g, inputs)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let order =
+        g.topo_order().ok_or_else(|| IrError::Eval { node: g.name.clone(), msg: "the graph has a cycle".into() })?;
+    let mut values: HashMap<NodeId, Tensor> = HashMap::new();
+    for &id in &order {
+        let node = g.node(id);
+        let args: Vec<&Tensor> = g.operands(id).iter().map(|o| &values[o]).collect();
+        let fail = |msg: String| IrError::Eval { node: format!("{} '{}'", node.op.mnemonic(), node.name), msg };
+        let mut noise = |step: i64| -> i64 {
+            let z: f64 = StandardNormal.sample(&mut rng);
+            (z * slot_std * step as f64).round() as i64
+        };
+        let value = match &node.op {
+            Op::Input { index } => inputs[*index].clone(),
+            Op::Tlu(t) if t.rounding > 0 => {
+                let step = 1i64 << t.rounding;
+                let x = int(&args, 0).map_err(fail)?.mapv(|v| (v + noise(step)).clamp(t.input.lo, t.input.hi));
+                Tensor::I64(lookup(t, &x).map_err(fail)?)
+            }
+            Op::MaxEnc { rounding, diff } if *rounding > 0 => {
+                let step = 1i64 << rounding;
+                let (a, b) = (int(&args, 0).map_err(fail)?, int(&args, 1).map_err(fail)?);
+                let d = zip_broadcast(a, b, |x, y| x - y).map_err(fail)?;
+                let d = d.mapv(|v| {
+                    let v = diff.map_or(v, |r| v.clamp(r.lo, r.hi)) + noise(step);
+                    diff.map_or(v, |r| v.clamp(r.lo, r.hi))
+                });
+                let bb = b.broadcast(d.raw_dim()).ok_or_else(|| fail("operands do not broadcast".into()))?;
+                Tensor::I64(
+                    ndarray::Zip::from(&d).and(&bb).map_collect(|&dv, &bv| max_enc(bv + dv, bv, *rounding, None)),
+                )
+            }
+            op => eval_op(op, &args).map_err(fail)?,
+        };
+        values.insert(id, value);
+    }
+    Ok(g.outputs().iter().map(|o| values[&o.node].clone()).collect())
+}
+
+/// Values that fell outside an `assume`d range: the circuit would have overflowed there.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Overflow {
+    pub node: NodeId,
+    /// How many values were out of range, and how far they reached.
+    pub count: usize,
+    pub min: i64,
+    pub max: i64,
+    /// Which samples (batch rows) had an out-of-range value.
+    pub samples: Vec<usize>,
+}
+
+/// As [`run`], also reporting every value outside an `assume`d range (the interpreter
+/// saturates those; the encrypted circuit would compute garbage for those samples).
+pub fn run_checked(g: &Graph, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Vec<Overflow>)> {
+    let mut found: HashMap<NodeId, Overflow> = HashMap::new();
+    let outs = run_observed(g, inputs, &mut |id, _, args| {
+        // The values a compiled range constrains: an assume's operand, a max's a − b.
+        let (range, vals): (crate::types::Range, Vec<i64>) = match (&g.node(id).op, args) {
+            (Op::Assume { range }, [x]) => match x.as_i64() {
+                Some(a) => (*range, a.iter().copied().collect()),
+                None => return,
+            },
+            (Op::MaxEnc { diff: Some(r), .. }, [a, b]) => match (a.as_i64(), b.as_i64()) {
+                (Some(a), Some(b)) => match zip_broadcast(a, b, |x, y| x - y) {
+                    Ok(d) => (*r, d.iter().copied().collect()),
+                    Err(_) => return,
+                },
+                _ => return,
+            },
+            _ => return,
+        };
+        let rows = args.first().and_then(|a| a.shape().first().copied()).unwrap_or(1).max(1);
+        let per_row = (vals.len() / rows).max(1);
+        for (i, &v) in vals.iter().enumerate() {
+            if !range.contains(v) {
+                let o = found.entry(id).or_insert(Overflow { node: id, count: 0, min: v, max: v, samples: Vec::new() });
+                o.count += 1;
+                o.min = o.min.min(v);
+                o.max = o.max.max(v);
+                if o.samples.last() != Some(&(i / per_row)) {
+                    o.samples.push(i / per_row);
+                }
+            }
+        }
+    })?;
+    let mut list: Vec<Overflow> = found.into_values().collect();
+    list.sort_by_key(|o| o.node);
+    Ok((outs, list))
 }
 
 /// Check count, element type and shape of each input; all must share one batch size.
@@ -116,17 +217,17 @@ pub fn eval_op(op: &Op, args: &[&Tensor]) -> OpResult<Tensor> {
             Tensor::F32(m.into_shape_with_order(IxDyn(&[n, c, 1, 1])).map_err(|e| e.to_string())?)
         }
         Op::Reduce { kind, axes, keepdims } => Tensor::F32(reduce(f(0)?, *kind, axes, *keepdims)),
-        Op::Reshape { shape } => reshape(args[0], shape)?,
-        Op::Transpose { perm } => match args[0] {
-            Tensor::F32(a) => Tensor::F32(a.view().permuted_axes(perm.clone()).as_standard_layout().into_owned()),
-            Tensor::I64(a) => Tensor::I64(a.view().permuted_axes(perm.clone()).as_standard_layout().into_owned()),
-        },
-        Op::Concat { axis } => concat(args, *axis)?,
-        Op::Gather { axis, indices } => match args[0] {
-            Tensor::F32(a) => Tensor::F32(gather(a, *axis, indices)?),
-            Tensor::I64(a) => Tensor::I64(gather(a, *axis, indices)?),
-        },
-        Op::Pad { pads, value } => Tensor::F32(pad(f(0)?, pads, *value)),
+        Op::Reshape { .. } | Op::Transpose { .. } | Op::Concat { .. } | Op::Gather { .. } | Op::Pad { .. } => {
+            if let Some(fs) = args.iter().map(|t| t.as_f32()).collect::<Option<Vec<_>>>() {
+                let pad = if let Op::Pad { value, .. } = op { *value } else { 0.0 };
+                Tensor::F32(layout(op, &fs, pad)?)
+            } else if let Some(is) = args.iter().map(|t| t.as_i64()).collect::<Option<Vec<_>>>() {
+                let pad = if let Op::Pad { value, .. } = op { *value as i64 } else { 0 };
+                Tensor::I64(layout(op, &is, pad)?)
+            } else {
+                return Err("layout op on a mix of float and integer tensors".into());
+            }
+        }
         Op::Cast { to } => match (args[0], to) {
             (Tensor::F32(a), Elem::I64) => Tensor::I64(a.mapv(|v| v as i64)),
             (Tensor::I64(a), Elem::F32) => Tensor::F32(a.mapv(|v| v as f32)),
@@ -153,7 +254,72 @@ pub fn eval_op(op: &Op, args: &[&Tensor]) -> OpResult<Tensor> {
         }
         Op::Normalize { norm } => Tensor::F32(normalize(f(0)?, *norm)),
         Op::TreeEnsemble(e) => Tensor::F32(tree_ensemble(e, f(0)?)?),
+        Op::Linear(l) => Tensor::I64(l.apply(int(args, 0)?)?),
+        Op::AddEnc => Tensor::I64(zip_broadcast(int(args, 0)?, int(args, 1)?, |a, b| a + b)?),
+        Op::SubEnc => Tensor::I64(zip_broadcast(int(args, 0)?, int(args, 1)?, |a, b| a - b)?),
+        Op::MaxEnc { rounding, diff } => {
+            Tensor::I64(zip_broadcast(int(args, 0)?, int(args, 1)?, |a, b| max_enc(a, b, *rounding, *diff))?)
+        }
+        Op::Tlu(t) => Tensor::I64(lookup(t, int(args, 0)?)?),
+        Op::Assume { range } => Tensor::I64(int(args, 0)?.mapv(|v| v.clamp(range.lo, range.hi))),
     })
+}
+
+/// `b + relu(a − b)` with the difference read to a multiple of 2^rounding (round half up),
+/// exactly as the circuit computes it (saturated to its compiled range, if any).
+pub fn max_enc(a: i64, b: i64, rounding: u32, diff: Option<crate::types::Range>) -> i64 {
+    let d = a - b;
+    let d = diff.map_or(d, |r| d.clamp(r.lo, r.hi));
+    let d = if rounding == 0 {
+        d
+    } else {
+        let step = 1i64 << rounding;
+        (d + step / 2).div_euclid(step) * step
+    };
+    b + d.max(0)
+}
+
+fn int<'a>(args: &[&'a Tensor], i: usize) -> OpResult<&'a ArrayD<i64>> {
+    args[i].as_i64().ok_or_else(|| format!("operand {i} must be an integer tensor"))
+}
+
+/// A table lookup on every element, with that element's parameters (which broadcast over
+/// the sample, never across the batch). Elements sharing parameters share a table, built
+/// once over the lookup's buckets, as the circuit's tables are.
+fn lookup(t: &crate::tlu::Tlu, x: &ArrayD<i64>) -> OpResult<ArrayD<i64>> {
+    // Parameters vary over the sample, never over the batch (axis 0).
+    let sample: Vec<usize> = x.shape().iter().skip(1).copied().collect();
+    let per = sample.iter().product::<usize>().max(1);
+    let params = t.element_params(&sample)?;
+    let first = t.bucket(t.input.lo);
+    let step = 1i64 << t.rounding;
+    let tabulate = t.entries() <= 1 << 16;
+    // One table per distinct parameter tuple.
+    let mut group_of: HashMap<Vec<u64>, usize> = HashMap::new();
+    let mut tables: Vec<Vec<i64>> = Vec::new();
+    let mut group = Vec::with_capacity(per);
+    for p in &params {
+        let key: Vec<u64> = p.iter().map(|f| f.to_bits()).collect();
+        let next = group_of.len();
+        let g = *group_of.entry(key).or_insert(next);
+        if g == next && tabulate {
+            tables.push(
+                (0..t.entries() as i64)
+                    .map(|j| t.apply(((first + j) * step).clamp(t.input.lo, t.input.hi), p))
+                    .collect(),
+            );
+        }
+        group.push(g);
+    }
+    let mut out = Vec::with_capacity(x.len());
+    for (i, &v) in x.iter().enumerate() {
+        if v < t.input.lo || v > t.input.hi {
+            return Err(format!("value {v} is outside the lookup's range {}", t.input));
+        }
+        let e = i % per;
+        out.push(if tabulate { tables[group[e]][(t.bucket(v) - first) as usize] } else { t.apply(v, &params[e]) });
+    }
+    ArrayD::from_shape_vec(x.raw_dim(), out).map_err(|e| e.to_string())
 }
 
 fn as2(a: &ArrayD<f32>) -> OpResult<ArrayView2<'_, f32>> {
@@ -241,6 +407,16 @@ pub fn zip_broadcast<A: Copy, B: Copy, C>(a: &ArrayD<A>, b: &ArrayD<B>, f: impl 
 /// Convolution by im2col: each output pixel's receptive field becomes a column, and one
 /// matrix product per (sample, group) does the rest.
 fn conv2d(c: &Conv2d, x: &ArrayD<f32>, w: &ArrayD<f32>, bias: Option<&ArrayD<f32>>) -> OpResult<ArrayD<f32>> {
+    conv2d_generic(c, x, w, bias)
+}
+
+/// Convolution for any element type (f32 for the float graph, i64 for encrypted integers).
+pub(crate) fn conv2d_generic<T: LinalgScalar>(
+    c: &Conv2d,
+    x: &ArrayD<T>,
+    w: &ArrayD<T>,
+    bias: Option<&ArrayD<T>>,
+) -> OpResult<ArrayD<T>> {
     let [n, ch, h, wd] = dims4(x)?;
     let [m, cg, kh, kw] = dims4(w)?;
     let window = Pool2d {
@@ -257,12 +433,12 @@ fn conv2d(c: &Conv2d, x: &ArrayD<f32>, w: &ArrayD<f32>, bias: Option<&ArrayD<f32
         return Err(format!("conv weights [{m}, {cg}, {kh}, {kw}] do not fit {ch} channels in {groups} group(s)"));
     }
     let mg = m / groups;
-    let mut out = ndarray::Array4::<f32>::zeros((n, m, oh, ow));
+    let mut out = ndarray::Array4::<T>::zeros((n, m, oh, ow));
     let w2 = w.to_shape((m, cg * kh * kw)).map_err(|e| e.to_string())?;
-    let mut cols = Array2::<f32>::zeros((cg * kh * kw, oh * ow));
+    let mut cols = Array2::<T>::zeros((cg * kh * kw, oh * ow));
     for b in 0..n {
         for g in 0..groups {
-            cols.fill(0.0);
+            cols.fill(T::zero());
             for ci in 0..cg {
                 let chan = g * cg + ci;
                 for ki in 0..kh {
@@ -286,7 +462,7 @@ fn conv2d(c: &Conv2d, x: &ArrayD<f32>, w: &ArrayD<f32>, bias: Option<&ArrayD<f32
             let wg = w2.slice(s![g * mg..(g + 1) * mg, ..]);
             let y = wg.dot(&cols);
             for mi in 0..mg {
-                let bv = bias.map_or(0.0, |bb| bb[[g * mg + mi]]);
+                let bv = bias.map_or(T::zero(), |bb| bb[[g * mg + mi]]);
                 for p in 0..oh * ow {
                     out[[b, g * mg + mi, p / ow, p % ow]] = y[[mi, p]] + bv;
                 }
@@ -368,6 +544,27 @@ fn pool2d(p: &Pool2d, x: &ArrayD<f32>, kind: PoolKind) -> OpResult<ArrayD<f32>> 
     Ok(out.into_dyn())
 }
 
+/// Window sums over an NCHW integer tensor (padding contributes 0).
+pub(crate) fn sum_pool(p: &Pool2d, x: &ArrayD<i64>) -> OpResult<ArrayD<i64>> {
+    let [n, c, h, w] = dims4(x)?;
+    let [oh, ow] = p.out_size(h, w).ok_or("pool window does not fit the input")?;
+    let mut out = ndarray::Array4::<i64>::zeros((n, c, oh, ow));
+    for ((b, ch, oi, oj), v) in out.indexed_iter_mut() {
+        let mut acc = 0i64;
+        for ki in 0..p.kernel[0] {
+            let yi = (oi * p.strides[0] + ki * p.dilations[0]) as isize - p.pads[0] as isize;
+            for kj in 0..p.kernel[1] {
+                let xj = (oj * p.strides[1] + kj * p.dilations[1]) as isize - p.pads[1] as isize;
+                if yi >= 0 && xj >= 0 && (yi as usize) < h && (xj as usize) < w {
+                    acc += x[[b, ch, yi as usize, xj as usize]];
+                }
+            }
+        }
+        *v = acc;
+    }
+    Ok(out.into_dyn())
+}
+
 fn reduce(x: &ArrayD<f32>, kind: ReduceKind, axes: &[usize], keepdims: bool) -> ArrayD<f32> {
     let mut y = x.clone();
     let mut sorted = axes.to_vec();
@@ -386,27 +583,30 @@ fn reduce(x: &ArrayD<f32>, kind: ReduceKind, axes: &[usize], keepdims: bool) -> 
     y
 }
 
-fn reshape(t: &Tensor, shape: &Shape) -> OpResult<Tensor> {
-    let fixed = shape.fixed_volume().max(1);
-    let batch = if shape.has_batch() { t.len() / fixed } else { 1 };
-    let dims = shape.concrete(batch);
-    if dims.iter().product::<usize>() != t.len() {
-        return Err(format!("cannot reshape {:?} to {}", t.shape(), shape));
+/// A layout op (reshape, transpose, concat, gather, pad) on arrays of any element type:
+/// these ops only move values, so the same code moves ciphertext values, floats, or the
+/// compiler's per-element scales.
+pub fn layout<T: Clone>(op: &Op, args: &[&ArrayD<T>], pad_value: T) -> OpResult<ArrayD<T>> {
+    let x = args.first().ok_or("layout op without operands")?;
+    match op {
+        Op::Reshape { shape } => {
+            let fixed = shape.fixed_volume().max(1);
+            let batch = if shape.has_batch() { x.len() / fixed } else { 1 };
+            let dims = shape.concrete(batch);
+            if dims.iter().product::<usize>() != x.len() {
+                return Err(format!("cannot reshape {:?} to {}", x.shape(), shape));
+            }
+            x.to_shape(dims).map(|v| v.into_owned()).map_err(|e| e.to_string())
+        }
+        Op::Transpose { perm } => Ok(x.view().permuted_axes(perm.clone()).as_standard_layout().into_owned()),
+        Op::Concat { axis } => {
+            let views: Vec<ArrayViewD<T>> = args.iter().map(|a| a.view()).collect();
+            concatenate(Axis(*axis), &views).map_err(|e| e.to_string())
+        }
+        Op::Gather { axis, indices } => gather(x, *axis, indices),
+        Op::Pad { pads, .. } => Ok(pad(x, pads, pad_value)),
+        other => Err(format!("{} is not a layout op", other.mnemonic())),
     }
-    Ok(match t {
-        Tensor::F32(a) => Tensor::F32(a.to_shape(dims).map_err(|e| e.to_string())?.into_owned()),
-        Tensor::I64(a) => Tensor::I64(a.to_shape(dims).map_err(|e| e.to_string())?.into_owned()),
-    })
-}
-
-fn concat(args: &[&Tensor], axis: usize) -> OpResult<Tensor> {
-    if let Some(fs) = args.iter().map(|t| t.as_f32().map(|a| a.view())).collect::<Option<Vec<ArrayViewD<f32>>>>() {
-        return concatenate(Axis(axis), &fs).map(Tensor::F32).map_err(|e| e.to_string());
-    }
-    if let Some(is) = args.iter().map(|t| t.as_i64().map(|a| a.view())).collect::<Option<Vec<ArrayViewD<i64>>>>() {
-        return concatenate(Axis(axis), &is).map(Tensor::I64).map_err(|e| e.to_string());
-    }
-    Err("concat of float and integer tensors".into())
 }
 
 /// Take `indices` (any shape) along `axis`.
@@ -427,10 +627,10 @@ pub fn gather<T: Clone>(a: &ArrayD<T>, axis: usize, indices: &ArrayD<i64>) -> Op
     let mut shape = a.shape()[..axis].to_vec();
     shape.extend_from_slice(indices.shape());
     shape.extend_from_slice(&a.shape()[axis + 1..]);
-    picked.into_shape_with_order(shape).map_err(|e| e.to_string())
+    picked.to_shape(shape).map(|v| v.into_owned()).map_err(|e| e.to_string())
 }
 
-fn pad(x: &ArrayD<f32>, pads: &[(usize, usize)], value: f32) -> ArrayD<f32> {
+fn pad<T: Clone>(x: &ArrayD<T>, pads: &[(usize, usize)], value: T) -> ArrayD<T> {
     let shape: Vec<usize> = x.shape().iter().zip(pads).map(|(&d, &(b, e))| d + b + e).collect();
     let mut out = ArrayD::from_elem(shape, value);
     let mut view = out.view_mut();

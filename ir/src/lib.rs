@@ -8,15 +8,19 @@
 pub mod error;
 pub mod graph;
 pub mod interp;
+pub mod linear;
 pub mod op;
 pub mod print;
 pub mod tensor;
+pub mod tlu;
 pub mod types;
 pub mod verify;
 
 pub use error::{IrError, Result};
 pub use graph::{Graph, Node, NodeId, Output};
+pub use linear::{Linear, LinearKind};
 pub use op::{BinaryFn, Op, UnaryFn};
 pub use tensor::Tensor;
+pub use tlu::{Expr, Tlu};
 pub use types::{Dim, Elem, Range, Shape, TensorType};
 pub use verify::verify;

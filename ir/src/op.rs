@@ -4,8 +4,10 @@
 //! the integer ops the quantizer produces, and clear constants. One printer, one verifier
 //! and one interpreter then cover every stage.
 
+use crate::linear::Linear;
 use crate::tensor::Tensor;
-use crate::types::{broadcast, Dim, Elem, Shape, TensorType};
+use crate::tlu::Tlu;
+use crate::types::{broadcast, Dim, Elem, Range, Shape, TensorType};
 use ndarray::ArrayD;
 use serde::{Deserialize, Serialize};
 
@@ -380,6 +382,30 @@ pub enum Op {
         norm: Norm,
     },
     TreeEnsemble(Box<TreeEnsemble>),
+
+    // Integer ops over encrypted tensors (after quantization).
+    /// Exact integer linear map with clear weights.
+    Linear(Box<Linear>),
+    /// Encrypted + encrypted (no bootstrap).
+    AddEnc,
+    /// Encrypted − encrypted (no bootstrap).
+    SubEnc,
+    /// Element-wise maximum of two encrypted tensors with the same scale, computed as
+    /// `b + relu(a − b)`: one lookup per element on the difference, read with `rounding`
+    /// low bits dropped. `diff` is the compiled range of `a − b` when narrower than the
+    /// worst case (as for `Assume`).
+    MaxEnc {
+        rounding: u32,
+        diff: Option<Range>,
+    },
+    /// Element-wise table lookup: one programmable bootstrap per element.
+    Tlu(Box<Tlu>),
+    /// The compiled range of an encrypted tensor: values are encoded for `range`, narrower
+    /// than the worst case that interval arithmetic proves. Free at run time; a value
+    /// outside it would overflow its encoding (the clear interpreter reports and saturates).
+    Assume {
+        range: Range,
+    },
 }
 
 impl Op {
@@ -410,6 +436,12 @@ impl Op {
             Op::ClassLabel { .. } => "class_label",
             Op::Normalize { .. } => "normalize",
             Op::TreeEnsemble(_) => "tree_ensemble",
+            Op::Linear(_) => "linear",
+            Op::AddEnc => "add_enc",
+            Op::SubEnc => "sub_enc",
+            Op::MaxEnc { .. } => "max_enc",
+            Op::Tlu(_) => "tlu",
+            Op::Assume { .. } => "assume",
         }
     }
 
@@ -418,7 +450,7 @@ impl Op {
         match self {
             Op::Input { .. } | Op::Const(_) => (0, 0),
             Op::Gemm { .. } | Op::Conv(_) => (2, 3),
-            Op::MatMul | Op::Binary(_) => (2, 2),
+            Op::MatMul | Op::Binary(_) | Op::AddEnc | Op::SubEnc | Op::MaxEnc { .. } => (2, 2),
             Op::BatchNorm { .. } => (5, 5),
             Op::Concat { .. } => (1, usize::MAX),
             _ => (1, 1),
@@ -533,8 +565,15 @@ impl Op {
                 dims.extend_from_slice(&t.shape.0[axis + 1..]);
                 Ok(t.with_shape(Shape(dims)))
             }
-            Op::Pad { pads, .. } => {
-                let t = float_only(x.unwrap())?;
+            Op::Pad { pads, value } => {
+                let t = x.unwrap();
+                let elem = match t.elem {
+                    Elem::F32 => Elem::F32,
+                    Elem::Enc(r) if value.fract() == 0.0 => {
+                        Elem::Enc(r.union(&Range::new(*value as i64, *value as i64)))
+                    }
+                    _ => return Err(format!("cannot pad {t} with {value}")),
+                };
                 if pads.len() != t.shape.rank() {
                     return Err(format!("pad has {} axes, input {} has {}", pads.len(), t.shape, t.shape.rank()));
                 }
@@ -549,9 +588,12 @@ impl Op {
                         Dim::Fixed(n) => Ok(Dim::Fixed(n + b + e)),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok(t.with_shape(Shape(dims)))
+                Ok(TensorType::new(elem, Shape(dims)))
             }
-            Op::Cast { to } => Ok(x.unwrap().clone().with_elem(*to)),
+            Op::Cast { to } => match x.unwrap().elem {
+                Elem::Enc(_) => Err("cannot cast an encrypted tensor".into()),
+                _ => Ok(x.unwrap().clone().with_elem(*to)),
+            },
             Op::Softmax { axis } => {
                 let t = float_only(x.unwrap())?;
                 check_axis(&t.shape, *axis)?;
@@ -582,6 +624,44 @@ impl Op {
                 }
                 Ok(t.clone())
             }
+            Op::Linear(l) => {
+                let (r, t) = enc_only(x.unwrap())?;
+                let shape = l.out_shape(&t.shape)?;
+                Ok(TensorType::new(Elem::Enc(l.out_range(r, &t.shape)), shape))
+            }
+            Op::AddEnc | Op::SubEnc | Op::MaxEnc { .. } => {
+                let (a, ta) = enc_only(operands[0])?;
+                let (b, tb) = enc_only(operands[1])?;
+                let shape = broadcast(&ta.shape, &tb.shape)
+                    .ok_or_else(|| format!("shapes {} and {} do not broadcast", ta.shape, tb.shape))?;
+                let r = match self {
+                    Op::AddEnc => Range::new(a.lo + b.lo, a.hi + b.hi),
+                    Op::SubEnc => Range::new(a.lo - b.hi, a.hi - b.lo),
+                    // b + relu(round(a − b)): rounding may overshoot the exact max by half a step
+                    Op::MaxEnc { rounding, .. } => {
+                        let slack = if *rounding == 0 { 0 } else { 1i64 << (rounding - 1) };
+                        Range::new(a.lo.max(b.lo), a.hi.max(b.hi) + slack)
+                    }
+                    _ => unreachable!(),
+                };
+                Ok(TensorType::new(Elem::Enc(r), shape))
+            }
+            Op::Assume { range } => {
+                let (r, ty) = enc_only(x.unwrap())?;
+                let lo = r.lo.max(range.lo);
+                let hi = r.hi.min(range.hi);
+                if lo > hi {
+                    return Err(format!("assumed range {range} does not meet the operand's range {r}"));
+                }
+                Ok(TensorType::new(Elem::Enc(Range::new(lo, hi)), ty.shape.clone()))
+            }
+            Op::Tlu(t) => {
+                let (r, ty) = enc_only(x.unwrap())?;
+                if r.lo < t.input.lo || r.hi > t.input.hi {
+                    return Err(format!("lookup defined on {} reads values in {r}", t.input));
+                }
+                Ok(TensorType::new(Elem::Enc(t.output_range()?), ty.shape.clone()))
+            }
             Op::TreeEnsemble(e) => {
                 let t = float_only(x.unwrap())?;
                 match t.shape.dims() {
@@ -606,6 +686,13 @@ fn float_only(t: &TensorType) -> Result<&TensorType, String> {
     match t.elem {
         Elem::F32 => Ok(t),
         _ => Err(format!("expects a float tensor, got {t}")),
+    }
+}
+
+fn enc_only(t: &TensorType) -> Result<(Range, &TensorType), String> {
+    match t.elem {
+        Elem::Enc(r) => Ok((r, t)),
+        _ => Err(format!("expects an encrypted integer tensor, got {t}")),
     }
 }
 
@@ -748,8 +835,14 @@ fn infer_concat(ops: &[&TensorType], axis: usize) -> Result<TensorType, String> 
     let first = ops[0];
     check_axis(&first.shape, axis)?;
     let mut total = 0;
+    let mut elem = first.elem;
     for t in ops {
-        if t.elem != first.elem || t.shape.rank() != first.shape.rank() {
+        elem = match (elem, t.elem) {
+            (Elem::Enc(a), Elem::Enc(b)) => Elem::Enc(a.union(&b)),
+            (a, b) if a == b => a,
+            _ => return Err(format!("concat of {} and {}", first, t)),
+        };
+        if t.shape.rank() != first.shape.rank() {
             return Err(format!("concat of {} and {}", first, t));
         }
         for (i, (a, b)) in first.shape.dims().iter().zip(t.shape.dims()).enumerate() {
@@ -761,7 +854,7 @@ fn infer_concat(ops: &[&TensorType], axis: usize) -> Result<TensorType, String> 
     }
     let mut dims = first.shape.0.clone();
     dims[axis] = Dim::Fixed(total);
-    Ok(first.with_shape(Shape(dims)))
+    Ok(TensorType::new(elem, Shape(dims)))
 }
 
 #[cfg(test)]

@@ -114,8 +114,56 @@ pub fn attrs_text(op: &Op) -> String {
             e.n_targets,
             e.aggregate
         ),
-        Op::MatMul | Op::Binary(_) | Op::GlobalAvgPool => String::new(),
+        Op::Linear(l) => linear_text(l),
+        Op::Tlu(t) => {
+            let mut s = format!("#{} on {}", t.label, t.input);
+            if t.rounding > 0 {
+                let _ = write!(s, " round={}", t.rounding);
+            }
+            let _ = write!(s, " bits={} fn={}", t.input_bits(), t.expr);
+            s
+        }
+        Op::MaxEnc { rounding, diff } if *rounding > 0 || diff.is_some() => {
+            let mut s = diff.map(|d| format!("diff={d}")).unwrap_or_default();
+            if *rounding > 0 {
+                let _ = write!(s, "{}round={rounding}", if s.is_empty() { "" } else { " " });
+            }
+            s
+        }
+        Op::Assume { range } => format!("range={range}"),
+        Op::MatMul | Op::Binary(_) | Op::GlobalAvgPool | Op::AddEnc | Op::SubEnc | Op::MaxEnc { .. } => String::new(),
     }
+}
+
+fn linear_text(l: &crate::linear::Linear) -> String {
+    use crate::linear::LinearKind::*;
+    let body = match &l.kind {
+        Dense { weights } => format!("dense {}x{} |w|<={}", weights.nrows(), weights.ncols(), max_abs(weights.iter())),
+        Conv { weights, conv } => format!(
+            "conv {:?} strides={:?} pads={:?} group={} |w|<={}",
+            weights.shape(),
+            conv.strides,
+            conv.pads,
+            conv.group,
+            max_abs(weights.iter())
+        ),
+        SumPool { pool } => {
+            format!("sum_pool kernel={:?} strides={:?} pads={:?}", pool.kernel, pool.strides, pool.pads)
+        }
+        Sum { axes, keepdims } => format!("sum axes={axes:?}{}", if *keepdims { " keepdims" } else { "" }),
+        Scale { factor } => format!("scale {}", const_text(&Tensor::I64(factor.clone()))),
+        Matrix { weights, out_dims } => format!("matrix {}x{} -> {:?}", weights.nrows(), weights.ncols(), out_dims),
+    };
+    let bias = if l.bias.iter().all(|&b| b == 0) {
+        String::new()
+    } else {
+        format!(" bias={{{}}}", const_text(&Tensor::I64(l.bias.clone())))
+    };
+    format!("#{} {body}{bias}", l.label)
+}
+
+fn max_abs<'a>(it: impl Iterator<Item = &'a i64>) -> i64 {
+    it.map(|v| v.abs()).max().unwrap_or(0)
 }
 
 /// Small constants in full; large ones as a summary.
