@@ -1,1 +1,17 @@
+//! Passes from the float graph to the integer graph that runs on encrypted data:
+//! [`calibrate`] → [`quantize`] → [`fuse`] → [`bitwidth`].
 
+pub mod bitwidth;
+pub mod calibrate;
+pub mod error;
+pub mod fuse;
+pub mod model;
+pub mod quantize;
+pub mod ranges;
+
+pub use bitwidth::{compile, Compiled, SearchOptions};
+pub use calibrate::{calibrate, Calibration};
+pub use error::{PassError, Result};
+pub use fuse::fuse;
+pub use model::QuantizedModel;
+pub use quantize::{quantize, QuantConfig};

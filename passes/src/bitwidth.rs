@@ -1,0 +1,407 @@
+//! Bit-width search: the cheapest quantization that keeps the model faithful.
+//!
+//! The cost of a circuit is dominated by its bootstraps, and a bootstrap's cost by the
+//! precision it must resolve (5 → 6 bits is about 4× here, because the modulus-switch
+//! noise forces N from 2048 to 8192). So the search fixes the widest lookup precision
+//! `p` first, trying 1, 2, … bits: every lookup reads its input rounded to at most `p`
+//! bits (dropping the low bits of wide accumulators, which the bootstrap does for free).
+//! The first `p` whose integer circuit agrees with the float model on the calibration
+//! set — argmax agreement for classifiers, R² for regressors, no labels needed — wins.
+//! At that `p` it then narrows activations, weights and inputs while the agreement holds,
+//! which shrinks the accumulators that are decrypted.
+
+use crate::calibrate::{calibrate, Calibration};
+use crate::error::{PassError, Result};
+use crate::fuse::{count_lookups, fuse_with, FuseReport, Rules};
+use crate::model::QuantizedModel;
+use crate::quantize::{quantize, QuantConfig};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use veil_ir::tlu::lookup_precision;
+use veil_ir::{Elem, Graph, NodeId, Op, Range, Tensor};
+
+/// Largest lookup precision the search considers: 8-bit bootstraps need ~11 GB keys here.
+pub const MAX_PRECISION: u32 = 7;
+
+#[derive(Clone, Debug)]
+pub struct SearchOptions {
+    /// Fix input, weight and activation bits instead of searching them.
+    pub n_bits: Option<u32>,
+    /// Allowed disagreement with the float model: 1 − argmax agreement, or 1 − R².
+    pub tolerance: f64,
+    pub max_precision: u32,
+    /// Headroom around calibrated accumulator ranges (fraction of the span, each side);
+    /// `f64::INFINITY` keeps the worst-case ranges.
+    pub range_margin: f64,
+    /// Failure probability per lookup the circuit will be built for: it fixes how noisy
+    /// rounded reads are, which the search simulates when scoring.
+    pub p_error: f64,
+}
+
+impl Default for SearchOptions {
+    fn default() -> Self {
+        SearchOptions {
+            n_bits: None,
+            tolerance: 0.01,
+            max_precision: MAX_PRECISION,
+            range_margin: crate::ranges::DEFAULT_MARGIN,
+            p_error: 2f64.powi(-40),
+        }
+    }
+}
+
+/// How faithfulness to the float model is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Metric {
+    /// Fraction of samples whose argmax matches the float model's.
+    ArgmaxAgreement,
+    /// R² of the outputs against the float model's outputs.
+    R2,
+}
+
+/// One configuration the search evaluated.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Trial {
+    pub config: QuantConfig,
+    pub precision: u32,
+    pub score: f64,
+    pub accepted: bool,
+}
+
+/// The search's result: the quantized, fused, rounded model and how it was chosen.
+pub struct Compiled {
+    pub model: QuantizedModel,
+    pub config: QuantConfig,
+    /// Widest lookup precision in the circuit, in bits.
+    pub precision: u32,
+    pub metric: Metric,
+    pub score: f64,
+    pub fuse: FuseReport,
+    pub trials: Vec<Trial>,
+    pub calibration: Calibration,
+    /// The quantizer's integer graph for the chosen widths, before fusion.
+    pub unfused: Graph,
+}
+
+/// The number of standard deviations `z` with P(|N(0,1)| > z) = p.
+pub fn z_for(p: f64) -> f64 {
+    let (mut lo, mut hi) = (0.0f64, 40.0f64);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if libm::erfc(mid / std::f64::consts::SQRT_2) > p {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// Bits of each decrypted output the client reads; lower bits are dropped at decryption
+/// (free), which spares the parameters from decrypting wide accumulators exactly.
+pub const OUTPUT_BITS: u32 = 10;
+
+/// Read every server output to at most `bits` bits.
+pub fn set_output_rounding(q: &mut QuantizedModel, bits: u32) {
+    for (o, d) in q.graph.outputs().iter().zip(q.decode.iter_mut()) {
+        let r = enc(&q.graph, o.node);
+        d.rounding = crate::model::bits_of(r).saturating_sub(bits);
+    }
+}
+
+/// Relative cost of one keyswitch + bootstrap at a precision (ms, one thread, p_error
+/// 2^-40), as veil's parameter optimizer prices the sets it picks for typical circuits:
+/// the search compares candidates by lookups × this. Each bit past 4 doubles N.
+pub fn pbs_cost(p: u32) -> f64 {
+    match p {
+        0 => 0.0,
+        1..=3 => 38.0,
+        4 => 50.0,
+        5 => 132.0,
+        6 => 310.0,
+        7 => 715.0,
+        _ => 3000.0,
+    }
+}
+
+/// Rounding (low bits dropped) for a lookup over `input` to need at most `p` bits; `None`
+/// when no rounding fits (a rounded lookup needs at least 2 bits for its spare slots).
+pub fn rounding_for(input: Range, p: u32) -> Option<u32> {
+    (0..48).find(|&k| lookup_precision(entries(input, k), k) <= p)
+}
+
+/// Buckets a range spans when read to multiples of 2^k (aligned, round half up).
+pub fn entries(r: Range, k: u32) -> u64 {
+    let step = 1i64 << k;
+    let bucket = |v: i64| (v + step / 2).div_euclid(step);
+    (bucket(r.hi) - bucket(r.lo)) as u64 + 1
+}
+
+/// The range a max-of-two lookup reads: the difference of its operands.
+pub fn diff_range(a: Range, b: Range) -> Range {
+    Range::new(a.lo - b.hi, a.hi - b.lo)
+}
+
+fn enc(g: &Graph, id: NodeId) -> Range {
+    match g.node(id).ty.elem {
+        Elem::Enc(r) => r,
+        _ => Range::new(0, 0),
+    }
+}
+
+/// Set every lookup's rounding so that none needs more than `p` bits, re-deriving ranges
+/// downstream (a rounded max can overshoot by half a step).
+pub fn set_precision(g: &Graph, p: u32) -> Result<Graph> {
+    let mut out = Graph::new(g.name.clone());
+    let mut map: HashMap<NodeId, NodeId> = HashMap::new();
+    for id in g.topo_order().ok_or_else(|| PassError::Search("cycle".into()))? {
+        let node = g.node(id);
+        let ops: Vec<NodeId> = g.operands(id).iter().map(|o| map[o]).collect();
+        let new = match &node.op {
+            Op::Input { .. } => out.add_input(node.name.clone(), node.ty.clone()),
+            Op::Tlu(t) => {
+                let mut t = t.clone();
+                t.input = enc(&out, ops[0]);
+                t.rounding = rounding_for(t.input, p).ok_or_else(|| too_narrow(p, &node.name))?;
+                out.add(Op::Tlu(t), &ops, node.name.clone())?
+            }
+            Op::MaxEnc { diff, .. } => {
+                let d = diff.unwrap_or_else(|| diff_range(enc(&out, ops[0]), enc(&out, ops[1])));
+                let rounding = rounding_for(d, p).ok_or_else(|| too_narrow(p, &node.name))?;
+                out.add(Op::MaxEnc { rounding, diff: *diff }, &ops, node.name.clone())?
+            }
+            op => out.add(op.clone(), &ops, node.name.clone())?,
+        };
+        map.insert(id, new);
+    }
+    for o in g.outputs() {
+        out.set_output(o.name.clone(), map[&o.node]);
+    }
+    Ok(out)
+}
+
+fn too_narrow(p: u32, node: &str) -> PassError {
+    PassError::Search(format!("no rounding lets lookup '{node}' fit in {p} bits"))
+}
+
+/// The widest precision any lookup of `g` needs.
+pub fn max_precision(g: &Graph) -> u32 {
+    g.node_ids().map(|id| max_precision_of(g, id)).max().unwrap_or(0)
+}
+
+/// The precision one node's lookups need (0 if it has none).
+pub fn max_precision_of(g: &Graph, id: NodeId) -> u32 {
+    match &g.node(id).op {
+        Op::Tlu(t) => t.input_bits(),
+        Op::MaxEnc { rounding, diff } => {
+            let ops = g.operands(id);
+            let d = diff.unwrap_or_else(|| diff_range(enc(g, ops[0]), enc(g, ops[1])));
+            lookup_precision(entries(d, *rounding), *rounding)
+        }
+        _ => 0,
+    }
+}
+
+/// The first floating-point output of a float model's outputs, as reference values.
+fn first_float(outs: &[Tensor]) -> Option<usize> {
+    outs.iter().position(|t| matches!(t, Tensor::F32(_)))
+}
+
+fn metric_for(reference: &Tensor) -> Metric {
+    match reference.shape() {
+        [_, k, ..] if *k >= 2 => Metric::ArgmaxAgreement,
+        _ => Metric::R2,
+    }
+}
+
+/// How closely `ours` follows the float model's `reference` outputs.
+pub fn score(metric: Metric, ours: &Tensor, reference: &Tensor) -> f64 {
+    let (a, b) = (ours.to_f32(), reference.to_f32());
+    match metric {
+        Metric::ArgmaxAgreement => {
+            let am = |x: &ndarray::ArrayD<f32>| {
+                x.map_axis(ndarray::Axis(1), |r| {
+                    r.iter()
+                        .enumerate()
+                        .fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+                        .0
+                })
+            };
+            let (pa, pb) = (am(&a), am(&b));
+            pa.iter().zip(pb.iter()).filter(|(x, y)| x == y).count() as f64 / pa.len().max(1) as f64
+        }
+        Metric::R2 => {
+            let mean = b.iter().map(|&v| v as f64).sum::<f64>() / b.len().max(1) as f64;
+            let res: f64 = a.iter().zip(b.iter()).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
+            let tot: f64 = b.iter().map(|&y| (y as f64 - mean).powi(2)).sum();
+            if tot == 0.0 {
+                if res == 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            } else {
+                1.0 - res / tot
+            }
+        }
+    }
+}
+
+struct Search<'a> {
+    g: &'a Graph,
+    inputs: &'a [Tensor],
+    calib: Calibration,
+    reference: Tensor,
+    out_index: usize,
+    metric: Metric,
+    tolerance: f64,
+    /// Quantized and fused models per bit-width configuration (precision only re-rounds).
+    cache: HashMap<(QuantConfig, Rules), (QuantizedModel, FuseReport, Graph)>,
+    trials: Vec<Trial>,
+    margin: f64,
+    rules: Rules,
+    /// Noise of a rounded read, in slots.
+    slot_std: f64,
+}
+
+impl Search<'_> {
+    /// Quantize, fuse and narrow one configuration (cached; precision only re-rounds).
+    /// Also returns the quantizer's graph before fusion.
+    fn fused(&mut self, cfg: QuantConfig) -> Result<(QuantizedModel, FuseReport, Graph)> {
+        if let Some(m) = self.cache.get(&(cfg, self.rules)) {
+            return Ok(m.clone());
+        }
+        let mut q = quantize(self.g, &self.calib, &cfg)?;
+        let unfused = q.graph.clone();
+        let (graph, report) = fuse_with(&q.graph, self.rules)?;
+        let enc = q.encode_inputs(self.inputs)?;
+        q.graph = crate::ranges::narrow(&graph, &enc, self.margin)?;
+        let entry = (q, report, unfused);
+        self.cache.insert((cfg, self.rules), entry.clone());
+        Ok(entry)
+    }
+
+    /// Build and score one configuration.
+    fn trial(&mut self, cfg: QuantConfig, p: u32) -> Result<(QuantizedModel, FuseReport, f64, bool)> {
+        let (mut q, report, _) = self.fused(cfg)?;
+        match set_precision(&q.graph, p) {
+            Ok(g) => {
+                q.graph = g;
+                set_output_rounding(&mut q, OUTPUT_BITS);
+            }
+            Err(PassError::Search(_)) => {
+                self.trials.push(Trial { config: cfg, precision: p, score: 0.0, accepted: false });
+                return Ok((q, report, 0.0, false));
+            }
+            Err(e) => return Err(e),
+        }
+        // Score as the encrypted circuit behaves: rounded reads are noisy.
+        let outs = q.run_noisy(self.inputs, self.slot_std, 0x5eed)?;
+        let s = score(self.metric, &outs[self.out_index], &self.reference);
+        let ok = 1.0 - s <= self.tolerance + 1e-12;
+        self.trials.push(Trial { config: cfg, precision: p, score: s, accepted: ok });
+        Ok((q, report, s, ok))
+    }
+}
+
+/// Calibrate, quantize, fuse and choose bit widths for `g` on the calibration inputs.
+pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Compiled> {
+    let calib = calibrate(g, inputs)?;
+    let float = veil_ir::interp::run(g, inputs)?;
+    let out_index = first_float(&float)
+        .ok_or_else(|| PassError::Search("the model has no floating-point output to compare".into()))?;
+    let reference = float[out_index].clone();
+    let metric = metric_for(&reference);
+    let mut s = Search {
+        g,
+        inputs,
+        calib,
+        reference,
+        out_index,
+        metric,
+        tolerance: opts.tolerance,
+        cache: HashMap::new(),
+        trials: Vec::new(),
+        margin: opts.range_margin,
+        rules: Rules::default(),
+        slot_std: 0.5 / z_for(opts.p_error),
+    };
+
+    let top = opts.n_bits.unwrap_or(8);
+    let full = QuantConfig { input_bits: top, weight_bits: top, act_bits: top };
+    // Fusion variants: commuting lookups past maxima saves lookups but needs more
+    // precision; try both when the model has a max and keep the cheaper circuit.
+    let mut variants = vec![Rules { max_commute: true }];
+    let probe = s.fused(full)?.0.graph;
+    if probe.node_ids().any(|n| matches!(probe.node(n).op, Op::MaxEnc { .. })) {
+        variants.push(Rules { max_commute: false });
+    }
+    let mut chosen: Option<(QuantizedModel, FuseReport, f64, u32, Rules, f64)> = None;
+    let mut best_rejected: Option<(f64, u32)> = None;
+    for rules in variants {
+        s.rules = rules;
+        for p in 2..=opts.max_precision {
+            let (q, rep, score, ok) = s.trial(full, p)?;
+            let cost = count_lookups(&q.graph) as f64 * pbs_cost(p);
+            if ok {
+                if chosen.as_ref().is_none_or(|c| cost < c.5) {
+                    chosen = Some((q, rep, score, p, rules, cost));
+                }
+                break;
+            }
+            if best_rejected.is_none_or(|(b, _)| score > b) {
+                best_rejected = Some((score, p));
+            }
+            if count_lookups(&q.graph) == 0 {
+                break; // precision does not matter without lookups
+            }
+        }
+    }
+    let Some((mut model, mut report, mut best_score, p, rules, _)) = chosen else {
+        let (b, bp) = best_rejected.unwrap_or((0.0, 0));
+        return Err(PassError::Search(format!(
+            "no quantization with lookups of at most {} bits keeps the model within tolerance {} of the float model (best: {:.4} at {bp} bits); allow more error with --accuracy-tolerance or fix widths with --n-bits",
+            opts.max_precision, opts.tolerance, b
+        )));
+    };
+    s.rules = rules;
+    let mut cfg = full;
+    let floor = best_score;
+    if opts.n_bits.is_none() {
+        // Narrow each width while the model stays within tolerance.
+        for field in 0..3 {
+            loop {
+                let mut c = cfg;
+                let w = match field {
+                    0 => &mut c.act_bits,
+                    1 => &mut c.weight_bits,
+                    _ => &mut c.input_bits,
+                };
+                if *w <= 2 {
+                    break;
+                }
+                *w -= 1;
+                // Narrower widths only shrink what is decrypted: accept them only when they
+                // cost no agreement at all, so the calibration set is not overfitted.
+                let (q, rep, score, ok) = s.trial(c, p)?;
+                if !ok || score < floor {
+                    break;
+                }
+                (cfg, model, report, best_score) = (c, q, rep, score);
+            }
+        }
+    }
+    let precision = max_precision(&model.graph);
+    let unfused = s.fused(cfg)?.2;
+    Ok(Compiled {
+        model,
+        config: cfg,
+        precision,
+        metric,
+        score: best_score,
+        fuse: report,
+        trials: s.trials,
+        calibration: s.calib,
+        unfused,
+    })
+}

@@ -1,0 +1,166 @@
+//! A quantized model: the integer graph the server runs on encrypted data, and what the
+//! client does around it (quantize inputs, decode outputs, finish in the clear).
+
+use crate::error::{PassError, Result};
+use ndarray::ArrayD;
+use serde::{Deserialize, Serialize};
+use veil_ir::{Graph, Range, Tensor};
+
+/// How the client turns one model input into the integers it encrypts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InputQuant {
+    pub name: String,
+    /// Per element of a sample: real ≈ scale·v + offset.
+    pub scale: ArrayD<f64>,
+    pub offset: ArrayD<f64>,
+    /// The integers' range, [0, 2^bits − 1].
+    pub range: Range,
+}
+
+impl InputQuant {
+    pub fn bits(&self) -> u32 {
+        self.range.bits()
+    }
+
+    /// v = clamp(round((x − offset) / scale), lo, hi), element-wise over a batch.
+    pub fn quantize(&self, x: &ArrayD<f32>) -> Result<ArrayD<i64>> {
+        let dims = x.shape().to_vec();
+        let s = broadcast_sample(&self.scale, &dims, &self.name)?;
+        let o = broadcast_sample(&self.offset, &dims, &self.name)?;
+        let mut out = ArrayD::zeros(x.raw_dim());
+        ndarray::Zip::from(&mut out).and(x).and(&s).and(&o).for_each(|q: &mut i64, &v, &s, &o| {
+            *q = (((v as f64) - o) / s).round().clamp(self.range.lo as f64, self.range.hi as f64) as i64;
+        });
+        Ok(out)
+    }
+}
+
+/// Bits spanned by a range.
+pub fn bits_of(r: Range) -> u32 {
+    64 - ((r.hi - r.lo).max(0) as u64).leading_zeros()
+}
+
+/// How the client decodes one server output: real = scale·v + offset, after reading the
+/// decrypted integer to a multiple of 2^rounding.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OutputDecode {
+    pub scale: ArrayD<f64>,
+    pub offset: ArrayD<f64>,
+    pub rounding: u32,
+}
+
+impl OutputDecode {
+    /// The integer the client reads: rounded (half up) to a multiple of 2^rounding.
+    pub fn read(&self, v: i64) -> i64 {
+        if self.rounding == 0 {
+            return v;
+        }
+        let step = 1i64 << self.rounding;
+        (v + step / 2).div_euclid(step) * step
+    }
+
+    pub fn decode(&self, v: &ArrayD<i64>, what: &str) -> Result<ArrayD<f32>> {
+        let dims = v.shape().to_vec();
+        let s = broadcast_sample(&self.scale, &dims, what)?;
+        let o = broadcast_sample(&self.offset, &dims, what)?;
+        let mut out = ArrayD::zeros(v.raw_dim());
+        ndarray::Zip::from(&mut out).and(v).and(&s).and(&o).for_each(|y: &mut f32, &q, &s, &o| {
+            *y = (s * self.read(q) as f64 + o) as f32;
+        });
+        Ok(out)
+    }
+}
+
+/// Broadcast per-sample parameters over a batched tensor shape.
+fn broadcast_sample(p: &ArrayD<f64>, dims: &[usize], what: &str) -> Result<ArrayD<f64>> {
+    p.broadcast(dims.to_vec()).map(|v| v.to_owned()).ok_or_else(|| PassError::Quantize {
+        node: what.into(),
+        msg: format!("parameters {:?} do not fit {:?}", p.shape(), dims),
+    })
+}
+
+/// Where a tail input comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TailSource {
+    /// The decoded `i`-th output of the server graph.
+    Server(usize),
+    /// The `i`-th model input, which the client holds in the clear.
+    Model(usize),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QuantizedModel {
+    pub name: String,
+    /// The integer graph run on encrypted data. Its inputs are the quantized model inputs
+    /// listed in `inputs`; its outputs are decoded by `decode`.
+    pub graph: Graph,
+    pub inputs: Vec<InputQuant>,
+    /// For each server-graph input, which model input it quantizes.
+    pub input_of: Vec<usize>,
+    pub decode: Vec<OutputDecode>,
+    /// The float computation the client finishes after decryption (e.g. sigmoid, argmax).
+    pub tail: Graph,
+    pub tail_inputs: Vec<TailSource>,
+    /// The float model's input names.
+    pub model_inputs: Vec<String>,
+}
+
+impl QuantizedModel {
+    /// Quantize float model inputs into the server graph's integer inputs.
+    pub fn encode_inputs(&self, xs: &[Tensor]) -> Result<Vec<Tensor>> {
+        if xs.len() != self.model_inputs.len() {
+            return Err(PassError::Quantize {
+                node: self.name.clone(),
+                msg: format!("the model takes {} input(s), got {}", self.model_inputs.len(), xs.len()),
+            });
+        }
+        self.input_of
+            .iter()
+            .zip(&self.inputs)
+            .map(|(&m, q)| {
+                let x = xs[m].to_f32();
+                Ok(Tensor::I64(q.quantize(&x)?))
+            })
+            .collect()
+    }
+
+    /// Decode server outputs and run the client tail: the model's outputs.
+    pub fn decode_outputs(&self, server: &[Tensor], xs: &[Tensor]) -> Result<Vec<Tensor>> {
+        let mut tail_in = Vec::with_capacity(self.tail_inputs.len());
+        for src in &self.tail_inputs {
+            tail_in.push(match *src {
+                TailSource::Server(i) => {
+                    let v = server[i].as_i64().ok_or_else(|| PassError::Quantize {
+                        node: self.name.clone(),
+                        msg: format!("server output {i} is not an integer tensor"),
+                    })?;
+                    Tensor::F32(self.decode[i].decode(v, &format!("server output {i}"))?)
+                }
+                TailSource::Model(i) => xs[i].clone(),
+            });
+        }
+        Ok(veil_ir::interp::run(&self.tail, &tail_in)?)
+    }
+
+    /// Run in the clear with exactly the circuit's integer semantics.
+    pub fn run_clear(&self, xs: &[Tensor]) -> Result<Vec<Tensor>> {
+        Ok(self.run_clear_checked(xs)?.0)
+    }
+
+    /// Run as the encrypted circuit behaves: rounded lookups read their inputs with the
+    /// noise a bootstrap sees (`slot_std` slots), so approximate rounding sometimes goes
+    /// the other way, as it does encrypted.
+    pub fn run_noisy(&self, xs: &[Tensor], slot_std: f64, seed: u64) -> Result<Vec<Tensor>> {
+        let enc = self.encode_inputs(xs)?;
+        let server = veil_ir::interp::run_noisy(&self.graph, &enc, slot_std, seed)?;
+        self.decode_outputs(&server, xs)
+    }
+
+    /// As [`QuantizedModel::run_clear`], also reporting values beyond the compiled ranges
+    /// (where the encrypted circuit would overflow).
+    pub fn run_clear_checked(&self, xs: &[Tensor]) -> Result<(Vec<Tensor>, Vec<veil_ir::interp::Overflow>)> {
+        let enc = self.encode_inputs(xs)?;
+        let (server, overflows) = veil_ir::interp::run_checked(&self.graph, &enc)?;
+        Ok((self.decode_outputs(&server, xs)?, overflows))
+    }
+}

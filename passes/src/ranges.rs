@@ -1,0 +1,85 @@
+//! Compiled ranges: narrow each accumulator's range to what calibration observed, plus a
+//! margin, instead of the worst case interval arithmetic proves.
+//!
+//! A bootstrap resolves its input to `p` bits over the input's whole range, so a range
+//! four times wider than the values that occur costs two bits of resolution (or, at
+//! equal resolution, a 4× dearer bootstrap). Worst-case bounds of a dot product are
+//! rarely approached, so veil encodes each accumulator for its calibrated range widened
+//! by a margin (never beyond the worst case), and marks that with an `assume` node. Values
+//! beyond it would overflow their encoding: `veil predict --mode clear` and `veil encrypt`
+//! report any input that reaches one, so a user learns before trusting an FHE result.
+
+use crate::error::{PassError, Result};
+use std::collections::HashMap;
+use veil_ir::{Elem, Graph, NodeId, Op, Range, Tensor};
+
+/// Fraction of the observed span added on each side.
+pub const DEFAULT_MARGIN: f64 = 0.25;
+
+/// Insert `assume` nodes after accumulators whose calibrated range (widened by `margin`)
+/// is narrower than their worst case. `inputs` are the graph's integer inputs on the
+/// calibration set.
+pub fn narrow(g: &Graph, inputs: &[Tensor], margin: f64) -> Result<Graph> {
+    let mut seen: HashMap<NodeId, (i64, i64)> = HashMap::new();
+    let mut diffs: HashMap<NodeId, (i64, i64)> = HashMap::new();
+    let extent =
+        |a: &ndarray::ArrayD<i64>| (a.iter().copied().min().unwrap_or(0), a.iter().copied().max().unwrap_or(0));
+    veil_ir::interp::run_observed(g, inputs, &mut |id, t, args| {
+        if let Some(a) = t.as_i64() {
+            seen.insert(id, extent(a));
+        }
+        if let (Op::MaxEnc { .. }, [a, b]) = (&g.node(id).op, args) {
+            if let (Some(a), Some(b)) = (a.as_i64(), b.as_i64()) {
+                if let Ok(d) = veil_ir::interp::zip_broadcast(a, b, |x, y| x - y) {
+                    diffs.insert(id, extent(&d));
+                }
+            }
+        }
+    })?;
+    let widen = |(lo, hi): (i64, i64), sound: Range| {
+        let pad = ((hi - lo) as f64 * margin).ceil().max(1.0) as i64;
+        Range::new((lo - pad).max(sound.lo), (hi + pad).min(sound.hi))
+    };
+    let mut out = Graph::new(g.name.clone());
+    let mut map: HashMap<NodeId, NodeId> = HashMap::new();
+    for id in g.topo_order().ok_or_else(|| PassError::Search("cycle".into()))? {
+        let node = g.node(id);
+        let ops: Vec<NodeId> = g.operands(id).iter().map(|o| map[o]).collect();
+        let new = match &node.op {
+            Op::Input { .. } => out.add_input(node.name.clone(), node.ty.clone()),
+            Op::MaxEnc { rounding, .. } => {
+                // The lookup inside a max reads a − b: narrow that range too.
+                let sound = diff_of(&out, ops[0], ops[1]);
+                let diff = diffs.get(&id).map(|&d| widen(d, sound)).filter(|r| *r != sound);
+                out.add(Op::MaxEnc { rounding: *rounding, diff }, &ops, node.name.clone())?
+            }
+            op => out.add(op.clone(), &ops, node.name.clone())?,
+        };
+        let widened = matches!(node.op, Op::Linear(_) | Op::AddEnc | Op::SubEnc | Op::MaxEnc { .. });
+        let target = match (out.node(new).ty.elem, seen.get(&id)) {
+            (Elem::Enc(sound), Some(&seen)) if widened => {
+                let r = widen(seen, sound);
+                (r != sound).then_some(r)
+            }
+            _ => None,
+        };
+        let new = match target {
+            Some(range) => out.add(Op::Assume { range }, &[new], node.name.clone())?,
+            None => new,
+        };
+        map.insert(id, new);
+    }
+    for o in g.outputs() {
+        out.set_output(o.name.clone(), map[&o.node]);
+    }
+    veil_ir::verify(&out)?;
+    Ok(out)
+}
+
+/// Worst-case range of `a − b` for two encrypted nodes.
+fn diff_of(g: &Graph, a: NodeId, b: NodeId) -> Range {
+    match (g.node(a).ty.elem, g.node(b).ty.elem) {
+        (Elem::Enc(x), Elem::Enc(y)) => Range::new(x.lo - y.hi, x.hi - y.lo),
+        _ => Range::new(0, 0),
+    }
+}
