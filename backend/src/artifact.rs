@@ -1,0 +1,435 @@
+//! The compiled-model file: prost messages generated from `proto/veil.proto`.
+
+use crate::circuit::{Circuit, Instruction, LinearInstr, LookupInstr};
+use crate::error::{BackendError, Result};
+use crate::lower::{ClientSpec, InputEncoding, OutputEncoding};
+use crate::params::Params;
+use crate::proto;
+use ndarray::{ArrayD, IxDyn};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use veil_ir::{Graph, Range};
+use veil_passes::model::{InputQuant, OutputDecode, QuantizedModel, TailSource};
+
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Largest artifact read.
+const MAX_BYTES: u64 = 1 << 31;
+
+/// A compiled model.
+#[derive(Clone, Debug)]
+pub struct Artifact {
+    pub model_name: String,
+    pub params: Params,
+    pub circuit: Circuit,
+    pub client: ClientSpec,
+    pub report: proto::Report,
+    pub stages: proto::Stages,
+    pub fingerprint: Vec<u8>,
+}
+
+fn bad(path: &str, msg: impl Into<String>) -> BackendError {
+    BackendError::Artifact { path: path.into(), msg: msg.into() }
+}
+
+impl Artifact {
+    pub fn new(
+        model_name: String,
+        params: Params,
+        circuit: Circuit,
+        client: ClientSpec,
+        report: proto::Report,
+        stages: proto::Stages,
+    ) -> Artifact {
+        let fingerprint = fingerprint(&params, &circuit);
+        Artifact { model_name, params, circuit, client, report, stages, fingerprint }
+    }
+
+    pub fn to_proto(&self) -> proto::Artifact {
+        proto::Artifact {
+            format_version: FORMAT_VERSION,
+            veil_version: env!("CARGO_PKG_VERSION").into(),
+            model_name: self.model_name.clone(),
+            fingerprint: self.fingerprint.clone(),
+            params: Some(params_to_proto(&self.params)),
+            circuit: Some(circuit_to_proto(&self.circuit)),
+            client: Some(client_to_proto(&self.client)),
+            report: Some(self.report.clone()),
+            stages: Some(self.stages.clone()),
+        }
+    }
+
+    pub fn from_proto(p: proto::Artifact, path: &str) -> Result<Artifact> {
+        if p.format_version != FORMAT_VERSION {
+            return Err(bad(path, format!("artifact format {} is not supported (this veil reads format {FORMAT_VERSION}); recompile the model", p.format_version)));
+        }
+        let params = params_from_proto(p.params.as_ref().ok_or_else(|| bad(path, "no parameters"))?);
+        let circuit = circuit_from_proto(p.circuit.ok_or_else(|| bad(path, "no circuit"))?, path)?;
+        let client = client_from_proto(p.client.ok_or_else(|| bad(path, "no client section"))?, &circuit, path)?;
+        if fingerprint(&params, &circuit) != p.fingerprint {
+            return Err(bad(path, "the fingerprint does not match the parameters and circuit: the file was modified"));
+        }
+        Ok(Artifact {
+            model_name: p.model_name,
+            params,
+            circuit,
+            client,
+            report: p.report.unwrap_or_default(),
+            stages: p.stages.unwrap_or_default(),
+            fingerprint: p.fingerprint,
+        })
+    }
+
+    /// Write atomically (temporary file, then rename).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let shown = path.display().to_string();
+        let bytes = self.to_proto().encode_to_vec();
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = path.file_name().ok_or_else(|| bad(&shown, "not a file path"))?;
+        let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+        std::fs::write(&tmp, bytes).map_err(|e| bad(&shown, e.to_string()))?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            bad(&shown, e.to_string())
+        })
+    }
+
+    pub fn read(path: &Path) -> Result<Artifact> {
+        let shown = path.display().to_string();
+        let len = std::fs::metadata(path).map_err(|e| bad(&shown, format!("cannot read: {e}")))?.len();
+        if len > MAX_BYTES {
+            return Err(bad(&shown, format!("{len} bytes is over the {MAX_BYTES}-byte limit")));
+        }
+        let bytes = std::fs::read(path).map_err(|e| bad(&shown, format!("cannot read: {e}")))?;
+        let p = proto::Artifact::decode(bytes.as_slice())
+            .map_err(|e| bad(&shown, format!("not a veil model file ({e})")))?;
+        Artifact::from_proto(p, &shown)
+    }
+
+    /// The final integer graph (what clear execution runs).
+    pub fn integer_graph(&self) -> Result<Graph> {
+        graph_from_json(&self.stages.fused_json, "fused")
+    }
+
+    /// The quantized model clear execution uses, rebuilt from the final integer graph and
+    /// the client section.
+    pub fn quantized_model(&self) -> Result<QuantizedModel> {
+        let c = &self.client;
+        Ok(QuantizedModel {
+            name: self.model_name.clone(),
+            graph: self.integer_graph()?,
+            inputs: c.inputs.iter().map(|i| i.quant.clone()).collect(),
+            input_of: c.inputs.iter().map(|i| i.model_input).collect(),
+            decode: c.outputs.iter().map(|o| o.decode.clone()).collect(),
+            tail: c.tail.clone(),
+            tail_inputs: c.tail_inputs.clone(),
+            model_inputs: c.model_inputs.clone(),
+        })
+    }
+}
+
+pub fn graph_from_json(json: &str, stage: &str) -> Result<Graph> {
+    if json.is_empty() {
+        return Err(BackendError::Artifact {
+            path: stage.into(),
+            msg: "this stage is not stored in the model file".into(),
+        });
+    }
+    let g: Graph = serde_json::from_str(json)
+        .map_err(|e| BackendError::Artifact { path: stage.into(), msg: format!("stage graph does not parse: {e}") })?;
+    veil_ir::verify(&g)?;
+    Ok(g)
+}
+
+pub fn graph_to_json(g: &Graph) -> String {
+    serde_json::to_string(g).expect("graphs serialize")
+}
+
+/// SHA-256 over the parameters and the circuit: what keys and ciphertexts must match.
+pub fn fingerprint(params: &Params, circuit: &Circuit) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(b"veil-fingerprint-v1");
+    h.update(params_to_proto(params).encode_to_vec());
+    h.update(circuit_to_proto(circuit).encode_to_vec());
+    h.finalize().to_vec()
+}
+
+fn params_to_proto(p: &Params) -> proto::Params {
+    proto::Params {
+        lwe_dimension: p.lwe_dimension as u32,
+        glwe_dimension: p.glwe_dimension as u32,
+        polynomial_size: p.polynomial_size as u32,
+        pbs_base_log: p.pbs_base_log,
+        pbs_level: p.pbs_level,
+        ks_base_log: p.ks_base_log,
+        ks_level: p.ks_level,
+        lwe_noise_std: p.lwe_noise_std,
+        glwe_noise_std: p.glwe_noise_std,
+        precision: p.precision,
+        p_error: p.p_error,
+        global_p_error: p.global_p_error,
+        pbs_cost_ms: p.pbs_cost_ms,
+        bootstrap_key_bytes: p.bootstrap_key_bytes,
+        keyswitch_key_bytes: p.keyswitch_key_bytes,
+    }
+}
+
+fn params_from_proto(p: &proto::Params) -> Params {
+    Params {
+        lwe_dimension: p.lwe_dimension as u64,
+        glwe_dimension: p.glwe_dimension as u64,
+        polynomial_size: p.polynomial_size as u64,
+        pbs_base_log: p.pbs_base_log,
+        pbs_level: p.pbs_level,
+        ks_base_log: p.ks_base_log,
+        ks_level: p.ks_level,
+        lwe_noise_std: p.lwe_noise_std,
+        glwe_noise_std: p.glwe_noise_std,
+        precision: p.precision,
+        p_error: p.p_error,
+        global_p_error: p.global_p_error,
+        pbs_cost_ms: p.pbs_cost_ms,
+        bootstrap_key_bytes: p.bootstrap_key_bytes,
+        keyswitch_key_bytes: p.keyswitch_key_bytes,
+    }
+}
+
+fn circuit_to_proto(c: &Circuit) -> proto::Circuit {
+    let instructions = c
+        .instructions
+        .iter()
+        .map(|i| proto::Instruction {
+            kind: Some(match i {
+                Instruction::Linear(l) => proto::instruction::Kind::Linear(proto::Linear {
+                    output: l.output as u32,
+                    inputs: l.inputs.iter().map(|&v| v as u32).collect(),
+                    row_start: l.row_start.clone(),
+                    term_input: l.term_input.clone(),
+                    term_index: l.term_index.clone(),
+                    term_weight: l.term_weight.clone(),
+                    constant: l.constant.clone(),
+                }),
+                Instruction::Lookup(l) => proto::instruction::Kind::Lookup(proto::Lookup {
+                    output: l.output as u32,
+                    input: l.input as u32,
+                    table: l.table.clone(),
+                }),
+            }),
+        })
+        .collect();
+    proto::Circuit {
+        value_len: c.value_len.iter().map(|&v| v as u32).collect(),
+        inputs: c.inputs.iter().map(|&v| v as u32).collect(),
+        outputs: c.outputs.iter().map(|&v| v as u32).collect(),
+        instructions,
+        tables: c.tables.iter().map(|t| proto::Table { slots: t.clone() }).collect(),
+    }
+}
+
+/// Decode a circuit, checking every index, so a malformed file fails here rather than
+/// in the evaluator.
+fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
+    let values = p.value_len.len();
+    let val = |v: u32| -> Result<usize> {
+        ((v as usize) < values)
+            .then_some(v as usize)
+            .ok_or_else(|| bad(path, format!("circuit refers to missing value {v}")))
+    };
+    let tables: Vec<Vec<u64>> = p.tables.into_iter().map(|t| t.slots).collect();
+    let precision = match tables.first() {
+        Some(t) if t.len().is_power_of_two() => t.len().trailing_zeros(),
+        Some(_) => return Err(bad(path, "a lookup table's size is not a power of two")),
+        None => 0,
+    };
+    if tables.iter().any(|t| t.len() != 1 << precision) {
+        return Err(bad(path, "lookup tables of different sizes"));
+    }
+    let mut defined = vec![false; values];
+    for &i in &p.inputs {
+        defined[val(i)?] = true;
+    }
+    let mut instructions = Vec::with_capacity(p.instructions.len());
+    for ins in p.instructions {
+        let i = match ins.kind.ok_or_else(|| bad(path, "empty instruction"))? {
+            proto::instruction::Kind::Linear(l) => {
+                let out = val(l.output)?;
+                let inputs = l.inputs.iter().map(|&v| val(v)).collect::<Result<Vec<_>>>()?;
+                let rows = p.value_len[out] as usize;
+                let terms = l.term_weight.len();
+                let ok = l.row_start.len() == rows + 1
+                    && l.constant.len() == rows
+                    && l.term_input.len() == terms
+                    && l.term_index.len() == terms
+                    && l.row_start.windows(2).all(|w| w[0] <= w[1])
+                    && l.row_start.last().copied() == Some(terms as u32)
+                    && l.term_input
+                        .iter()
+                        .zip(&l.term_index)
+                        .all(|(&k, &e)| (k as usize) < inputs.len() && e < p.value_len[inputs[k as usize]]);
+                if !ok || inputs.iter().any(|&v| !defined[v]) {
+                    return Err(bad(path, "a linear instruction is malformed"));
+                }
+                defined[out] = true;
+                Instruction::Linear(LinearInstr {
+                    output: out,
+                    inputs,
+                    row_start: l.row_start,
+                    term_input: l.term_input,
+                    term_index: l.term_index,
+                    term_weight: l.term_weight,
+                    constant: l.constant,
+                })
+            }
+            proto::instruction::Kind::Lookup(l) => {
+                let (out, input) = (val(l.output)?, val(l.input)?);
+                let n = p.value_len[out] as usize;
+                if !defined[input]
+                    || l.table.len() != n
+                    || p.value_len[input] as usize != n
+                    || l.table.iter().any(|&t| t as usize >= tables.len())
+                {
+                    return Err(bad(path, "a lookup instruction is malformed"));
+                }
+                defined[out] = true;
+                Instruction::Lookup(LookupInstr { output: out, input, table: l.table })
+            }
+        };
+        instructions.push(i);
+    }
+    let outputs = p.outputs.iter().map(|&v| val(v)).collect::<Result<Vec<_>>>()?;
+    if outputs.iter().any(|&v| !defined[v]) {
+        return Err(bad(path, "an output is never computed"));
+    }
+    Ok(Circuit {
+        value_len: p.value_len.iter().map(|&v| v as usize).collect(),
+        inputs: p.inputs.iter().map(|&v| v as usize).collect(),
+        outputs,
+        instructions,
+        tables,
+        precision,
+    })
+}
+
+/// Per-element parameters, flattened over the per-sample shape.
+fn flat(a: &ArrayD<f64>, shape: &[usize]) -> Vec<f64> {
+    a.broadcast(IxDyn(shape)).map(|v| v.iter().copied().collect()).unwrap_or_else(|| a.iter().copied().collect())
+}
+
+fn unflat(v: Vec<f64>, shape: &[usize], path: &str) -> Result<ArrayD<f64>> {
+    ArrayD::from_shape_vec(IxDyn(shape), v).map_err(|_| bad(path, "client parameters do not fit their shape"))
+}
+
+fn client_to_proto(c: &ClientSpec) -> proto::Client {
+    proto::Client {
+        inputs: c
+            .inputs
+            .iter()
+            .map(|i| proto::Input {
+                name: i.quant.name.clone(),
+                shape: i.shape.iter().map(|&d| d as u32).collect(),
+                scale: flat(&i.quant.scale, &i.shape),
+                offset: flat(&i.quant.offset, &i.shape),
+                lo: i.quant.range.lo,
+                hi: i.quant.range.hi,
+                delta: 1u64 << i.delta_log2,
+                base: i.base,
+                model_input: i.model_input as u32,
+            })
+            .collect(),
+        outputs: c
+            .outputs
+            .iter()
+            .map(|o| proto::Output {
+                name: o.name.clone(),
+                shape: o.shape.iter().map(|&d| d as u32).collect(),
+                scale: flat(&o.decode.scale, &o.shape),
+                offset: flat(&o.decode.offset, &o.shape),
+                delta: 1u64 << o.delta_log2,
+                base: o.base,
+                rounding: o.decode.rounding,
+                lo: o.range.lo,
+                hi: o.range.hi,
+            })
+            .collect(),
+        tail_graph_json: graph_to_json(&c.tail),
+        tail_inputs: c
+            .tail_inputs
+            .iter()
+            .map(|s| proto::TailSource {
+                source: Some(match *s {
+                    TailSource::Server(i) => proto::tail_source::Source::ServerOutput(i as u32),
+                    TailSource::Model(i) => proto::tail_source::Source::ModelInput(i as u32),
+                }),
+            })
+            .collect(),
+        model_inputs: c.model_inputs.clone(),
+        model_outputs: c.model_outputs.clone(),
+    }
+}
+
+fn delta_log2(d: u64, path: &str) -> Result<u32> {
+    if !d.is_power_of_two() {
+        return Err(bad(path, format!("encoding scale {d} is not a power of two")));
+    }
+    Ok(d.trailing_zeros())
+}
+
+fn client_from_proto(p: proto::Client, circuit: &Circuit, path: &str) -> Result<ClientSpec> {
+    if p.inputs.len() != circuit.inputs.len() || p.outputs.len() != circuit.outputs.len() {
+        return Err(bad(path, "the client section does not match the circuit's inputs and outputs"));
+    }
+    let inputs = p
+        .inputs
+        .into_iter()
+        .map(|i| {
+            let shape: Vec<usize> = i.shape.iter().map(|&d| d as usize).collect();
+            Ok(InputEncoding {
+                quant: InputQuant {
+                    name: i.name,
+                    scale: unflat(i.scale, &shape, path)?,
+                    offset: unflat(i.offset, &shape, path)?,
+                    range: Range::new(i.lo, i.hi.max(i.lo)),
+                },
+                shape,
+                delta_log2: delta_log2(i.delta, path)?,
+                base: i.base,
+                model_input: i.model_input as usize,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let outputs = p
+        .outputs
+        .into_iter()
+        .map(|o| {
+            let shape: Vec<usize> = o.shape.iter().map(|&d| d as usize).collect();
+            Ok(OutputEncoding {
+                name: o.name,
+                decode: OutputDecode {
+                    scale: unflat(o.scale, &shape, path)?,
+                    offset: unflat(o.offset, &shape, path)?,
+                    rounding: o.rounding,
+                },
+                shape,
+                delta_log2: delta_log2(o.delta, path)?,
+                base: o.base,
+                range: Range::new(o.lo, o.hi.max(o.lo)),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tail = graph_from_json(&p.tail_graph_json, "client tail")?;
+    let tail_inputs = p
+        .tail_inputs
+        .into_iter()
+        .map(|s| match s.source {
+            Some(proto::tail_source::Source::ServerOutput(i)) if (i as usize) < outputs.len() => {
+                Ok(TailSource::Server(i as usize))
+            }
+            Some(proto::tail_source::Source::ModelInput(i)) if (i as usize) < p.model_inputs.len() => {
+                Ok(TailSource::Model(i as usize))
+            }
+            _ => Err(bad(path, "a client tail input refers to nothing")),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ClientSpec { inputs, outputs, tail, tail_inputs, model_inputs: p.model_inputs, model_outputs: p.model_outputs })
+}

@@ -1,0 +1,200 @@
+//! The circuit: a flat program over vectors of LWE ciphertexts, and its simulation on
+//! plaintexts.
+//!
+//! Every value is a vector of ciphertexts (per sample) under the large key. An element
+//! holding integer v with encoding (delta, base) carries the plaintext (v − base)·delta
+//! mod 2^64. Two instructions exist: an affine map with clear integer weights, and a
+//! lookup (keyswitch, then programmable bootstrap with a table per element).
+
+use crate::params::{NoiseCoefs, Params};
+use rand::Rng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinearInstr {
+    pub output: usize,
+    pub inputs: Vec<usize>,
+    /// Terms of output j: `row_start[j]..row_start[j + 1]`.
+    pub row_start: Vec<u32>,
+    /// Which of `inputs`, which element, what weight.
+    pub term_input: Vec<u32>,
+    pub term_index: Vec<u32>,
+    pub term_weight: Vec<i64>,
+    /// Plaintext added to each output element.
+    pub constant: Vec<u64>,
+}
+
+impl LinearInstr {
+    pub fn terms(&self, j: usize) -> impl Iterator<Item = (usize, usize, i64)> + '_ {
+        let (a, b) = (self.row_start[j] as usize, self.row_start[j + 1] as usize);
+        (a..b).map(move |t| (self.term_input[t] as usize, self.term_index[t] as usize, self.term_weight[t]))
+    }
+
+    pub fn outputs(&self) -> usize {
+        self.constant.len()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LookupInstr {
+    pub output: usize,
+    pub input: usize,
+    /// Table of each element.
+    pub table: Vec<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Instruction {
+    Linear(LinearInstr),
+    Lookup(LookupInstr),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Circuit {
+    /// Elements per sample of each value.
+    pub value_len: Vec<usize>,
+    pub inputs: Vec<usize>,
+    pub outputs: Vec<usize>,
+    pub instructions: Vec<Instruction>,
+    /// Lookup tables, 2^precision plaintext slots each.
+    pub tables: Vec<Vec<u64>>,
+    pub precision: u32,
+}
+
+impl Circuit {
+    pub fn lookups_per_sample(&self) -> usize {
+        self.instructions.iter().map(|i| if let Instruction::Lookup(l) = i { l.table.len() } else { 0 }).sum()
+    }
+
+    pub fn macs_per_sample(&self) -> usize {
+        self.instructions.iter().map(|i| if let Instruction::Linear(l) = i { l.term_weight.len() } else { 0 }).sum()
+    }
+
+    /// Noise coefficients of every element of every value (Σw² over bootstrapped and over
+    /// fresh sources), propagated through the linear maps.
+    pub fn noise_coefs(&self) -> Vec<Vec<NoiseCoefs>> {
+        let mut coefs: Vec<Vec<NoiseCoefs>> = self.value_len.iter().map(|&n| vec![NoiseCoefs::default(); n]).collect();
+        for &i in &self.inputs {
+            coefs[i].iter_mut().for_each(|c| c.fresh = 1.0);
+        }
+        for ins in &self.instructions {
+            match ins {
+                Instruction::Linear(l) => {
+                    let out: Vec<NoiseCoefs> = (0..l.outputs())
+                        .map(|j| {
+                            l.terms(j).fold(NoiseCoefs::default(), |acc, (i, e, w)| {
+                                let c = coefs[l.inputs[i]][e];
+                                let w2 = (w as f64) * (w as f64);
+                                NoiseCoefs {
+                                    bootstrapped: acc.bootstrapped + w2 * c.bootstrapped,
+                                    fresh: acc.fresh + w2 * c.fresh,
+                                }
+                            })
+                        })
+                        .collect();
+                    coefs[l.output] = out;
+                }
+                Instruction::Lookup(l) => {
+                    coefs[l.output] = vec![NoiseCoefs { bootstrapped: 1.0, fresh: 0.0 }; l.table.len()];
+                }
+            }
+        }
+        coefs
+    }
+
+    /// Run on plaintexts: `inputs[k][sample]` is the plaintext vector of input k. With
+    /// `noise`, each bootstrap input gets Gaussian noise of the variance the parameters
+    /// predict for it, so approximate rounding and failures happen as they would
+    /// encrypted; without, the run is exact.
+    pub fn simulate(&self, inputs: &[Vec<Vec<u64>>], noise: Option<&Params>, rng: &mut impl Rng) -> Vec<Vec<Vec<u64>>> {
+        let samples = inputs.first().map_or(0, |i| i.len());
+        let coefs = noise.map(|_| self.noise_coefs());
+        let mut values: Vec<Vec<Vec<u64>>> = vec![Vec::new(); self.value_len.len()];
+        for (k, &v) in self.inputs.iter().enumerate() {
+            values[v] = inputs[k].clone();
+        }
+        let p = self.precision;
+        for ins in &self.instructions {
+            match ins {
+                Instruction::Linear(l) => {
+                    let out = (0..samples)
+                        .map(|s| {
+                            (0..l.outputs())
+                                .map(|j| {
+                                    l.terms(j).fold(l.constant[j], |acc, (i, e, w)| {
+                                        acc.wrapping_add(values[l.inputs[i]][s][e].wrapping_mul(w as u64))
+                                    })
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    values[l.output] = out;
+                }
+                Instruction::Lookup(l) => {
+                    let std = |e: usize| -> f64 {
+                        match (noise, &coefs) {
+                            (Some(params), Some(c)) => {
+                                let v = c[l.input][e].variance(params.bootstrap_variance(), params.fresh_variance())
+                                    + params.pre_rotation_variance();
+                                v.sqrt()
+                            }
+                            _ => 0.0,
+                        }
+                    };
+                    let stds: Vec<f64> = (0..l.table.len()).map(std).collect();
+                    let input = &values[l.input];
+                    let out: Vec<Vec<u64>> = input
+                        .iter()
+                        .map(|row_in| {
+                            l.table
+                                .iter()
+                                .enumerate()
+                                .map(|(e, &t)| {
+                                    let mut m = row_in[e];
+                                    if stds[e] > 0.0 {
+                                        let z: f64 = StandardNormal.sample(rng);
+                                        m = m.wrapping_add((z * stds[e] * 2f64.powi(64)).round() as i64 as u64);
+                                    }
+                                    bootstrap_plain(m, &self.tables[t as usize], p)
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    values[l.output] = out;
+                }
+            }
+        }
+        self.outputs.iter().map(|&o| values[o].clone()).collect()
+    }
+}
+
+/// What a programmable bootstrap computes on a plaintext: the slot nearest to m (slots
+/// 2^(63−p) apart), its table entry, negated past the padding bit (negacyclic).
+pub fn bootstrap_plain(m: u64, table: &[u64], precision: u32) -> u64 {
+    let shift = 63 - precision;
+    let slot = (m.wrapping_add(1u64 << (shift - 1)) >> shift) as usize & ((2usize << precision) - 1);
+    let half = 1usize << precision;
+    if slot < half {
+        table[slot]
+    } else {
+        table[slot - half].wrapping_neg()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bootstrap_reads_nearest_slot_and_wraps_negacyclically() {
+        let table: Vec<u64> = (0..4).map(|v| v * 1000).collect();
+        let d = 1u64 << 61; // precision 2: slots 2^61 apart
+        assert_eq!(bootstrap_plain(2 * d, &table, 2), 2000);
+        assert_eq!(bootstrap_plain(2 * d + d / 2 - 1, &table, 2), 2000);
+        assert_eq!(bootstrap_plain(2 * d + d / 2, &table, 2), 3000);
+        assert_eq!(bootstrap_plain(0u64.wrapping_sub(d / 3), &table, 2), 0);
+        // 4·d is past the padding bit: −table[0]; 5·d: −table[1]
+        assert_eq!(bootstrap_plain(5 * d, &table, 2), 1000u64.wrapping_neg());
+    }
+}
