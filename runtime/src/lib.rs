@@ -1,1 +1,13 @@
+//! veil's runtime: key generation, encryption, decryption (client side) and the evaluator
+//! (server side, which holds no secret key), over `tfhe::core_crypto`.
 
+pub mod crypto;
+pub mod error;
+pub mod evaluator;
+pub mod files;
+pub mod keys;
+
+pub use crypto::{EncryptedInputs, EncryptedOutputs};
+pub use error::{Result, RuntimeError};
+pub use evaluator::Evaluator;
+pub use keys::{keygen, ClientKey, ServerKey};

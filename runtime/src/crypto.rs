@@ -1,0 +1,155 @@
+//! Encryption and decryption of batches of samples, and the ciphertext containers that
+//! travel between client and server.
+
+use crate::error::{Result, RuntimeError};
+use crate::keys::{check_fingerprint, ClientKey};
+use serde::{Deserialize, Serialize};
+use tfhe::core_crypto::prelude::*;
+use tfhe::named::Named;
+use tfhe_versionable::{Versionize, VersionsDispatch};
+use veil_backend::circuit::Circuit;
+
+/// Encrypted inputs, client → server: per circuit input, per sample, a seeded ciphertext
+/// list (the masks are regenerated from a seed, so only bodies travel).
+#[derive(Clone, Serialize, Deserialize, Versionize)]
+#[versionize(EncryptedInputsVersions)]
+pub struct EncryptedInputs {
+    pub fingerprint: Vec<u8>,
+    pub samples: usize,
+    pub(crate) values: Vec<Vec<SeededLweCiphertextListOwned<u64>>>,
+}
+
+#[derive(VersionsDispatch)]
+#[allow(unused)]
+pub enum EncryptedInputsVersions {
+    V0(EncryptedInputs),
+}
+
+impl Named for EncryptedInputs {
+    const NAME: &'static str = "veil::EncryptedInputs";
+}
+
+/// Encrypted outputs, server → client: per circuit output, per sample.
+#[derive(Clone, Serialize, Deserialize, Versionize)]
+#[versionize(EncryptedOutputsVersions)]
+pub struct EncryptedOutputs {
+    pub fingerprint: Vec<u8>,
+    pub samples: usize,
+    pub(crate) values: Vec<Vec<LweCiphertextListOwned<u64>>>,
+}
+
+#[derive(VersionsDispatch)]
+#[allow(unused)]
+pub enum EncryptedOutputsVersions {
+    V0(EncryptedOutputs),
+}
+
+impl Named for EncryptedOutputs {
+    const NAME: &'static str = "veil::EncryptedOutputs";
+}
+
+impl ClientKey {
+    /// Encrypt plaintexts `[input][sample][element]` under the large key.
+    pub fn encrypt(&self, plaintexts: &[Vec<Vec<u64>>]) -> EncryptedInputs {
+        let mut seeder = new_seeder();
+        let size = LweSize(self.dimension() + 1);
+        let samples = plaintexts.first().map_or(0, |v| v.len());
+        let values = plaintexts
+            .iter()
+            .map(|per_sample| {
+                per_sample
+                    .iter()
+                    .map(|row| {
+                        let mut list = SeededLweCiphertextList::new(
+                            0u64,
+                            size,
+                            LweCiphertextCount(row.len()),
+                            seeder.seed().into(),
+                            CiphertextModulus::new_native(),
+                        );
+                        let pt = PlaintextList::from_container(row.as_slice());
+                        par_encrypt_seeded_lwe_ciphertext_list(
+                            &self.big,
+                            &mut list,
+                            &pt,
+                            self.gaussian(),
+                            seeder.as_mut(),
+                        );
+                        list
+                    })
+                    .collect()
+            })
+            .collect();
+        EncryptedInputs { fingerprint: self.fingerprint.clone(), samples, values }
+    }
+
+    /// Decrypt outputs to plaintexts `[output][sample][element]` (still noisy: decoding
+    /// rounds them).
+    pub fn decrypt(&self, cts: &EncryptedOutputs) -> Result<Vec<Vec<Vec<u64>>>> {
+        check_fingerprint("the encrypted outputs", &cts.fingerprint, &self.fingerprint)?;
+        cts.values
+            .iter()
+            .map(|per_sample| {
+                per_sample
+                    .iter()
+                    .map(|list| {
+                        if list.lwe_size().to_lwe_dimension() != self.big.lwe_dimension() {
+                            return Err(RuntimeError::Invalid(
+                                "ciphertexts of the wrong dimension for this key".into(),
+                            ));
+                        }
+                        let mut pt = PlaintextList::new(0u64, PlaintextCount(list.lwe_ciphertext_count().0));
+                        decrypt_lwe_ciphertext_list(&self.big, list, &mut pt);
+                        Ok(pt.into_container())
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+impl EncryptedInputs {
+    /// Check the batch fits the circuit: inputs, element counts, ciphertext size.
+    pub fn check(&self, circuit: &Circuit, big_dimension: usize) -> Result<()> {
+        if self.values.len() != circuit.inputs.len() {
+            return Err(RuntimeError::Invalid(format!(
+                "the ciphertexts hold {} input(s), the model takes {}",
+                self.values.len(),
+                circuit.inputs.len()
+            )));
+        }
+        for (k, (per_sample, &v)) in self.values.iter().zip(&circuit.inputs).enumerate() {
+            if per_sample.len() != self.samples {
+                return Err(RuntimeError::Invalid(format!(
+                    "input {k} holds {} samples, the batch says {}",
+                    per_sample.len(),
+                    self.samples
+                )));
+            }
+            for list in per_sample {
+                if list.lwe_ciphertext_count().0 != circuit.value_len[v] {
+                    return Err(RuntimeError::Invalid(format!(
+                        "input {k} has {} elements per sample, the model expects {}",
+                        list.lwe_ciphertext_count().0,
+                        circuit.value_len[v]
+                    )));
+                }
+                if list.lwe_size().to_lwe_dimension().0 != big_dimension {
+                    return Err(RuntimeError::Invalid(format!(
+                        "input {k} is encrypted under a dimension-{} key, the model uses {big_dimension}",
+                        list.lwe_size().to_lwe_dimension().0
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Expand the seeded masks: the ciphertexts the evaluator works on.
+    pub(crate) fn expand(&self) -> Vec<Vec<LweCiphertextListOwned<u64>>> {
+        self.values
+            .iter()
+            .map(|per| per.iter().map(|l| l.clone().decompress_into_lwe_ciphertext_list()).collect())
+            .collect()
+    }
+}

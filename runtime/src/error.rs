@@ -1,0 +1,14 @@
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum RuntimeError {
+    /// A key or ciphertext made for another compiled model.
+    #[error("{what} was made for a different compiled model (fingerprint {found}, the model has {expected}); regenerate it from this model")]
+    Mismatch { what: String, found: String, expected: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{path}: {msg}")]
+    File { path: String, msg: String },
+}
+
+pub type Result<T> = std::result::Result<T, RuntimeError>;

@@ -1,0 +1,199 @@
+//! The server: evaluate a circuit on encrypted inputs with the evaluation keys only.
+
+use crate::crypto::{EncryptedInputs, EncryptedOutputs};
+use crate::error::{Result, RuntimeError};
+use crate::keys::{check_fingerprint, ServerKey};
+use rayon::prelude::*;
+use tfhe::core_crypto::algorithms::slice_algorithms::slice_wrapping_add_scalar_mul_assign;
+use tfhe::core_crypto::fft_impl::fft64::math::fft::Fft;
+use tfhe::core_crypto::prelude::*;
+use veil_backend::circuit::{Circuit, Instruction, LinearInstr, LookupInstr};
+use veil_backend::params::Params;
+
+/// Keys expanded and converted, tables turned into bootstrap accumulators: everything the
+/// evaluation needs that does not depend on the inputs, prepared once.
+pub struct Evaluator<'a> {
+    circuit: &'a Circuit,
+    fingerprint: Vec<u8>,
+    big: usize,
+    keyswitch: Option<LweKeyswitchKeyOwned<u64>>,
+    bootstrap: Option<FourierLweBootstrapKeyOwned>,
+    accumulators: Vec<GlweCiphertextOwned<u64>>,
+}
+
+impl<'a> Evaluator<'a> {
+    pub fn new(circuit: &'a Circuit, params: &Params, key: ServerKey, fingerprint: &[u8]) -> Result<Evaluator<'a>> {
+        check_fingerprint("the server key", &key.fingerprint, fingerprint)?;
+        let big = params.big_dimension() as usize;
+        let has_lookups = circuit.lookups_per_sample() > 0;
+        let (keyswitch, bootstrap) = match (key.keyswitch, key.bootstrap) {
+            (Some(ks), Some(bs)) => {
+                let ks = ks.decompress_into_lwe_keyswitch_key();
+                let bs = bs.par_decompress_into_lwe_bootstrap_key();
+                let mut fourier = FourierLweBootstrapKey::new(
+                    bs.input_lwe_dimension(),
+                    bs.glwe_size(),
+                    bs.polynomial_size(),
+                    bs.decomposition_base_log(),
+                    bs.decomposition_level_count(),
+                );
+                par_convert_standard_lwe_bootstrap_key_to_fourier(&bs, &mut fourier);
+                if ks.input_key_lwe_dimension().0 != big || bs.polynomial_size().0 != params.polynomial_size as usize {
+                    return Err(RuntimeError::Invalid("the server key does not match the model's parameters".into()));
+                }
+                (Some(ks), Some(fourier))
+            }
+            _ if has_lookups => {
+                return Err(RuntimeError::Invalid(
+                    "the server key has no bootstrap keys but the model needs them".into(),
+                ))
+            }
+            _ => (None, None),
+        };
+        let accumulators = match &bootstrap {
+            Some(b) => circuit
+                .tables
+                .iter()
+                .map(|t| {
+                    if t.len() != 1 << circuit.precision {
+                        return Err(RuntimeError::Invalid("a lookup table has the wrong size".into()));
+                    }
+                    Ok(generate_programmable_bootstrap_glwe_lut(
+                        b.polynomial_size(),
+                        b.glwe_size(),
+                        t.len(),
+                        CiphertextModulus::new_native(),
+                        1u64,
+                        |slot| t[slot as usize],
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        Ok(Evaluator { circuit, fingerprint: fingerprint.to_vec(), big, keyswitch, bootstrap, accumulators })
+    }
+
+    /// Run on a batch; `progress` is called with the number of lookups just finished.
+    pub fn run(&self, inputs: &EncryptedInputs, progress: &(dyn Fn(usize) + Sync)) -> Result<EncryptedOutputs> {
+        check_fingerprint("the encrypted inputs", &inputs.fingerprint, &self.fingerprint)?;
+        inputs.check(self.circuit, self.big)?;
+        let samples = inputs.samples;
+        // values[v][sample]
+        let mut values: Vec<Option<Vec<LweCiphertextListOwned<u64>>>> = vec![None; self.circuit.value_len.len()];
+        for (k, per_sample) in inputs.expand().into_iter().enumerate() {
+            values[self.circuit.inputs[k]] = Some(per_sample);
+        }
+        for ins in &self.circuit.instructions {
+            let (out, result) = match ins {
+                Instruction::Linear(l) => (l.output, self.linear(l, &values, samples)),
+                Instruction::Lookup(l) => (l.output, self.lookup(l, &values, samples, progress)?),
+            };
+            values[out] = Some(result);
+        }
+        let outputs = self
+            .circuit
+            .outputs
+            .iter()
+            .map(|&o| values[o].clone().ok_or_else(|| RuntimeError::Invalid("an output was never computed".into())))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(EncryptedOutputs { fingerprint: self.fingerprint.clone(), samples, values: outputs })
+    }
+
+    fn get(values: &[Option<Vec<LweCiphertextListOwned<u64>>>], v: usize) -> &[LweCiphertextListOwned<u64>] {
+        values[v].as_deref().expect("instructions are in dependency order")
+    }
+
+    /// out_j = Σ w·in + constant_j, each sample in parallel.
+    fn linear(
+        &self,
+        l: &LinearInstr,
+        values: &[Option<Vec<LweCiphertextListOwned<u64>>>],
+        samples: usize,
+    ) -> Vec<LweCiphertextListOwned<u64>> {
+        let ins: Vec<&[LweCiphertextListOwned<u64>]> = l.inputs.iter().map(|&v| Self::get(values, v)).collect();
+        let size = LweSize(self.big + 1);
+        (0..samples)
+            .into_par_iter()
+            .map(|s| {
+                let mut out = LweCiphertextList::new(
+                    0u64,
+                    size,
+                    LweCiphertextCount(l.outputs()),
+                    CiphertextModulus::new_native(),
+                );
+                for (j, mut ct) in out.iter_mut().enumerate() {
+                    for (i, e, w) in l.terms(j) {
+                        let src = ins[i][s].get(e);
+                        slice_wrapping_add_scalar_mul_assign(ct.as_mut(), src.as_ref(), w as u64);
+                    }
+                    let body = ct.get_mut_body();
+                    *body.data = body.data.wrapping_add(l.constant[j]);
+                }
+                out
+            })
+            .collect()
+    }
+
+    /// Keyswitch then bootstrap every element of every sample, all in parallel.
+    fn lookup(
+        &self,
+        l: &LookupInstr,
+        values: &[Option<Vec<LweCiphertextListOwned<u64>>>],
+        samples: usize,
+        progress: &(dyn Fn(usize) + Sync),
+    ) -> Result<Vec<LweCiphertextListOwned<u64>>> {
+        let (Some(ksk), Some(bsk)) = (&self.keyswitch, &self.bootstrap) else {
+            return Err(RuntimeError::Invalid("the circuit has lookups but no bootstrap keys were loaded".into()));
+        };
+        let input = Self::get(values, l.input);
+        let n = l.table.len();
+        let small = ksk.output_key_lwe_dimension().to_lwe_size();
+        let size = LweSize(self.big + 1);
+        let poly = bsk.polynomial_size();
+        let jobs: Vec<(usize, usize)> = (0..samples).flat_map(|s| (0..n).map(move |e| (s, e))).collect();
+        let results: Vec<LweCiphertextOwned<u64>> = jobs
+            .par_iter()
+            .map_init(
+                || {
+                    // per-thread FFT plan and scratch memory
+                    let fft = Fft::new(poly);
+                    let mut buffers = ComputationBuffers::new();
+                    buffers.resize(
+                        programmable_bootstrap_lwe_ciphertext_mem_optimized_requirement::<u64>(
+                            bsk.glwe_size(),
+                            poly,
+                            fft.as_view(),
+                        )
+                        .unaligned_bytes_required(),
+                    );
+                    (fft, buffers, LweCiphertext::new(0u64, small, CiphertextModulus::new_native()))
+                },
+                |(fft, buffers, ks_out), &(s, e)| {
+                    let src = input[s].get(e);
+                    keyswitch_lwe_ciphertext(ksk, &src, ks_out);
+                    let mut out = LweCiphertext::new(0u64, size, CiphertextModulus::new_native());
+                    let acc = &self.accumulators[l.table[e] as usize];
+                    programmable_bootstrap_lwe_ciphertext_mem_optimized(
+                        ks_out,
+                        &mut out,
+                        acc,
+                        bsk,
+                        fft.as_view(),
+                        buffers.stack(),
+                    );
+                    progress(1);
+                    out
+                },
+            )
+            .collect();
+        let mut per_sample = Vec::with_capacity(samples);
+        for s in 0..samples {
+            let mut list = LweCiphertextList::new(0u64, size, LweCiphertextCount(n), CiphertextModulus::new_native());
+            for (e, mut ct) in list.iter_mut().enumerate() {
+                ct.as_mut().copy_from_slice(results[s * n + e].as_ref());
+            }
+            per_sample.push(list);
+        }
+        Ok(per_sample)
+    }
+}

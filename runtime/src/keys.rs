@@ -1,0 +1,133 @@
+//! Keys: the client key (secret) and the server key (evaluation keys only), made for one
+//! compiled model's parameters and marked with its fingerprint.
+
+use crate::error::{Result, RuntimeError};
+use serde::{Deserialize, Serialize};
+use tfhe::core_crypto::prelude::*;
+use tfhe::named::Named;
+use tfhe_versionable::{Versionize, VersionsDispatch};
+use veil_backend::params::Params;
+
+/// Secret keys: the large key (inputs, accumulators, outputs) and, when the circuit has
+/// lookups, the GLWE key it comes from and the small key bootstraps start from.
+#[derive(Clone, Serialize, Deserialize, Versionize)]
+#[versionize(ClientKeyVersions)]
+pub struct ClientKey {
+    pub fingerprint: Vec<u8>,
+    pub(crate) big: LweSecretKeyOwned<u64>,
+    pub(crate) small: Option<LweSecretKeyOwned<u64>>,
+    pub(crate) big_noise_std: f64,
+}
+
+#[derive(VersionsDispatch)]
+#[allow(unused)]
+pub enum ClientKeyVersions {
+    V0(ClientKey),
+}
+
+impl Named for ClientKey {
+    const NAME: &'static str = "veil::ClientKey";
+}
+
+/// Evaluation keys, compressed (seeded): the server expands them once when it loads them.
+#[derive(Clone, Serialize, Deserialize, Versionize)]
+#[versionize(ServerKeyVersions)]
+pub struct ServerKey {
+    pub fingerprint: Vec<u8>,
+    pub(crate) bootstrap: Option<SeededLweBootstrapKeyOwned<u64>>,
+    pub(crate) keyswitch: Option<SeededLweKeyswitchKeyOwned<u64>>,
+}
+
+#[derive(VersionsDispatch)]
+#[allow(unused)]
+pub enum ServerKeyVersions {
+    V0(ServerKey),
+}
+
+impl Named for ServerKey {
+    const NAME: &'static str = "veil::ServerKey";
+}
+
+pub(crate) fn hex(f: &[u8]) -> String {
+    f.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Check that an object made for `found` belongs to the model with `expected`.
+pub fn check_fingerprint(what: &str, found: &[u8], expected: &[u8]) -> Result<()> {
+    if found != expected {
+        return Err(RuntimeError::Mismatch { what: what.into(), found: hex(found), expected: hex(expected) });
+    }
+    Ok(())
+}
+
+fn gaussian(std: f64) -> DynamicDistribution<u64> {
+    DynamicDistribution::new_gaussian_from_std_dev(StandardDev(std))
+}
+
+/// Generate a fresh key pair for `params`.
+pub fn keygen(params: &Params, fingerprint: &[u8]) -> Result<(ClientKey, ServerKey)> {
+    if !params.is_secure() {
+        return Err(RuntimeError::Invalid("refusing to generate keys for parameters below 128-bit security".into()));
+    }
+    let mut boxed_seeder = new_seeder();
+    let seeder = boxed_seeder.as_mut();
+    let mut secret = SecretRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
+    let modulus = CiphertextModulus::new_native();
+    if !params.has_lookups() {
+        let big = LweSecretKey::generate_new_binary(LweDimension(params.big_dimension() as usize), &mut secret);
+        let client =
+            ClientKey { fingerprint: fingerprint.to_vec(), big, small: None, big_noise_std: params.glwe_noise_std };
+        let server = ServerKey { fingerprint: fingerprint.to_vec(), bootstrap: None, keyswitch: None };
+        return Ok((client, server));
+    }
+    let glwe = GlweSecretKey::generate_new_binary(
+        GlweDimension(params.glwe_dimension as usize),
+        PolynomialSize(params.polynomial_size as usize),
+        &mut secret,
+    );
+    let small = LweSecretKey::generate_new_binary(LweDimension(params.lwe_dimension as usize), &mut secret);
+    let big = glwe.clone().into_lwe_secret_key();
+    let bootstrap = par_allocate_and_generate_new_seeded_lwe_bootstrap_key(
+        &small,
+        &glwe,
+        DecompositionBaseLog(params.pbs_base_log as usize),
+        DecompositionLevelCount(params.pbs_level as usize),
+        gaussian(params.glwe_noise_std),
+        modulus,
+        seeder,
+    );
+    let keyswitch = allocate_and_generate_new_seeded_lwe_keyswitch_key(
+        &big,
+        &small,
+        DecompositionBaseLog(params.ks_base_log as usize),
+        DecompositionLevelCount(params.ks_level as usize),
+        gaussian(params.lwe_noise_std),
+        modulus,
+        seeder,
+    );
+    let client =
+        ClientKey { fingerprint: fingerprint.to_vec(), big, small: Some(small), big_noise_std: params.glwe_noise_std };
+    let server =
+        ServerKey { fingerprint: fingerprint.to_vec(), bootstrap: Some(bootstrap), keyswitch: Some(keyswitch) };
+    Ok((client, server))
+}
+
+impl ClientKey {
+    /// Dimension of the key inputs and outputs are encrypted under.
+    pub fn dimension(&self) -> usize {
+        self.big.lwe_dimension().0
+    }
+
+    pub(crate) fn gaussian(&self) -> DynamicDistribution<u64> {
+        gaussian(self.big_noise_std)
+    }
+
+    /// The small key (for noise measurements in tests).
+    pub fn small_key(&self) -> Option<&LweSecretKeyOwned<u64>> {
+        self.small.as_ref()
+    }
+
+    pub fn big_key(&self) -> &LweSecretKeyOwned<u64> {
+        &self.big
+    }
+}
