@@ -1,12 +1,18 @@
 //! `veil`: compile ML models to FHE circuits and run them on encrypted data.
 
+mod bench;
+mod fhe;
+mod model;
 mod npy;
+mod report;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use veil_ir::{Graph, Tensor};
+use veil_backend::pipeline::CompileOptions;
+use veil_ir::Tensor;
+use veil_passes::SearchOptions;
 
 #[derive(Parser)]
 #[command(name = "veil", version, about = "Compile ML models to FHE circuits and run them on encrypted data")]
@@ -17,11 +23,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Compile an ONNX model into an FHE circuit (quantize, fuse, choose bit widths and
+    /// crypto parameters).
+    Compile {
+        model: PathBuf,
+        /// Representative float inputs [batch, features...] (a few hundred samples or more).
+        #[arg(long)]
+        calib: PathBuf,
+        #[arg(long, short)]
+        output: PathBuf,
+        #[command(flatten)]
+        opts: CompileArgs,
+    },
     /// Print a model at a pipeline stage, as text, Graphviz DOT or JSON.
     Inspect {
-        /// An ONNX model (.onnx).
+        /// An ONNX model (float stage only) or a compiled .veil model.
         model: PathBuf,
-        /// Which stage to show.
         #[arg(long, value_enum, default_value_t = Stage::Float)]
         stage: Stage,
         #[arg(long, value_enum, default_value_t = Format::Text)]
@@ -32,7 +49,7 @@ enum Command {
     },
     /// Run a model on the inputs in a .npy file and write its output as .npy.
     Predict {
-        /// An ONNX model (.onnx).
+        /// An ONNX model (float mode) or a compiled .veil model (any mode).
         model: PathBuf,
         /// Inputs: float32 [batch, features...].
         #[arg(long, short)]
@@ -40,18 +57,145 @@ enum Command {
         /// The model's first floating-point output (e.g. probabilities) goes here.
         #[arg(long, short)]
         output: PathBuf,
-        #[arg(long, value_enum, default_value_t = Mode::Float)]
-        mode: Mode,
+        /// float: the original model; clear: the integer circuit's semantics, unencrypted;
+        /// simulate: the circuit on plaintexts with the noise encryption would add;
+        /// execute: really encrypted (keys generated in memory). Default: float for ONNX,
+        /// clear for .veil.
+        #[arg(long, value_enum)]
+        mode: Option<Mode>,
         /// Also write every output as DIR/NAME.npy.
         #[arg(long)]
         outputs_dir: Option<PathBuf>,
     },
+    /// Generate keys for a compiled model: client.key (secret) and server.key.
+    Keygen {
+        model: PathBuf,
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+    /// Quantize and encrypt inputs with the client key.
+    Encrypt {
+        model: PathBuf,
+        #[arg(long)]
+        client_key: PathBuf,
+        #[arg(long, short)]
+        input: PathBuf,
+        #[arg(long, short)]
+        output: PathBuf,
+    },
+    /// Evaluate the model on encrypted inputs with the server key (no secret needed).
+    Run {
+        model: PathBuf,
+        #[arg(long)]
+        server_key: PathBuf,
+        #[arg(long, short)]
+        input: PathBuf,
+        #[arg(long, short)]
+        output: PathBuf,
+    },
+    /// Decrypt and decode encrypted outputs with the client key.
+    Decrypt {
+        model: PathBuf,
+        #[arg(long)]
+        client_key: PathBuf,
+        #[arg(long, short)]
+        input: PathBuf,
+        #[arg(long, short)]
+        output: PathBuf,
+        #[arg(long)]
+        outputs_dir: Option<PathBuf>,
+    },
+    /// Compile a model from models/, encrypt a few test inputs, run them encrypted, and
+    /// compare the decrypted outputs with the clear ones.
+    Demo {
+        /// A folder under models/.
+        #[arg(long, default_value = "mlp_digits")]
+        model: String,
+        #[arg(long, default_value_t = 4)]
+        samples: usize,
+        #[arg(long, default_value_os_t = bench::default_models_dir())]
+        models_dir: PathBuf,
+    },
+    /// Measure every model in models/: compile, keygen, key size, lookups, precision,
+    /// encrypted latency and accuracy (float / clear / simulate / execute).
+    Bench {
+        /// Model folders to run (default: the models directly under models/).
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+        /// Test samples run encrypted per model.
+        #[arg(long, default_value_t = 10)]
+        samples: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[arg(long, default_value_os_t = bench::default_models_dir())]
+        models_dir: PathBuf,
+    },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(clap::Args, Clone)]
+struct CompileArgs {
+    /// Fix input, weight and activation bit widths instead of searching them.
+    #[arg(long)]
+    n_bits: Option<u32>,
+    /// Allowed disagreement with the float model on the calibration set (1 − argmax
+    /// agreement for classifiers, 1 − R² for regressors).
+    #[arg(long, default_value_t = 0.01)]
+    accuracy_tolerance: f64,
+    /// Failure probability per table lookup.
+    #[arg(long, default_value_t = 2f64.powi(-40))]
+    p_error: f64,
+    /// Failure probability per sample (all its lookups together); overrides --p-error
+    /// when stricter.
+    #[arg(long)]
+    global_p_error: Option<f64>,
+    /// Widest lookup precision allowed (bits).
+    #[arg(long, default_value_t = veil_passes::bitwidth::MAX_PRECISION)]
+    max_precision: u32,
+}
+
+impl CompileArgs {
+    fn options(&self) -> Result<CompileOptions> {
+        if !(0.0..1.0).contains(&self.accuracy_tolerance) {
+            bail!("--accuracy-tolerance must be in [0, 1)");
+        }
+        for (name, p) in [("--p-error", Some(self.p_error)), ("--global-p-error", self.global_p_error)] {
+            if let Some(p) = p {
+                if !(p > 0.0 && p < 1.0) {
+                    bail!("{name} must be a probability in (0, 1)");
+                }
+            }
+        }
+        if let Some(n) = self.n_bits {
+            if !(2..=16).contains(&n) {
+                bail!("--n-bits must be between 2 and 16");
+            }
+        }
+        if !(2..=8).contains(&self.max_precision) {
+            bail!("--max-precision must be between 2 and 8");
+        }
+        Ok(CompileOptions {
+            search: SearchOptions {
+                n_bits: self.n_bits,
+                tolerance: self.accuracy_tolerance,
+                max_precision: self.max_precision,
+                ..SearchOptions::default()
+            },
+            p_error: self.p_error,
+            global_p_error: self.global_p_error,
+        })
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum Stage {
     /// The float graph as imported.
     Float,
+    /// The integer graph the quantizer made, before fusion.
+    Quantized,
+    /// The final integer graph: fused, with compiled ranges and roundings.
+    Fused,
+    /// The compile report and crypto parameters.
+    Report,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -61,10 +205,12 @@ enum Format {
     Json,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Mode {
-    /// The float model, in the clear (the reference).
+#[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
+pub enum Mode {
     Float,
+    Clear,
+    Simulate,
+    Execute,
 }
 
 fn main() {
@@ -77,28 +223,70 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Compile { model, calib, output, opts } => compile(&model, &calib, &output, &opts),
         Command::Inspect { model, stage, format, output } => inspect(&model, stage, format, output.as_deref()),
         Command::Predict { model, input, output, mode, outputs_dir } => {
             predict(&model, &input, &output, mode, outputs_dir.as_deref())
         }
+        Command::Keygen { model, out_dir } => fhe::keygen_cmd(&model, &out_dir),
+        Command::Encrypt { model, client_key, input, output } => fhe::encrypt_cmd(&model, &client_key, &input, &output),
+        Command::Run { model, server_key, input, output } => fhe::run_cmd(&model, &server_key, &input, &output),
+        Command::Decrypt { model, client_key, input, output, outputs_dir } => {
+            fhe::decrypt_cmd(&model, &client_key, &input, &output, outputs_dir.as_deref())
+        }
+        Command::Demo { model, samples, models_dir } => bench::demo(&models_dir, &model, samples),
+        Command::Bench { models, samples, json, models_dir } => {
+            bench::bench(&models_dir, &models, samples, json.as_deref())
+        }
     }
 }
 
-fn load_onnx(path: &Path) -> Result<Graph> {
-    veil_frontend::onnx::import_file(path).with_context(|| format!("importing {}", path.display()))
+fn compile(model: &Path, calib: &Path, output: &Path, args: &CompileArgs) -> Result<()> {
+    let opts = args.options()?;
+    let g = match model::load(model)? {
+        model::Model::Onnx(g) => g,
+        model::Model::Compiled(_) => bail!("{} is already compiled", model.display()),
+    };
+    let x = npy::read_f32(calib)?;
+    let start = Instant::now();
+    let (artifact, _) = veil_backend::pipeline::compile(&g, &[x], &opts)
+        .with_context(|| format!("compiling {} with calibration data {}", model.display(), calib.display()))?;
+    artifact.write(output)?;
+    eprint!("{}", report::text(&artifact));
+    eprintln!("compiled {} in {:.2} s → {}", model.display(), start.elapsed().as_secs_f64(), output.display());
+    Ok(())
 }
 
-fn inspect(model: &Path, stage: Stage, format: Format, output: Option<&Path>) -> Result<()> {
-    let graph = match stage {
-        Stage::Float => load_onnx(model)?,
-    };
-    let text = match format {
-        Format::Text => veil_ir::print::to_text(&graph),
-        Format::Dot => veil_ir::print::to_dot(&graph),
-        Format::Json => veil_ir::print::to_json(&graph)?,
+fn inspect(path: &Path, stage: Stage, format: Format, output: Option<&Path>) -> Result<()> {
+    let m = model::load(path)?;
+    let text = if stage == Stage::Report {
+        let model::Model::Compiled(a) = &m else {
+            bail!("the report belongs to a compiled model; compile {} first", path.display())
+        };
+        match format {
+            Format::Json => serde_json::to_string_pretty(&report::json(a))?,
+            _ => report::text(a),
+        }
+    } else {
+        let graph = match (stage, &m) {
+            (Stage::Float, m) => m.float_graph()?,
+            (Stage::Quantized, model::Model::Compiled(a)) => {
+                veil_backend::artifact::graph_from_json(&a.stages.quantized_json, "quantized")?
+            }
+            (Stage::Fused, model::Model::Compiled(a)) => a.integer_graph()?,
+            (_, model::Model::Onnx(_)) => {
+                bail!("an ONNX file only has the float stage; compile it to see the integer stages")
+            }
+            (Stage::Report, _) => unreachable!(),
+        };
+        match format {
+            Format::Text => veil_ir::print::to_text(&graph),
+            Format::Dot => veil_ir::print::to_dot(&graph),
+            Format::Json => veil_ir::print::to_json(&graph)?,
+        }
     };
     match output {
-        Some(path) => npy::write_atomic(path, |w| Ok(std::io::Write::write_all(w, text.as_bytes())?)),
+        Some(p) => npy::write_atomic(p, |w| Ok(std::io::Write::write_all(w, text.as_bytes())?)),
         None => {
             print!("{text}");
             Ok(())
@@ -106,27 +294,54 @@ fn inspect(model: &Path, stage: Stage, format: Format, output: Option<&Path>) ->
     }
 }
 
-fn predict(model: &Path, input: &Path, output: &Path, mode: Mode, outputs_dir: Option<&Path>) -> Result<()> {
-    let graph = load_onnx(model)?;
+fn predict(path: &Path, input: &Path, output: &Path, mode: Option<Mode>, outputs_dir: Option<&Path>) -> Result<()> {
+    let m = model::load(path)?;
     let x = npy::read_f32(input)?;
+    let mode = mode.unwrap_or(match m {
+        model::Model::Onnx(_) => Mode::Float,
+        model::Model::Compiled(_) => Mode::Clear,
+    });
     let start = Instant::now();
-    let outs = match mode {
-        Mode::Float => veil_ir::interp::run(&graph, &[x])
-            .with_context(|| format!("running {} on {}", model.display(), input.display()))?,
+    let (names, outs) = match (&m, mode) {
+        (m, Mode::Float) => {
+            let g = m.float_graph()?;
+            let outs = veil_ir::interp::run(&g, std::slice::from_ref(&x))
+                .with_context(|| format!("running {} on {}", path.display(), input.display()))?;
+            (g.outputs().iter().map(|o| o.name.clone()).collect::<Vec<_>>(), outs)
+        }
+        (model::Model::Onnx(_), _) => bail!(
+            "{} is an ONNX model: only --mode float runs it; compile it for clear, simulate and execute",
+            path.display()
+        ),
+        (model::Model::Compiled(a), mode) => {
+            let outs = fhe::run_compiled(a, &x, mode, true)
+                .with_context(|| format!("running {} on {}", path.display(), input.display()))?;
+            (a.client.model_outputs.clone(), outs)
+        }
     };
-    let elapsed = start.elapsed();
-    let first =
-        graph.outputs().iter().zip(&outs).find(|(_, t)| matches!(t, Tensor::F32(_))).map(|(o, t)| (o.name.clone(), t));
-    let Some((name, y)) = first else {
-        bail!("{} has no floating-point output", model.display());
-    };
+    write_outputs(output, outputs_dir, &names, &outs)?;
+    eprintln!(
+        "{mode:?} run of {} sample(s) in {:.3} s → {}",
+        x.shape()[0],
+        start.elapsed().as_secs_f64(),
+        output.display()
+    );
+    Ok(())
+}
+
+/// Write the first floating-point output to `output` and, optionally, every output.
+pub fn write_outputs(output: &Path, outputs_dir: Option<&Path>, names: &[String], outs: &[Tensor]) -> Result<()> {
+    let (_, y) = names
+        .iter()
+        .zip(outs)
+        .find(|(_, t)| matches!(t, Tensor::F32(_)))
+        .context("the model has no floating-point output")?;
     npy::write(output, y)?;
     if let Some(dir) = outputs_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        for (o, t) in graph.outputs().iter().zip(&outs) {
-            npy::write(&dir.join(format!("{}.npy", npy::file_name(&o.name))), t)?;
+        for (name, t) in names.iter().zip(outs) {
+            npy::write(&dir.join(format!("{}.npy", npy::file_name(name))), t)?;
         }
     }
-    eprintln!("wrote {} ({} {:?}) in {:.1} ms", output.display(), name, y.shape(), elapsed.as_secs_f64() * 1e3);
     Ok(())
 }

@@ -36,7 +36,12 @@ pub fn import_file(path: impl AsRef<Path>) -> Result<Graph> {
         )));
     }
     let bytes = std::fs::read(path).map_err(io)?;
-    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    // models/<name>/model.onnx is a common layout: name it after its folder then.
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = match path.parent().and_then(|p| p.file_name()) {
+        Some(dir) if stem == "model" => dir.to_string_lossy().into_owned(),
+        _ => stem,
+    };
     import_bytes(&bytes, &shown, &name)
 }
 

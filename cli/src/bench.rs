@@ -1,0 +1,251 @@
+//! `veil demo` and `veil bench`: the models in models/, end to end.
+
+use crate::fhe::{run_compiled_timed, run_encrypted};
+use crate::npy;
+use crate::Mode;
+use anyhow::{bail, Context, Result};
+use ndarray::{Axis, Slice};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use veil_backend::artifact::Artifact;
+use veil_backend::pipeline::CompileOptions;
+use veil_ir::{Graph, Tensor};
+use veil_runtime::Evaluator;
+
+/// models/ beside the sources when run from the repository, else ./models.
+pub fn default_models_dir() -> PathBuf {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("models");
+    if repo.is_dir() {
+        repo
+    } else {
+        PathBuf::from("models")
+    }
+}
+
+struct ModelData {
+    name: String,
+    graph: Graph,
+    calib: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    classification: bool,
+}
+
+fn load_dir(dir: &Path) -> Result<ModelData> {
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("meta.json"))
+            .with_context(|| format!("reading {}/meta.json", dir.display()))?,
+    )?;
+    Ok(ModelData {
+        name: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        graph: veil_frontend::onnx::import_file(dir.join("model.onnx"))?,
+        calib: npy::read_f32(&dir.join("calib.npy"))?,
+        test_x: npy::read_f32(&dir.join("test_x.npy"))?,
+        test_y: npy::read(&dir.join("test_y.npy"))?,
+        classification: meta["task"] == "classification",
+    })
+}
+
+fn first_rows(t: &Tensor, n: usize) -> Tensor {
+    let a = t.to_f32();
+    let n = n.min(a.shape()[0]);
+    Tensor::F32(a.slice_axis(Axis(0), Slice::from(0..n)).to_owned())
+}
+
+/// The model's first floating-point output.
+fn primary(outs: &[Tensor]) -> Result<&Tensor> {
+    outs.iter().find(|t| matches!(t, Tensor::F32(_))).context("the model has no floating-point output")
+}
+
+fn argmax_rows(t: &Tensor) -> Vec<usize> {
+    t.to_f32()
+        .map_axis(Axis(1), |r| {
+            r.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0
+        })
+        .into_iter()
+        .collect()
+}
+
+/// Accuracy (classification) or R² (regression) of `out` against the first rows of `y`.
+fn metric(d: &ModelData, out: &Tensor) -> f64 {
+    let n = out.shape()[0];
+    if d.classification {
+        let y: Vec<i64> = d.test_y.values_f64().iter().take(n).map(|&v| v as i64).collect();
+        argmax_rows(out).iter().zip(&y).filter(|(p, t)| **p as i64 == **t).count() as f64 / n as f64
+    } else {
+        let y: Vec<f64> = d.test_y.values_f64().into_iter().take(n).collect();
+        let p = out.values_f64();
+        let mean = y.iter().sum::<f64>() / n as f64;
+        let res: f64 = y.iter().zip(&p).map(|(a, b)| (a - b).powi(2)).sum();
+        let tot: f64 = y.iter().map(|a| (a - mean).powi(2)).sum();
+        1.0 - res / tot
+    }
+}
+
+fn compile(d: &ModelData) -> Result<(Artifact, f64)> {
+    let start = Instant::now();
+    let (a, _) = veil_backend::pipeline::compile(&d.graph, std::slice::from_ref(&d.calib), &CompileOptions::default())
+        .with_context(|| format!("compiling {}", d.name))?;
+    Ok((a, start.elapsed().as_secs_f64()))
+}
+
+pub fn demo(models_dir: &Path, name: &str, samples: usize) -> Result<()> {
+    let dir = models_dir.join(name);
+    if !dir.join("model.onnx").exists() {
+        bail!("no model {name} in {} (expected {}/model.onnx)", models_dir.display(), dir.display());
+    }
+    let d = load_dir(&dir)?;
+    let (a, secs) = compile(&d)?;
+    eprintln!(
+        "compiled {name} in {secs:.2} s: {} lookups/sample, widest {} bits, N = {}",
+        a.report.lookups_per_sample, a.report.max_precision, a.params.polynomial_size
+    );
+    let x = first_rows(&d.test_x, samples);
+    let n = x.shape()[0];
+    let clear = a.quantized_model()?.run_clear(std::slice::from_ref(&x))?;
+    let (fhe, t) = run_compiled_timed(&a, &x, Mode::Execute, true)?;
+    let (c, f) = (primary(&clear)?, primary(&fhe)?);
+    let labels = d.test_y.values_f64();
+    let mut agree = 0;
+    println!(
+        "{:>6}  {:>8}  {:>10}  {:>10}   decrypted outputs (first values)",
+        "sample", "label", "clear", "encrypted"
+    );
+    for (i, label) in labels.iter().enumerate().take(n) {
+        let row = |t: &Tensor| {
+            t.to_f32().index_axis(Axis(0), i).iter().map(|v| format!("{v:.3}")).take(5).collect::<Vec<_>>().join(" ")
+        };
+        let (pc, pf) = if d.classification {
+            let (a, b) = (argmax_rows(c)[i], argmax_rows(f)[i]);
+            agree += usize::from(a == b);
+            (a.to_string(), b.to_string())
+        } else {
+            let (a, b) = (c.values_f64()[i], f.values_f64()[i]);
+            agree += usize::from((a - b).abs() <= 0.05 * a.abs().max(1.0));
+            (format!("{a:.3}"), format!("{b:.3}"))
+        };
+        println!("{i:>6}  {label:>8}  {pc:>10}  {pf:>10}   {}", row(f));
+    }
+    println!(
+        "{agree}/{n} encrypted predictions match the clear ones; encrypted run {:.2} s ({:.2} s/sample on {} cores), keygen {:.2} s",
+        t.run.as_secs_f64(),
+        t.run.as_secs_f64() / n.max(1) as f64,
+        rayon::current_num_threads(),
+        t.keygen.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The model folders to benchmark: those named, or every folder directly under models/.
+fn bench_dirs(models_dir: &Path, names: &[String]) -> Result<Vec<PathBuf>> {
+    if !names.is_empty() {
+        return Ok(names.iter().map(|n| models_dir.join(n)).collect());
+    }
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(models_dir)
+        .with_context(|| format!("reading {}", models_dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("model.onnx").exists())
+        .collect();
+    dirs.sort();
+    Ok(dirs)
+}
+
+pub fn bench(models_dir: &Path, names: &[String], samples: usize, json_out: Option<&Path>) -> Result<()> {
+    let mut rows = Vec::new();
+    println!(
+        "{:<32} {:>8} {:>8} {:>9} {:>7} {:>5} {:>11} {:>11} {:>7} {:>7} {:>7} {:>7}",
+        "model",
+        "compile",
+        "keygen",
+        "key MB",
+        "lookups",
+        "bits",
+        "latency s",
+        "thrpt s/smp",
+        "float",
+        "clear",
+        "simul",
+        "exec"
+    );
+    for dir in bench_dirs(models_dir, names)? {
+        let d = load_dir(&dir)?;
+        let row = match bench_one(&d, samples) {
+            Ok(r) => r,
+            Err(e) => {
+                println!("{:<32} failed: {e:#}", d.name);
+                rows.push(json!({ "model": d.name, "error": format!("{e:#}") }));
+                continue;
+            }
+        };
+        println!(
+            "{:<32} {:>8.2} {:>8.2} {:>9.1} {:>7} {:>5} {:>11.3} {:>11.3} {:>7.4} {:>7.4} {:>7.4} {:>7.4}",
+            d.name,
+            row["compile_s"].as_f64().unwrap_or(0.0),
+            row["keygen_s"].as_f64().unwrap_or(0.0),
+            row["server_key_mb"].as_f64().unwrap_or(0.0),
+            row["lookups"],
+            row["max_bits"],
+            row["latency_s"].as_f64().unwrap_or(0.0),
+            row["throughput_s_per_sample"].as_f64().unwrap_or(0.0),
+            row["float"].as_f64().unwrap_or(0.0),
+            row["clear"].as_f64().unwrap_or(0.0),
+            row["simulate"].as_f64().unwrap_or(0.0),
+            row["execute"].as_f64().unwrap_or(0.0),
+        );
+        rows.push(row);
+    }
+    let report = json!({
+        "machine_threads": rayon::current_num_threads(),
+        "samples_encrypted": samples,
+        "metric": "accuracy (classifiers) or R² (regressors) on the test set; execute on the first `samples` test samples, the others on all",
+        "models": rows,
+    });
+    if let Some(p) = json_out {
+        npy::write_atomic(p, |w| Ok(serde_json::to_writer_pretty(w, &report)?))?;
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+fn bench_one(d: &ModelData, samples: usize) -> Result<serde_json::Value> {
+    let (a, compile_s) = compile(d)?;
+    let start = Instant::now();
+    let (ck, sk) = veil_runtime::keygen(&a.params, &a.fingerprint)?;
+    let keygen_s = start.elapsed().as_secs_f64();
+    let key_mb = tfhe::safe_serialization::safe_serialized_size(&sk).map(|b| b as f64 / 1e6).unwrap_or(0.0);
+    let ev = Evaluator::new(&a.circuit, &a.params, sk, &a.fingerprint)?;
+    // Latency: one sample alone (its lookups in parallel); throughput: a batch.
+    let one = first_rows(&d.test_x, 1);
+    let cts = ck.encrypt(&a.client.encode(std::slice::from_ref(&one))?);
+    let (_, latency) = run_encrypted(&ev, &a, &cts, false)?;
+    let x = first_rows(&d.test_x, samples);
+    let n = x.shape()[0];
+    let cts = ck.encrypt(&a.client.encode(std::slice::from_ref(&x))?);
+    let (out, batch) = run_encrypted(&ev, &a, &cts, false)?;
+    let ints = a.client.decode_integers(&ck.decrypt(&out)?);
+    let exec = a.client.finish(&ints, std::slice::from_ref(&x))?;
+    let float = veil_ir::interp::run(&d.graph, std::slice::from_ref(&d.test_x))?;
+    let clear = a.quantized_model()?.run_clear(std::slice::from_ref(&d.test_x))?;
+    let (sim, _) = run_compiled_timed(&a, &d.test_x, Mode::Simulate, false)?;
+    Ok(json!({
+        "model": d.name,
+        "compile_s": compile_s,
+        "keygen_s": keygen_s,
+        "server_key_mb": key_mb,
+        "lookups": a.circuit.lookups_per_sample(),
+        "max_bits": a.report.max_precision,
+        "bits": { "input": a.report.input_bits, "weight": a.report.weight_bits, "activation": a.report.act_bits },
+        "params": a.params,
+        "latency_s": latency.as_secs_f64(),
+        "throughput_s_per_sample": batch.as_secs_f64() / n.max(1) as f64,
+        "float": metric(d, primary(&float)?),
+        "clear": metric(d, primary(&clear)?),
+        "simulate": metric(d, primary(&sim)?),
+        "execute": metric(d, primary(&exec)?),
+        "execute_samples": n,
+        "test_samples": d.test_x.shape()[0],
+        "metric": if d.classification { "accuracy" } else { "r2" },
+    }))
+}

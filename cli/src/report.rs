@@ -1,0 +1,81 @@
+//! The compile report: per layer bit widths and lookups, and the crypto parameters.
+
+use serde_json::{json, Value};
+use std::fmt::Write;
+use veil_backend::artifact::Artifact;
+
+pub fn text(a: &Artifact) -> String {
+    let r = &a.report;
+    let p = &a.params;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "model {}: {} lookups/sample (before fusion {}), widest lookup {} bits; inputs {} b, weights {} b, activations {} b",
+        a.model_name, r.lookups_per_sample, r.lookups_before_fusion, r.max_precision, r.input_bits, r.weight_bits, r.act_bits
+    );
+    let _ = writeln!(s, "calibration: {:.4} {}", r.calibration_score, r.metric);
+    let _ = writeln!(s, "{:<40} {:<8} {:>22} {:>8} {:>5} {:>8}", "layer", "op", "range", "lookups", "bits", "dropped");
+    for l in &r.layers {
+        let name: String = l.name.chars().take(40).collect();
+        let range = format!("{}..{}", l.lo, l.hi);
+        if l.lookups > 0 {
+            let _ =
+                writeln!(s, "{name:<40} {:<8} {range:>22} {:>8} {:>5} {:>8}", l.op, l.lookups, l.precision, l.rounding);
+        } else {
+            let _ = writeln!(s, "{name:<40} {:<8} {range:>22}", l.op);
+        }
+    }
+    if p.has_lookups() {
+        let _ = writeln!(
+            s,
+            "crypto: n={} k={} N={} PBS 2^{}×{} KS 2^{}×{}; p_error 2^{:.1} per lookup, 2^{:.1} per sample",
+            p.lwe_dimension,
+            p.glwe_dimension,
+            p.polynomial_size,
+            p.pbs_base_log,
+            p.pbs_level,
+            p.ks_base_log,
+            p.ks_level,
+            p.p_error.log2(),
+            p.global_p_error.log2()
+        );
+        let _ = writeln!(
+            s,
+            "evaluation keys in memory: bootstrap {:.0} MB, keyswitch {:.0} MB; ≈{:.0} ms per lookup on one core",
+            p.bootstrap_key_bytes as f64 / 1e6,
+            p.keyswitch_key_bytes as f64 / 1e6,
+            p.pbs_cost_ms
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "crypto: no lookups — inputs and outputs under a dimension-{} LWE key; p_error 2^{:.1} per decryption",
+            p.polynomial_size,
+            p.p_error.log2()
+        );
+    }
+    s
+}
+
+pub fn json(a: &Artifact) -> Value {
+    let r = &a.report;
+    let p = &a.params;
+    json!({
+        "model": a.model_name,
+        "lookups_per_sample": r.lookups_per_sample,
+        "lookups_before_fusion": r.lookups_before_fusion,
+        "max_precision": r.max_precision,
+        "input_bits": r.input_bits,
+        "weight_bits": r.weight_bits,
+        "act_bits": r.act_bits,
+        "metric": r.metric,
+        "calibration_score": r.calibration_score,
+        "compile_seconds": r.compile_seconds,
+        "layers": r.layers.iter().map(|l| json!({
+            "name": l.name, "op": l.op, "lo": l.lo, "hi": l.hi,
+            "lookups": l.lookups, "precision": l.precision, "rounding": l.rounding,
+        })).collect::<Vec<_>>(),
+        "params": p,
+        "fingerprint": a.fingerprint.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+    })
+}

@@ -1,0 +1,63 @@
+//! Quantized models in clear mode against the float model and the labels.
+
+use veil_passes::{calibrate, quantize, QuantConfig};
+use veil_tests::{meta, model_dirs, read_npy};
+
+/// Accuracy (classification: argmax of the first float output) or R² (regression).
+fn score(task: &str, out: &veil_ir::Tensor, y: &veil_ir::Tensor) -> f64 {
+    let o = out.to_f32();
+    if task == "classification" {
+        let y = y.as_i64().unwrap();
+        let pred = o.map_axis(ndarray::Axis(1), |r| {
+            r.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as i64
+        });
+        pred.iter().zip(y.iter()).filter(|(a, b)| a == b).count() as f64 / y.len() as f64
+    } else {
+        let y: Vec<f64> = y.values_f64();
+        let p: Vec<f64> = o.iter().map(|&v| v as f64).collect();
+        let mean = y.iter().sum::<f64>() / y.len() as f64;
+        let ss_res: f64 = y.iter().zip(&p).map(|(a, b)| (a - b).powi(2)).sum();
+        let ss_tot: f64 = y.iter().map(|a| (a - mean).powi(2)).sum();
+        1.0 - ss_res / ss_tot
+    }
+}
+
+#[test]
+fn eight_bit_quantization_keeps_accuracy() {
+    for dir in model_dirs() {
+        if dir.to_string_lossy().contains("forest") || dir.to_string_lossy().contains("gboost") {
+            continue;
+        }
+        let g = veil_frontend::onnx::import_file(dir.join("model.onnx")).unwrap();
+        let calib = read_npy(&dir.join("calib.npy"));
+        let c = calibrate(&g, &[calib]).unwrap();
+        let q = quantize(&g, &c, &QuantConfig { input_bits: 8, weight_bits: 8, act_bits: 8 })
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let x = read_npy(&dir.join("test_x.npy"));
+        let y = read_npy(&dir.join("test_y.npy"));
+        let m = meta(&dir);
+        let task = m["task"].as_str().unwrap();
+        let float = veil_ir::interp::run(&g, std::slice::from_ref(&x)).unwrap();
+        let clear = q.run_clear(&[x]).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let first = g.outputs().iter().position(|o| matches!(g.node(o.node).ty.elem, veil_ir::Elem::F32)).unwrap();
+        let (sf, sc) = (score(task, &float[first], &y), score(task, &clear[first], &y));
+        let (fused, report) = veil_passes::fuse(&q.graph).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        // Fusion keeps the integer semantics exactly.
+        let enc = q.encode_inputs(&[read_npy(&dir.join("test_x.npy"))]).unwrap();
+        assert_eq!(
+            veil_ir::interp::run(&q.graph, &enc).unwrap(),
+            veil_ir::interp::run(&fused, &enc).unwrap(),
+            "{}",
+            dir.display()
+        );
+        eprintln!(
+            "{:45} float {sf:.4} clear {sc:.4}  lookups/sample {} -> {} ({} iterations, {} e-nodes)",
+            dir.file_name().unwrap().to_string_lossy(),
+            report.lookups_before,
+            report.lookups_after,
+            report.iterations,
+            report.egraph_nodes
+        );
+        assert!(sc >= sf - 0.02, "{}: quantized {sc} vs float {sf}", dir.display());
+    }
+}
