@@ -79,3 +79,140 @@ fn garbage_model_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("error: importing") && err.contains("bad.onnx"), "{err}");
 }
+
+/// Run veil and return stderr, asserting success.
+fn ok(args: &[&str]) -> String {
+    let out = veil(args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "veil {args:?} failed:\n{err}");
+    err
+}
+
+/// Run veil and return stderr, asserting failure.
+fn fails(args: &[&str]) -> String {
+    let out = veil(args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "veil {args:?} should have failed");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+/// Compile a model from models/ into `dir/name.veil`.
+fn compile(dir: &Path, model: &str, extra: &[&str]) -> PathBuf {
+    let m = models().join(model);
+    let out = dir.join(format!("{}.veil", model.replace('/', "_")));
+    let (onnx, calib) = (m.join("model.onnx"), m.join("calib.npy"));
+    let mut args = vec!["compile", s(&onnx), "--calib", s(&calib), "-o", s(&out)];
+    args.extend_from_slice(extra);
+    ok(&args);
+    out
+}
+
+#[test]
+fn encrypted_workflow_and_its_failure_modes() {
+    let dir = scratch("workflow");
+    let lr = compile(&dir, "logreg_breast_cancer", &[]);
+    let x = models().join("logreg_breast_cancer/test_x.npy");
+    let keys = dir.join("keys");
+    ok(&["keygen", s(&lr), "--out-dir", s(&keys)]);
+    let (ck, sk) = (keys.join("client.key"), keys.join("server.key"));
+    let (ct, yct, y) = (dir.join("x.ct"), dir.join("y.ct"), dir.join("y.npy"));
+    ok(&["encrypt", s(&lr), "--client-key", s(&ck), "-i", s(&x), "-o", s(&ct)]);
+    ok(&["run", s(&lr), "--server-key", s(&sk), "-i", s(&ct), "-o", s(&yct)]);
+    ok(&["decrypt", s(&lr), "--client-key", s(&ck), "-i", s(&yct), "-o", s(&y)]);
+    // The decrypted probabilities match clear mode's (no lookups: outputs decrypt exactly).
+    let yc = dir.join("yc.npy");
+    ok(&["predict", s(&lr), "-i", s(&x), "-o", s(&yc), "--mode", "clear"]);
+    use ndarray_npy::ReadNpyExt;
+    let read = |p: &Path| ndarray::Array2::<f32>::read_npy(std::fs::File::open(p).unwrap()).unwrap();
+    let (fhe, clear) = (read(&y), read(&yc));
+    let argmax =
+        |a: &ndarray::Array2<f32>| a.rows().into_iter().map(|r| if r[1] > r[0] { 1 } else { 0 }).collect::<Vec<_>>();
+    assert_eq!(argmax(&fhe), argmax(&clear));
+    let worst = fhe.iter().zip(clear.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst < 1e-6, "probabilities differ by {worst}");
+
+    // Keys and ciphertexts of one compile do not fit another model...
+    let other = compile(&dir, "linreg_diabetes", &[]);
+    let err = fails(&[
+        "encrypt",
+        s(&other),
+        "--client-key",
+        s(&ck),
+        "-i",
+        s(&models().join("linreg_diabetes/test_x.npy")),
+        "-o",
+        s(&dir.join("o.ct")),
+    ]);
+    assert!(err.contains("made for a different compiled model"), "{err}");
+    let err = fails(&["run", s(&other), "--server-key", s(&sk), "-i", s(&ct), "-o", s(&dir.join("o.ct"))]);
+    assert!(err.contains("made for a different compiled model"), "{err}");
+    // ...nor does a recompile of the same model with other settings.
+    let narrower = dir.join("narrow.veil");
+    let m = models().join("logreg_breast_cancer");
+    ok(&["compile", s(&m.join("model.onnx")), "--calib", s(&m.join("calib.npy")), "-o", s(&narrower), "--n-bits", "4"]);
+    let err = fails(&["decrypt", s(&narrower), "--client-key", s(&ck), "-i", s(&yct), "-o", s(&dir.join("z.npy"))]);
+    assert!(err.contains("different compiled model"), "{err}");
+
+    // A key of the wrong kind is named as such.
+    let err = fails(&["decrypt", s(&lr), "--client-key", s(&sk), "-i", s(&yct), "-o", s(&dir.join("z.npy"))]);
+    assert!(err.contains("veil::ClientKey"), "{err}");
+
+    // Tampered and truncated ciphertexts are errors, and nothing is written.
+    let mut bytes = std::fs::read(&ct).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    let tampered = dir.join("tampered.ct");
+    std::fs::write(&tampered, &bytes).unwrap();
+    let out = dir.join("never.ct");
+    let err = fails(&["run", s(&lr), "--server-key", s(&sk), "-i", s(&tampered), "-o", s(&out)]);
+    assert!(err.contains("truncated or was modified"), "{err}");
+    let truncated = dir.join("truncated.ct");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    let err = fails(&["run", s(&lr), "--server-key", s(&sk), "-i", s(&truncated), "-o", s(&out)]);
+    assert!(err.contains("truncated or was modified"), "{err}");
+    assert!(!out.exists());
+    let err = fails(&["run", s(&lr), "--server-key", s(&sk), "-i", s(&x), "-o", s(&out)]);
+    assert!(err.contains("not a veil file"), "{err}");
+
+    // A model file that is not one.
+    let err = fails(&["keygen", s(&x.with_extension("veil")), "--out-dir", s(&keys)]);
+    assert!(err.contains("cannot read"), "{err}");
+    let bad = dir.join("bad.veil");
+    std::fs::write(&bad, b"\x0a\x05hello").unwrap();
+    let err = fails(&["keygen", s(&bad), "--out-dir", s(&keys)]);
+    assert!(err.contains("bad.veil"), "{err}");
+}
+
+#[test]
+fn inspect_shows_every_stage_of_a_compiled_model() {
+    let dir = scratch("stages");
+    let cnn = compile(&dir, "cnn_digits", &[]);
+    for stage in ["float", "quantized", "fused"] {
+        let out = veil(&["inspect", s(&cnn), "--stage", stage]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.starts_with("graph \"cnn_digits\""), "{text}");
+        if stage != "float" {
+            assert!(text.contains("enc<"), "{stage}: {text}");
+        }
+    }
+    let fused = String::from_utf8(veil(&["inspect", s(&cnn), "--stage", "fused"]).stdout).unwrap();
+    assert!(fused.contains("= tlu "), "{fused}");
+    let report =
+        String::from_utf8(veil(&["inspect", s(&cnn), "--stage", "report", "--format", "json"]).stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert!(v["lookups_per_sample"].as_u64().unwrap() > 0);
+    assert!(v["max_precision"].as_u64().unwrap() <= 8);
+    let err = fails(&["inspect", s(&models().join("cnn_digits/model.onnx")), "--stage", "fused"]);
+    assert!(err.contains("compile it"), "{err}");
+}
+
+#[test]
+fn demo_runs_end_to_end() {
+    let out = veil(&["demo", "--model", "mlp_digits", "--samples", "2"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}{}", text, String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("encrypted predictions match the clear ones"), "{text}");
+}

@@ -97,15 +97,18 @@ pub fn z_for(p: f64) -> f64 {
     0.5 * (lo + hi)
 }
 
-/// Bits of each decrypted output the client reads; lower bits are dropped at decryption
-/// (free), which spares the parameters from decrypting wide accumulators exactly.
+/// Bits of each decrypted output the client reads in a circuit with lookups; lower bits
+/// are dropped at decryption (free). Bootstrapped values carry noise that would otherwise
+/// force much larger parameters to decrypt wide accumulators exactly. A circuit without
+/// lookups decrypts exactly: it only needs a larger plain LWE key.
 pub const OUTPUT_BITS: u32 = 10;
 
-/// Read every server output to at most `bits` bits.
+/// Read every server output to at most `bits` bits (exactly, without lookups).
 pub fn set_output_rounding(q: &mut QuantizedModel, bits: u32) {
+    let exact = count_lookups(&q.graph) == 0;
     for (o, d) in q.graph.outputs().iter().zip(q.decode.iter_mut()) {
         let r = enc(&q.graph, o.node);
-        d.rounding = crate::model::bits_of(r).saturating_sub(bits);
+        d.rounding = if exact { 0 } else { crate::model::bits_of(r).saturating_sub(bits) };
     }
 }
 

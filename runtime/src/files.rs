@@ -1,15 +1,23 @@
-//! Keys and ciphertexts on disk, through tfhe's versioned, size-limited serialization.
-//! The type is part of the encoding, so passing a server key where a client key is
-//! expected is an error, as is a truncated or tampered file.
+//! Keys and ciphertexts on disk, through tfhe's versioned, size-limited serialization,
+//! inside a small container: magic, format version, SHA-256 of the payload, payload.
+//! The type is part of tfhe's encoding, so passing a server key where a client key is
+//! expected is an error; the checksum makes a truncated or modified file an error too,
+//! rather than garbage after decryption.
 
 use crate::error::{Result, RuntimeError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::io::{BufReader, BufWriter, Write};
+use sha2::{Digest, Sha256};
+use std::io::{BufWriter, Read, Write};
 use std::path::Path;
 use tfhe::named::Named;
 use tfhe::safe_serialization::{safe_deserialize, safe_serialize};
 use tfhe::{Unversionize, Versionize};
+
+const MAGIC: &[u8; 8] = b"VEILFILE";
+const VERSION: u32 = 1;
+/// magic + version + checksum
+const HEADER: usize = 8 + 4 + 32;
 
 /// Largest file read, per kind.
 pub const CLIENT_KEY_LIMIT: u64 = 1 << 28;
@@ -22,15 +30,21 @@ fn file_err(path: &Path, msg: impl Into<String>) -> RuntimeError {
 
 /// Write through a temporary file renamed into place, so nothing is left half-written.
 pub fn write<T: Serialize + Versionize + Named>(path: &Path, value: &T, limit: u64) -> Result<()> {
+    let mut payload = Vec::new();
+    safe_serialize(value, &mut payload, limit).map_err(|e| file_err(path, e.to_string()))?;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| file_err(path, "not a file path"))?;
     let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
     let result = (|| -> Result<()> {
         let f = std::fs::File::create(&tmp).map_err(|e| file_err(&tmp, e.to_string()))?;
         let mut w = BufWriter::new(f);
-        safe_serialize(value, &mut w, limit).map_err(|e| file_err(path, e.to_string()))?;
-        w.flush().map_err(|e| file_err(path, e.to_string()))?;
-        w.get_ref().sync_all().map_err(|e| file_err(path, e.to_string()))
+        let io = |e: std::io::Error| file_err(path, e.to_string());
+        w.write_all(MAGIC).map_err(io)?;
+        w.write_all(&VERSION.to_le_bytes()).map_err(io)?;
+        w.write_all(&Sha256::digest(&payload)).map_err(io)?;
+        w.write_all(&payload).map_err(io)?;
+        w.flush().map_err(io)?;
+        w.get_ref().sync_all().map_err(io)
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
@@ -43,8 +57,21 @@ pub fn write<T: Serialize + Versionize + Named>(path: &Path, value: &T, limit: u
 pub fn read<T: DeserializeOwned + Unversionize + Named>(path: &Path, limit: u64) -> Result<T> {
     let f = std::fs::File::open(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
     let len = f.metadata().map_err(|e| file_err(path, e.to_string()))?.len();
-    if len > limit {
+    if len > limit + HEADER as u64 {
         return Err(file_err(path, format!("{len} bytes is over the {limit}-byte limit for a {}", T::NAME)));
     }
-    safe_deserialize(BufReader::new(f), limit).map_err(|e| file_err(path, format!("not a valid {}: {e}", T::NAME)))
+    let mut bytes = Vec::with_capacity(len as usize);
+    f.take(limit + HEADER as u64).read_to_end(&mut bytes).map_err(|e| file_err(path, e.to_string()))?;
+    if bytes.len() < HEADER || &bytes[..8] != MAGIC {
+        return Err(file_err(path, format!("not a veil file (expected a {})", T::NAME)));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if version != VERSION {
+        return Err(file_err(path, format!("file format {version} is not supported (this veil reads {VERSION})")));
+    }
+    let (sum, payload) = (&bytes[12..HEADER], &bytes[HEADER..]);
+    if Sha256::digest(payload).as_slice() != sum {
+        return Err(file_err(path, "the file is truncated or was modified (checksum mismatch)"));
+    }
+    safe_deserialize(payload, limit).map_err(|e| file_err(path, format!("not a valid {}: {e}", T::NAME)))
 }

@@ -7,6 +7,9 @@ pub mod evaluator;
 pub mod files;
 pub mod keys;
 
+#[cfg(test)]
+mod noise_tests;
+
 pub use crypto::{EncryptedInputs, EncryptedOutputs};
 pub use error::{Result, RuntimeError};
 pub use evaluator::Evaluator;

@@ -1,0 +1,181 @@
+//! Measured noise against the noise model, on real keys and real bootstraps.
+
+use crate::keys::keygen;
+use rayon::prelude::*;
+use tfhe::core_crypto::fft_impl::fft64::math::fft::Fft;
+use tfhe::core_crypto::prelude::*;
+use veil_backend::noise;
+use veil_backend::params::Params;
+use veil_backend::security::key_variance;
+
+fn params(n: u64, k: u64, poly: u64, pbs: (u32, u32), ks: (u32, u32), precision: u32) -> Params {
+    Params {
+        lwe_dimension: n,
+        glwe_dimension: k,
+        polynomial_size: poly,
+        pbs_base_log: pbs.0,
+        pbs_level: pbs.1,
+        ks_base_log: ks.0,
+        ks_level: ks.1,
+        lwe_noise_std: key_variance(n).sqrt(),
+        glwe_noise_std: key_variance(k * poly).sqrt(),
+        precision,
+        p_error: 0.0,
+        global_p_error: 0.0,
+        pbs_cost_ms: 0.0,
+        bootstrap_key_bytes: 0,
+        keyswitch_key_bytes: 0,
+    }
+}
+
+/// Signed torus distance between a decrypted plaintext and its expected value.
+fn torus_error(got: u64, want: u64) -> f64 {
+    got.wrapping_sub(want) as i64 as f64 / 2f64.powi(64)
+}
+
+struct Run {
+    /// Error after keyswitch (decrypted with the small key), per sample.
+    ks: Vec<f64>,
+    /// Error after keyswitch + bootstrap with an identity table, per sample; None when the
+    /// bootstrap read the wrong slot.
+    pbs: Vec<Option<f64>>,
+}
+
+/// Encrypt `count` slot-centred messages, keyswitch and bootstrap each with an identity
+/// table, and record the errors.
+fn measure(p: &Params, count: usize) -> Run {
+    let (ck, sk) = keygen(p, b"noise-test").unwrap();
+    let ksk = sk.keyswitch.unwrap().decompress_into_lwe_keyswitch_key();
+    let bsk = sk.bootstrap.unwrap().par_decompress_into_lwe_bootstrap_key();
+    let mut fourier = FourierLweBootstrapKey::new(
+        bsk.input_lwe_dimension(),
+        bsk.glwe_size(),
+        bsk.polynomial_size(),
+        bsk.decomposition_base_log(),
+        bsk.decomposition_level_count(),
+    );
+    par_convert_standard_lwe_bootstrap_key_to_fourier(&bsk, &mut fourier);
+    let slots = 1usize << p.precision;
+    let delta = 1u64 << (63 - p.precision);
+    let acc = generate_programmable_bootstrap_glwe_lut(
+        fourier.polynomial_size(),
+        fourier.glwe_size(),
+        slots,
+        CiphertextModulus::new_native(),
+        1u64,
+        |s| s.wrapping_mul(delta),
+    );
+    let messages: Vec<u64> = (0..count).map(|i| (i * 7 % slots) as u64).collect();
+    let pts: Vec<u64> = messages.iter().map(|m| m * delta).collect();
+    let cts = ck.encrypt(&[vec![pts.clone()]]).expand();
+    let small = ck.small.as_ref().unwrap();
+    let results: Vec<(f64, Option<f64>)> = (0..count)
+        .into_par_iter()
+        .map_init(
+            || {
+                let fft = Fft::new(fourier.polynomial_size());
+                let mut buf = ComputationBuffers::new();
+                buf.resize(
+                    programmable_bootstrap_lwe_ciphertext_mem_optimized_requirement::<u64>(
+                        fourier.glwe_size(),
+                        fourier.polynomial_size(),
+                        fft.as_view(),
+                    )
+                    .unaligned_bytes_required(),
+                );
+                (fft, buf)
+            },
+            |(fft, buf), i| {
+                let mut ks =
+                    LweCiphertext::new(0u64, small.lwe_dimension().to_lwe_size(), CiphertextModulus::new_native());
+                keyswitch_lwe_ciphertext(&ksk, &cts[0][0].get(i), &mut ks);
+                let ks_err = torus_error(decrypt_lwe_ciphertext(small, &ks).0, pts[i]);
+                let mut out =
+                    LweCiphertext::new(0u64, ck.big.lwe_dimension().to_lwe_size(), CiphertextModulus::new_native());
+                programmable_bootstrap_lwe_ciphertext_mem_optimized(
+                    &ks,
+                    &mut out,
+                    &acc,
+                    &fourier,
+                    fft.as_view(),
+                    buf.stack(),
+                );
+                let got = decrypt_lwe_ciphertext(&ck.big, &out).0;
+                let slot = (got.wrapping_add(delta / 2) / delta) as usize % (2 * slots);
+                let pbs = (slot == messages[i] as usize).then(|| torus_error(got, pts[i]));
+                (ks_err, pbs)
+            },
+        )
+        .collect();
+    Run { ks: results.iter().map(|r| r.0).collect(), pbs: results.iter().map(|r| r.1).collect() }
+}
+
+fn variance(v: impl Iterator<Item = f64>) -> f64 {
+    let v: Vec<f64> = v.collect();
+    v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64
+}
+
+#[test]
+fn keyswitch_and_bootstrap_noise_match_the_model() {
+    // Two sets the optimizer picks for real circuits (4-bit and 3-bit lookups).
+    for p in [params(802, 1, 2048, (15, 2), (3, 5), 4), params(770, 2, 1024, (12, 3), (3, 4), 3)] {
+        let run = measure(&p, 1000);
+        let ks_model = noise::fresh(p.big_dimension())
+            + noise::keyswitch(p.big_dimension(), p.lwe_dimension, p.ks_base_log, p.ks_level);
+        let ks_measured = variance(run.ks.iter().copied());
+        let pbs_model = p.bootstrap_variance();
+        assert!(run.pbs.iter().all(|e| e.is_some()), "a bootstrap failed at p_error ~2^-40");
+        let pbs_measured = variance(run.pbs.iter().flatten().copied());
+        let (rk, rp) = (ks_measured / ks_model, pbs_measured / pbs_model);
+        eprintln!(
+            "n={} k={} N={}: keyswitch σ² measured 2^{:.2} model 2^{:.2} (×{rk:.2}); bootstrap σ² measured 2^{:.2} model 2^{:.2} (×{rp:.2})",
+            p.lwe_dimension,
+            p.glwe_dimension,
+            p.polynomial_size,
+            ks_measured.log2(),
+            ks_model.log2(),
+            pbs_measured.log2(),
+            pbs_model.log2()
+        );
+        assert!((0.5..=2.0).contains(&rk), "keyswitch noise off by ×{rk}");
+        assert!((0.5..=2.0).contains(&rp), "bootstrap noise off by ×{rp}");
+    }
+}
+
+#[test]
+fn failure_rate_at_a_loose_p_error_matches_the_model() {
+    // A deliberately loose (still 128-bit secure) set: a coarse keyswitch decomposition
+    // makes about one 4-bit lookup in a hundred read the wrong slot; the bootstrap itself
+    // (N = 2048, best decomposition) stays clean so each outcome is unambiguous.
+    let (n, k, poly) = (800u64, 1u64, 2048u64);
+    let pbs = (1..=3u32)
+        .flat_map(|l| (1..=64 / l).map(move |b| (b, l)))
+        .min_by(|x, y| noise::bootstrap(n, k, poly, x.0, x.1).total_cmp(&noise::bootstrap(n, k, poly, y.0, y.1)))
+        .unwrap();
+    let rate = |ks: (u32, u32), precision: u32| {
+        let p = params(n, k, poly, pbs, ks, precision);
+        noise::p_error(noise::fresh(p.big_dimension()) + p.pre_rotation_variance(), noise::lookup_half_width(precision))
+    };
+    let (ks, precision) = (3..=5u32)
+        .flat_map(|p| (1..=4u32).flat_map(move |l| (1..=16 / l).map(move |b| ((b, l), p))))
+        .find(|&(ks, p)| (2f64.powi(-8)..2f64.powi(-5)).contains(&rate(ks, p)))
+        .expect("some keyswitch decomposition fails about 1% of the time");
+    let p = params(n, k, poly, pbs, ks, precision);
+    assert!(p.is_secure());
+    let predicted = rate(ks, precision);
+    let count = 2000;
+    let run = measure(&p, count);
+    let failures = run.pbs.iter().filter(|e| e.is_none()).count();
+    let expected = predicted * count as f64;
+    let sd = (expected * (1.0 - predicted)).sqrt();
+    eprintln!(
+        "{precision}-bit lookups, KS 2^{}×{}: p_error model 2^{:.2} ({expected:.1} of {count} expected), observed {failures}",
+        ks.0,
+        ks.1,
+        predicted.log2()
+    );
+    assert!(
+        (failures as f64 - expected).abs() <= 4.0 * sd + 2.0,
+        "observed {failures} failures, expected {expected:.1} ± {sd:.1}"
+    );
+}

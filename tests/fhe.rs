@@ -1,0 +1,83 @@
+//! Real TFHE end to end: compile, keygen, encrypt, evaluate with the server key only,
+//! decrypt, and compare with clear execution.
+
+use ndarray::{Array1, Array2, ArrayD, Axis, Slice};
+use veil_backend::params::optimize;
+use veil_frontend::dsl::GraphBuilder;
+use veil_ir::Tensor;
+use veil_passes::{calibrate, fuse, quantize, QuantConfig};
+use veil_runtime::{keygen, Evaluator};
+use veil_tests::{models_dir, read_npy};
+
+/// Deterministic pseudo-random values in [0, 1).
+fn uniform(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32
+        })
+        .collect()
+}
+
+#[test]
+fn exact_lookups_decrypt_to_the_clear_integers() {
+    // y = W·sigmoid(4x − 2) + b on 4 features: the lookup reads 4-bit inputs directly, so
+    // no low bits are dropped and encrypted results must equal clear ones exactly (up to
+    // failures at p_error 2^-40).
+    let mut b = GraphBuilder::new("exact");
+    let x = b.input("x", &[4]);
+    let x4 = b.constant(ArrayD::from_elem(vec![], 4.0));
+    let two = b.constant(ArrayD::from_elem(vec![], 2.0));
+    let h = b.mul(x, x4).unwrap();
+    let h = b.sub(h, two).unwrap();
+    let h = b.sigmoid(h).unwrap();
+    let w =
+        Array2::from_shape_vec((3, 4), vec![1.0, -2.0, 0.5, 3.0, -1.0, 1.0, 2.0, -0.5, 0.25, 0.75, -1.5, 1.0]).unwrap();
+    let y = b.linear(h, w, Some(Array1::from_vec(vec![0.1, -0.2, 0.3]))).unwrap();
+    b.output("y", y);
+    let g = b.finish().unwrap();
+
+    let calib = Tensor::F32(ArrayD::from_shape_vec(vec![64, 4], uniform(256, 7)).unwrap());
+    let c = calibrate(&g, std::slice::from_ref(&calib)).unwrap();
+    let mut q = quantize(&g, &c, &QuantConfig { input_bits: 4, weight_bits: 6, act_bits: 6 }).unwrap();
+    q.graph = fuse(&q.graph).unwrap().0;
+    q.graph = veil_passes::bitwidth::set_precision(&q.graph, 4).unwrap();
+    let lowered = veil_backend::lower::lower(&q, 4).unwrap();
+    assert_eq!(lowered.circuit.lookups_per_sample(), 4);
+    assert!(lowered.circuit.tables.len() == 1, "one table for the four sigmoids");
+    let params = optimize(&lowered.requirements).unwrap();
+
+    let (ck, sk) = keygen(&params, b"exact-test").unwrap();
+    let x = Tensor::F32(ArrayD::from_shape_vec(vec![12, 4], uniform(48, 99)).unwrap());
+    let cts = ck.encrypt(&lowered.client.encode(std::slice::from_ref(&x)).unwrap());
+    let ev = Evaluator::new(&lowered.circuit, &params, sk, b"exact-test").unwrap();
+    let out = ev.run(&cts, &|_| {}).unwrap();
+    let fhe = lowered.client.decode_integers(&ck.decrypt(&out).unwrap());
+    let clear = veil_ir::interp::run(&q.graph, &q.encode_inputs(&[x]).unwrap()).unwrap();
+    assert_eq!(fhe, clear);
+}
+
+#[test]
+fn compiled_mlp_predicts_encrypted_as_in_the_clear() {
+    // A scikit-learn MLP (13 → 16 → 3): 16 lookups per sample through the full pipeline.
+    let dir = models_dir().join("extra/mlp_wine_skl_opset15");
+    let g = veil_frontend::onnx::import_file(dir.join("model.onnx")).unwrap();
+    let (a, _) = veil_backend::pipeline::compile(&g, &[read_npy(&dir.join("calib.npy"))], &Default::default()).unwrap();
+    let x = read_npy(&dir.join("test_x.npy"));
+    let x = Tensor::F32(x.as_f32().unwrap().slice_axis(Axis(0), Slice::from(0..8)).to_owned());
+
+    let (ck, sk) = keygen(&a.params, &a.fingerprint).unwrap();
+    let cts = ck.encrypt(&a.client.encode(std::slice::from_ref(&x)).unwrap());
+    let ev = Evaluator::new(&a.circuit, &a.params, sk, &a.fingerprint).unwrap();
+    let out = ev.run(&cts, &|_| {}).unwrap();
+    let ints = a.client.decode_integers(&ck.decrypt(&out).unwrap());
+    let fhe = a.client.finish(&ints, std::slice::from_ref(&x)).unwrap();
+    let clear = a.quantized_model().unwrap().run_clear(std::slice::from_ref(&x)).unwrap();
+    // outputs: label, probabilities
+    assert_eq!(fhe[0], clear[0], "predicted labels");
+    let (pf, pc) = (fhe[1].as_f32().unwrap(), clear[1].as_f32().unwrap());
+    // approximate rounding may read a hidden unit one step differently: probabilities stay close
+    let worst = pf.iter().zip(pc.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst < 0.1, "probabilities differ by {worst}");
+}
