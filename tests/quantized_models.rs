@@ -61,3 +61,52 @@ fn eight_bit_quantization_keeps_accuracy() {
         assert!(sc >= sf - 0.02, "{}: quantized {sc} vs float {sf}", dir.display());
     }
 }
+
+fn lookups_of(g: &veil_ir::Graph, calib: veil_ir::Tensor) -> usize {
+    let c = calibrate(g, std::slice::from_ref(&calib)).unwrap();
+    let q = quantize(g, &c, &QuantConfig::default()).unwrap();
+    let (fused, _) = veil_passes::fuse(&q.graph).unwrap();
+    veil_passes::fuse::count_lookups(&fused)
+}
+
+fn model(name: &str) -> (veil_ir::Graph, veil_ir::Tensor) {
+    let dir = veil_tests::models_dir().join(name);
+    (veil_frontend::onnx::import_file(dir.join("model.onnx")).unwrap(), read_npy(&dir.join("calib.npy")))
+}
+
+#[test]
+fn decomposed_gelu_costs_one_lookup_per_element() {
+    // torch (opset 13) writes GELU as Div → Erf → Add → Mul → Mul, using x twice.
+    let (g, calib) = model("extra/mlp_digits_torch_opset13");
+    let ops: Vec<&str> = g.node_ids().map(|n| g.node(n).op.mnemonic()).collect();
+    assert!(ops.contains(&"erf") && ops.contains(&"div"), "{ops:?}");
+    assert_eq!(lookups_of(&g, calib), 24, "one per hidden unit");
+}
+
+#[test]
+fn relu_then_sigmoid_costs_one_lookup() {
+    use ndarray::{Array1, Array2, ArrayD};
+    let mut b = veil_frontend::dsl::GraphBuilder::new("chain");
+    let x = b.input("x", &[6]);
+    let h = b
+        .linear(x, Array2::from_shape_fn((5, 6), |(i, j)| (i as f32 - j as f32) / 4.0), Some(Array1::zeros(5)))
+        .unwrap();
+    let h = b.relu(h).unwrap();
+    let h = b.sigmoid(h).unwrap();
+    let y = b.linear(h, Array2::from_elem((2, 5), 0.5), None).unwrap();
+    b.output("y", y);
+    let g = b.finish().unwrap();
+    let calib =
+        veil_ir::Tensor::F32(ArrayD::from_shape_fn(vec![50, 6], |i| ((i[0] * 7 + i[1] * 3) % 11) as f32 / 11.0));
+    assert_eq!(lookups_of(&g, calib), 5, "relu and sigmoid fuse into one lookup per unit");
+}
+
+#[test]
+fn linear_models_cost_no_lookups() {
+    for name in
+        ["logreg_breast_cancer", "linreg_diabetes", "extra/logreg_ovr_iris_opset13", "extra/ridge_diabetes_opset15"]
+    {
+        let (g, calib) = model(name);
+        assert_eq!(lookups_of(&g, calib), 0, "{name}");
+    }
+}

@@ -14,7 +14,7 @@ use crate::calibrate::{calibrate, Calibration};
 use crate::error::{PassError, Result};
 use crate::fuse::{count_lookups, fuse_with, FuseReport, Rules};
 use crate::model::QuantizedModel;
-use crate::quantize::{quantize, QuantConfig};
+use crate::quantize::QuantConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use veil_ir::tlu::lookup_precision;
@@ -101,7 +101,7 @@ pub fn z_for(p: f64) -> f64 {
 /// are dropped at decryption (free). Bootstrapped values carry noise that would otherwise
 /// force much larger parameters to decrypt wide accumulators exactly. A circuit without
 /// lookups decrypts exactly: it only needs a larger plain LWE key.
-pub const OUTPUT_BITS: u32 = 10;
+pub const OUTPUT_BITS: u32 = 8;
 
 /// Read every server output to at most `bits` bits (exactly, without lookups).
 pub fn set_output_rounding(q: &mut QuantizedModel, bits: u32) {
@@ -274,7 +274,7 @@ impl Search<'_> {
         if let Some(m) = self.cache.get(&(cfg, self.rules)) {
             return Ok(m.clone());
         }
-        let mut q = quantize(self.g, &self.calib, &cfg)?;
+        let mut q = crate::quantize::quantize_with_margin(self.g, &self.calib, &cfg, self.margin)?;
         let unfused = q.graph.clone();
         let (graph, report) = fuse_with(&q.graph, self.rules)?;
         let enc = q.encode_inputs(self.inputs)?;
@@ -339,28 +339,35 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
     if probe.node_ids().any(|n| matches!(probe.node(n).op, Op::MaxEnc { .. })) {
         variants.push(Rules { max_commute: false });
     }
-    let mut chosen: Option<(QuantizedModel, FuseReport, f64, u32, Rules, f64)> = None;
+    let mut chosen: Option<(QuantizedModel, FuseReport, f64, u32, Rules, QuantConfig, f64)> = None;
     let mut best_rejected: Option<(f64, u32)> = None;
     for rules in variants {
         s.rules = rules;
-        for p in 2..=opts.max_precision {
-            let (q, rep, score, ok) = s.trial(full, p)?;
-            let cost = count_lookups(&q.graph) as f64 * pbs_cost(p);
-            if ok {
-                if chosen.as_ref().is_none_or(|c| cost < c.5) {
-                    chosen = Some((q, rep, score, p, rules, cost));
+        'precision: for p in 2..=opts.max_precision {
+            // Activations of p − 1 bits make the differences a max reads exact at p bits.
+            let mut widths = vec![full];
+            if opts.n_bits.is_none() && p > 2 && p - 1 < top {
+                widths.push(QuantConfig { act_bits: p - 1, ..full });
+            }
+            for cfg in widths {
+                let (q, rep, score, ok) = s.trial(cfg, p)?;
+                let cost = count_lookups(&q.graph) as f64 * pbs_cost(p);
+                if ok {
+                    if chosen.as_ref().is_none_or(|c| cost < c.6) {
+                        chosen = Some((q, rep, score, p, rules, cfg, cost));
+                    }
+                    break 'precision;
                 }
-                break;
-            }
-            if best_rejected.is_none_or(|(b, _)| score > b) {
-                best_rejected = Some((score, p));
-            }
-            if count_lookups(&q.graph) == 0 {
-                break; // precision does not matter without lookups
+                if best_rejected.is_none_or(|(b, _)| score > b) {
+                    best_rejected = Some((score, p));
+                }
+                if count_lookups(&q.graph) == 0 {
+                    break 'precision; // precision does not matter without lookups
+                }
             }
         }
     }
-    let Some((mut model, mut report, mut best_score, p, rules, _)) = chosen else {
+    let Some((mut model, mut report, mut best_score, p, rules, start, _)) = chosen else {
         let (b, bp) = best_rejected.unwrap_or((0.0, 0));
         return Err(PassError::Search(format!(
             "no quantization with lookups of at most {} bits keeps the model within tolerance {} of the float model (best: {:.4} at {bp} bits); allow more error with --accuracy-tolerance or fix widths with --n-bits",
@@ -368,7 +375,7 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
         )));
     };
     s.rules = rules;
-    let mut cfg = full;
+    let mut cfg = start;
     let floor = best_score;
     if opts.n_bits.is_none() {
         // Narrow each width while the model stays within tolerance.
@@ -384,9 +391,13 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
                     break;
                 }
                 *w -= 1;
-                // Narrower widths only shrink what is decrypted: accept them only when they
-                // cost no agreement at all, so the calibration set is not overfitted.
+                // Narrower activations and inputs only shrink what is decrypted: accept them
+                // only when they cost no agreement, so the calibration set is not
+                // overfitted. Narrower weights also cut the noise every lookup and output
+                // sees (Σw²), which can save a bootstrap level: they may spend half the
+                // tolerance.
                 let (q, rep, score, ok) = s.trial(c, p)?;
+                let floor = if field == 1 { floor.min(1.0 - opts.tolerance / 2.0) } else { floor };
                 if !ok || score < floor {
                     break;
                 }

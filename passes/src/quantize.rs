@@ -69,11 +69,19 @@ enum QVal {
 
 /// Quantize `g` with calibration `calib` and bit widths `cfg`.
 pub fn quantize(g: &Graph, calib: &Calibration, cfg: &QuantConfig) -> Result<QuantizedModel> {
+    quantize_with_margin(g, calib, cfg, crate::ranges::DEFAULT_MARGIN)
+}
+
+/// [`quantize`], sizing accumulators for compiled ranges with headroom `margin` (see
+/// [`crate::ranges`]).
+pub fn quantize_with_margin(g: &Graph, calib: &Calibration, cfg: &QuantConfig, margin: f64) -> Result<QuantizedModel> {
     let tail = client_tail(g)?;
     let mut q = Quantizer {
         g,
         calib,
         cfg,
+        margin,
+        tail: &tail,
         out: Graph::new(g.name.clone()),
         vals: HashMap::new(),
         tables: HashMap::new(),
@@ -164,6 +172,10 @@ struct Quantizer<'a> {
     g: &'a Graph,
     calib: &'a Calibration,
     cfg: &'a QuantConfig,
+    /// Headroom the compiled ranges will get (to size accumulators for them).
+    margin: f64,
+    /// Nodes the client computes.
+    tail: &'a HashSet<NodeId>,
     out: Graph,
     vals: HashMap<NodeId, QVal>,
     /// Float node → the lookup that tabulated its pending function, so a value used twice
@@ -581,6 +593,12 @@ impl<'a> Quantizer<'a> {
         (q, scales)
     }
 
+    /// Does some server-side op read float node `id`? Otherwise it is decrypted: filling
+    /// lookup slots would only enlarge its weights (and the noise the outputs carry).
+    fn read_by_lookups(&self, id: NodeId) -> bool {
+        self.g.users(id).iter().any(|u| !self.tail.contains(u))
+    }
+
     /// Calibrated span of each output channel (axis 1) of float node `id`.
     fn channel_spans(&self, id: NodeId) -> Option<Vec<f64>> {
         self.calib.channels.get(&id).map(|c| c.iter().map(|(l, h)| h - l).collect())
@@ -623,6 +641,8 @@ impl<'a> Quantizer<'a> {
         let (q, s_out) = self.quantize_rows(&eff);
         let spans = if in_dims.len() == 1 { self.channel_spans(id) } else { None };
         let (q, s_out) = equalize(&eff, q, s_out, spans.as_deref());
+        let (q, s_out) =
+            if self.read_by_lookups(id) { fill(&eff, q, s_out, spans.as_deref(), self.margin) } else { (q, s_out) };
         // Offsets enter as a clear per-output offset: W·offset + bias, per sample position.
         let off = x.offset.broadcast(IxDyn(&in_dims)).ok_or_else(|| self.err(id, "offset shape"))?.to_owned();
         let off2 = off.to_shape((off.len() / k, k)).map_err(|e| self.err(id, e.to_string()))?.to_owned();
@@ -661,6 +681,8 @@ impl<'a> Quantizer<'a> {
         let (q, s_out) = self.quantize_rows(&eff);
         let spans = self.channel_spans(id);
         let (q, s_out) = equalize(&eff, q, s_out, spans.as_deref());
+        let (q, s_out) =
+            if self.read_by_lookups(id) { fill(&eff, q, s_out, spans.as_deref(), self.margin) } else { (q, s_out) };
         let q4 = q.into_shape_with_order((m, cg, kh, kw)).map_err(|e| self.err(id, e.to_string()))?;
         // Offsets (and zero padding, whose real value is 0) enter through a float
         // convolution of the offset image: exact per output position.
@@ -958,6 +980,35 @@ fn equalize(eff: &Array2<f64>, q: Array2<i64>, s_out: Vec<f64>, spans: Option<&[
         .zip(&int_spans)
         .map(|(&s, &w)| if w > 0.0 { s * (w / widest).max(1.0 / 16.0) } else { s })
         .collect();
+    let q = Array2::from_shape_fn(eff.raw_dim(), |(j, k)| (eff[[j, k]] / scales[j]).round() as i64);
+    (q, scales)
+}
+
+/// Scale a layer so its compiled range fills the lookup slots. A lookup reads its input
+/// in buckets of 2^k, so a range just over a power of two wastes half the slots. After
+/// equalizing and centring, the compiled range is predictable: the common channel span
+/// times (1 + 2·margin). Finer scales (up to 2×) put it at 0.75·2^m, where a rounded
+/// lookup of p ≥ 4 bits uses all its usable slots (two are spares and one may be lost to
+/// bucket alignment).
+fn fill(
+    eff: &Array2<f64>,
+    q: Array2<i64>,
+    s_out: Vec<f64>,
+    spans: Option<&[f64]>,
+    margin: f64,
+) -> (Array2<i64>, Vec<f64>) {
+    let Some(spans) = spans.filter(|s| s.len() == s_out.len()) else { return (q, s_out) };
+    let span = spans.iter().zip(&s_out).map(|(sp, s)| sp / s).fold(0.0, f64::max);
+    if !margin.is_finite() || span < 16.0 {
+        return (q, s_out);
+    }
+    let range = span * (1.0 + 2.0 * margin) + 2.0;
+    let target = 0.75 * 2f64.powf((range / 0.75).log2().ceil());
+    let f = target / range;
+    if f < 1.01 {
+        return (q, s_out);
+    }
+    let scales: Vec<f64> = s_out.iter().map(|s| s / f).collect();
     let q = Array2::from_shape_fn(eff.raw_dim(), |(j, k)| (eff[[j, k]] / scales[j]).round() as i64);
     (q, scales)
 }
