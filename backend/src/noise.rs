@@ -9,7 +9,9 @@
 //! (FFT noise, parameter optimization).
 
 use crate::security::key_variance;
-use tfhe::core_crypto::commons::noise_formulas::{lwe_keyswitch, lwe_programmable_bootstrap, modulus_switch};
+use tfhe::core_crypto::commons::noise_formulas::{
+    centered_mean_shifted_modulus_switch, lwe_keyswitch, lwe_programmable_bootstrap, modulus_switch,
+};
 
 const Q: f64 = 18446744073709551616.0; // 2^64
 
@@ -37,9 +39,22 @@ pub fn keyswitch(from: u64, to: u64, base_log: u32, levels: u32) -> f64 {
     )
 }
 
-/// Rounding a dimension-`n` ciphertext from modulus 2^64 to 2N before blind rotation.
+/// Plain rounding of a dimension-`n` ciphertext from modulus 2^64 to 2N before blind
+/// rotation: each mask rounding error e_i meets a key bit, so about n/2 of them add up.
 pub fn modulus_switch(n: u64, poly_size: u64) -> f64 {
     modulus_switch::modulus_switch_additive_variance_impl(n as f64, Q, 2.0 * poly_size as f64)
+}
+
+/// Centred rounding, what the runtime does: the mask rounding errors are known to the
+/// server, and with a uniform binary key their sum contributes Σe_i/2 on average, so the
+/// body is corrected by that mean first and only the spread Σe_i(s_i − 1/2) is left —
+/// half the variance of plain rounding (tfhe's "centered mean" modulus switch). The body's
+/// own rounding, 1/(12·(2N)²), is added on top of tfhe's formula to stay conservative.
+pub fn centered_modulus_switch(n: u64, poly_size: u64) -> f64 {
+    let two_n = 2.0 * poly_size as f64;
+    centered_mean_shifted_modulus_switch::centered_binary_shifted_modulus_switch_additive_variance_impl(
+        n as f64, Q, two_n,
+    ) + 1.0 / (12.0 * two_n * two_n)
 }
 
 /// The output of a programmable bootstrap (blind rotation with FFT products, then sample
@@ -99,6 +114,9 @@ mod tests {
         let v = modulus_switch(800, 2048);
         let expect = 800.0 / 2.0 / (48.0 * 2048.0f64.powi(2));
         assert!((v / expect - 1.0).abs() < 0.01, "{v} vs {expect}");
+        // centring leaves the spread of n key bits around their mean: half as much
+        let c = centered_modulus_switch(800, 2048);
+        assert!((c / v - 0.5).abs() < 0.01, "{c} vs {v}");
     }
 
     #[test]

@@ -100,7 +100,7 @@ impl Params {
             return 0.0;
         }
         noise::keyswitch(self.big_dimension(), self.lwe_dimension, self.ks_base_log, self.ks_level)
-            + noise::modulus_switch(self.lwe_dimension, self.polynomial_size)
+            + noise::centered_modulus_switch(self.lwe_dimension, self.polynomial_size)
     }
 
     /// Both keys meet the 128-bit curve.
@@ -160,7 +160,7 @@ pub fn optimize(req: &Requirements) -> Result<Params> {
                     .all(|(c, hw)| c.variance(var_pbs, var_fresh) <= noise::max_variance(*hw, req.p_error))
             };
             for n in (MIN_DIMENSION..=1600).step_by(8) {
-                let var_ms = noise::modulus_switch(n, poly);
+                let var_ms = noise::centered_modulus_switch(n, poly);
                 if var_ms > lookup_max {
                     continue;
                 }

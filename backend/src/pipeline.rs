@@ -87,5 +87,6 @@ fn report(c: &Compiled, lookups: usize, seconds: f64) -> proto::Report {
         compile_seconds: seconds,
         layers,
         lookups_before_fusion: c.fuse.lookups_before as u32,
+        output_bits: c.output_bits,
     }
 }

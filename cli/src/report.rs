@@ -14,6 +14,9 @@ pub fn text(a: &Artifact) -> String {
         a.model_name, r.lookups_per_sample, r.lookups_before_fusion, r.max_precision, r.input_bits, r.weight_bits, r.act_bits
     );
     let _ = writeln!(s, "calibration: {:.4} {}", r.calibration_score, r.metric);
+    if r.output_bits > 0 {
+        let _ = writeln!(s, "outputs read to {} significant bits", r.output_bits);
+    }
     let _ = writeln!(s, "{:<40} {:<8} {:>22} {:>8} {:>5} {:>8}", "layer", "op", "range", "lookups", "bits", "dropped");
     for l in &r.layers {
         let name: String = l.name.chars().take(40).collect();
@@ -68,6 +71,7 @@ pub fn json(a: &Artifact) -> Value {
         "input_bits": r.input_bits,
         "weight_bits": r.weight_bits,
         "act_bits": r.act_bits,
+        "output_bits": r.output_bits,
         "metric": r.metric,
         "calibration_score": r.calibration_score,
         "compile_seconds": r.compile_seconds,

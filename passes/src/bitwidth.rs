@@ -81,6 +81,8 @@ pub struct Compiled {
     pub calibration: Calibration,
     /// The quantizer's integer graph for the chosen widths, before fusion.
     pub unfused: Graph,
+    /// Bits of each output the client reads; 0 when outputs decrypt exactly (no lookups).
+    pub output_bits: u32,
 }
 
 /// The number of standard deviations `z` with P(|N(0,1)| > z) = p.
@@ -100,8 +102,10 @@ pub fn z_for(p: f64) -> f64 {
 /// Bits of each decrypted output the client reads in a circuit with lookups; lower bits
 /// are dropped at decryption (free). Bootstrapped values carry noise that would otherwise
 /// force much larger parameters to decrypt wide accumulators exactly. A circuit without
-/// lookups decrypts exactly: it only needs a larger plain LWE key.
+/// lookups decrypts exactly: it only needs a larger plain LWE key. The search starts at
+/// `OUTPUT_BITS` and reads fewer, down to `MIN_OUTPUT_BITS`, when that costs no agreement.
 pub const OUTPUT_BITS: u32 = 8;
+pub const MIN_OUTPUT_BITS: u32 = 6;
 
 /// Read every server output to at most `bits` bits (exactly, without lookups).
 pub fn set_output_rounding(q: &mut QuantizedModel, bits: u32) {
@@ -114,15 +118,16 @@ pub fn set_output_rounding(q: &mut QuantizedModel, bits: u32) {
 
 /// Relative cost of one keyswitch + bootstrap at a precision (ms, one thread, p_error
 /// 2^-40), as veil's parameter optimizer prices the sets it picks for typical circuits:
-/// the search compares candidates by lookups × this. Each bit past 4 doubles N.
+/// the search compares candidates by lookups × this. Up to 4 bits fit N = 1024 (k = 2),
+/// 5 bits N = 2048; past that each bit needs N × 4 or more.
 pub fn pbs_cost(p: u32) -> f64 {
     match p {
         0 => 0.0,
-        1..=3 => 38.0,
-        4 => 50.0,
-        5 => 132.0,
-        6 => 310.0,
-        7 => 715.0,
+        1..=3 => 36.0,
+        4 => 43.0,
+        5 => 65.0,
+        6 => 305.0,
+        7 => 866.0,
         _ => 3000.0,
     }
 }
@@ -265,6 +270,8 @@ struct Search<'a> {
     rules: Rules,
     /// Noise of a rounded read, in slots.
     slot_std: f64,
+    /// Bits of each output the client reads (circuits with lookups).
+    output_bits: u32,
 }
 
 impl Search<'_> {
@@ -290,7 +297,7 @@ impl Search<'_> {
         match set_precision(&q.graph, p) {
             Ok(g) => {
                 q.graph = g;
-                set_output_rounding(&mut q, OUTPUT_BITS);
+                set_output_rounding(&mut q, self.output_bits);
             }
             Err(PassError::Search(_)) => {
                 self.trials.push(Trial { config: cfg, precision: p, score: 0.0, accepted: false });
@@ -328,6 +335,7 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
         margin: opts.range_margin,
         rules: Rules::default(),
         slot_std: 0.5 / z_for(opts.p_error),
+        output_bits: OUTPUT_BITS,
     };
 
     let top = opts.n_bits.unwrap_or(8);
@@ -405,6 +413,21 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
             }
         }
     }
+    let exact = count_lookups(&model.graph) == 0;
+    if !exact {
+        // Each output bit fewer lets the outputs carry 4× the noise, which can save a
+        // bootstrap level; reading fewer bits is free, so take it whenever it costs no
+        // agreement at all.
+        while s.output_bits > MIN_OUTPUT_BITS {
+            s.output_bits -= 1;
+            let (q, rep, score, ok) = s.trial(cfg, p)?;
+            if !ok || score < best_score {
+                s.output_bits += 1;
+                break;
+            }
+            (model, report, best_score) = (q, rep, score);
+        }
+    }
     let precision = max_precision(&model.graph);
     let unfused = s.fused(cfg)?.2;
     Ok(Compiled {
@@ -417,5 +440,6 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
         trials: s.trials,
         calibration: s.calib,
         unfused,
+        output_bits: if exact { 0 } else { s.output_bits },
     })
 }

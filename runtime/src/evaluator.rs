@@ -1,11 +1,11 @@
 //! The server: evaluate a circuit on encrypted inputs with the evaluation keys only.
 
+use crate::bootstrap::Bootstrapper;
 use crate::crypto::{EncryptedInputs, EncryptedOutputs};
 use crate::error::{Result, RuntimeError};
 use crate::keys::{check_fingerprint, ServerKey};
 use rayon::prelude::*;
 use tfhe::core_crypto::algorithms::slice_algorithms::slice_wrapping_add_scalar_mul_assign;
-use tfhe::core_crypto::fft_impl::fft64::math::fft::Fft;
 use tfhe::core_crypto::prelude::*;
 use veil_backend::circuit::{Circuit, Instruction, LinearInstr, LookupInstr};
 use veil_backend::params::Params;
@@ -147,40 +147,16 @@ impl<'a> Evaluator<'a> {
         };
         let input = Self::get(values, l.input);
         let n = l.table.len();
-        let small = ksk.output_key_lwe_dimension().to_lwe_size();
         let size = LweSize(self.big + 1);
-        let poly = bsk.polynomial_size();
         let jobs: Vec<(usize, usize)> = (0..samples).flat_map(|s| (0..n).map(move |e| (s, e))).collect();
         let results: Vec<LweCiphertextOwned<u64>> = jobs
             .par_iter()
             .map_init(
-                || {
-                    // per-thread FFT plan and scratch memory
-                    let fft = Fft::new(poly);
-                    let mut buffers = ComputationBuffers::new();
-                    buffers.resize(
-                        programmable_bootstrap_lwe_ciphertext_mem_optimized_requirement::<u64>(
-                            bsk.glwe_size(),
-                            poly,
-                            fft.as_view(),
-                        )
-                        .unaligned_bytes_required(),
-                    );
-                    (fft, buffers, LweCiphertext::new(0u64, small, CiphertextModulus::new_native()))
-                },
-                |(fft, buffers, ks_out), &(s, e)| {
-                    let src = input[s].get(e);
-                    keyswitch_lwe_ciphertext(ksk, &src, ks_out);
+                || Bootstrapper::new(ksk, bsk),
+                |worker, &(s, e)| {
+                    worker.keyswitch(ksk, &input[s].get(e));
                     let mut out = LweCiphertext::new(0u64, size, CiphertextModulus::new_native());
-                    let acc = &self.accumulators[l.table[e] as usize];
-                    programmable_bootstrap_lwe_ciphertext_mem_optimized(
-                        ks_out,
-                        &mut out,
-                        acc,
-                        bsk,
-                        fft.as_view(),
-                        buffers.stack(),
-                    );
+                    worker.bootstrap(bsk, &self.accumulators[l.table[e] as usize], &mut out);
                     progress(1);
                     out
                 },

@@ -1,6 +1,7 @@
 //! veil's runtime: key generation, encryption, decryption (client side) and the evaluator
 //! (server side, which holds no secret key), over `tfhe::core_crypto`.
 
+pub mod bootstrap;
 pub mod crypto;
 pub mod error;
 pub mod evaluator;

@@ -1,8 +1,8 @@
 //! Measured noise against the noise model, on real keys and real bootstraps.
 
+use crate::bootstrap::Bootstrapper;
 use crate::keys::keygen;
 use rayon::prelude::*;
-use tfhe::core_crypto::fft_impl::fft64::math::fft::Fft;
 use tfhe::core_crypto::prelude::*;
 use veil_backend::noise;
 use veil_backend::params::Params;
@@ -72,34 +72,13 @@ fn measure(p: &Params, count: usize) -> Run {
     let results: Vec<(f64, Option<f64>)> = (0..count)
         .into_par_iter()
         .map_init(
-            || {
-                let fft = Fft::new(fourier.polynomial_size());
-                let mut buf = ComputationBuffers::new();
-                buf.resize(
-                    programmable_bootstrap_lwe_ciphertext_mem_optimized_requirement::<u64>(
-                        fourier.glwe_size(),
-                        fourier.polynomial_size(),
-                        fft.as_view(),
-                    )
-                    .unaligned_bytes_required(),
-                );
-                (fft, buf)
-            },
-            |(fft, buf), i| {
-                let mut ks =
-                    LweCiphertext::new(0u64, small.lwe_dimension().to_lwe_size(), CiphertextModulus::new_native());
-                keyswitch_lwe_ciphertext(&ksk, &cts[0][0].get(i), &mut ks);
-                let ks_err = torus_error(decrypt_lwe_ciphertext(small, &ks).0, pts[i]);
+            || Bootstrapper::new(&ksk, &fourier),
+            |worker, i| {
+                worker.keyswitch(&ksk, &cts[0][0].get(i));
+                let ks_err = torus_error(decrypt_lwe_ciphertext(small, worker.small()).0, pts[i]);
                 let mut out =
                     LweCiphertext::new(0u64, ck.big.lwe_dimension().to_lwe_size(), CiphertextModulus::new_native());
-                programmable_bootstrap_lwe_ciphertext_mem_optimized(
-                    &ks,
-                    &mut out,
-                    &acc,
-                    &fourier,
-                    fft.as_view(),
-                    buf.stack(),
-                );
+                worker.bootstrap(&fourier, &acc, &mut out);
                 let got = decrypt_lwe_ciphertext(&ck.big, &out).0;
                 let slot = (got.wrapping_add(delta / 2) / delta) as usize % (2 * slots);
                 let pbs = (slot == messages[i] as usize).then(|| torus_error(got, pts[i]));
@@ -142,40 +121,82 @@ fn keyswitch_and_bootstrap_noise_match_the_model() {
     }
 }
 
-#[test]
-fn failure_rate_at_a_loose_p_error_matches_the_model() {
-    // A deliberately loose (still 128-bit secure) set: a coarse keyswitch decomposition
-    // makes about one 4-bit lookup in a hundred read the wrong slot; the bootstrap itself
-    // (N = 2048, best decomposition) stays clean so each outcome is unambiguous.
-    let (n, k, poly) = (800u64, 1u64, 2048u64);
-    let pbs = (1..=3u32)
-        .flat_map(|l| (1..=64 / l).map(move |b| (b, l)))
-        .min_by(|x, y| noise::bootstrap(n, k, poly, x.0, x.1).total_cmp(&noise::bootstrap(n, k, poly, y.0, y.1)))
-        .unwrap();
-    let rate = |ks: (u32, u32), precision: u32| {
-        let p = params(n, k, poly, pbs, ks, precision);
-        noise::p_error(noise::fresh(p.big_dimension()) + p.pre_rotation_variance(), noise::lookup_half_width(precision))
-    };
-    let (ks, precision) = (3..=5u32)
-        .flat_map(|p| (1..=4u32).flat_map(move |l| (1..=16 / l).map(move |b| ((b, l), p))))
-        .find(|&(ks, p)| (2f64.powi(-8)..2f64.powi(-5)).contains(&rate(ks, p)))
-        .expect("some keyswitch decomposition fails about 1% of the time");
-    let p = params(n, k, poly, pbs, ks, precision);
-    assert!(p.is_secure());
-    let predicted = rate(ks, precision);
-    let count = 2000;
-    let run = measure(&p, count);
+/// Run `count` lookups on `p` and check the failures against the model's p_error.
+fn check_failure_rate(p: &Params, count: usize, what: &str) {
+    let predicted = lookup_failure_rate(p);
+    let run = measure(p, count);
     let failures = run.pbs.iter().filter(|e| e.is_none()).count();
     let expected = predicted * count as f64;
     let sd = (expected * (1.0 - predicted)).sqrt();
     eprintln!(
-        "{precision}-bit lookups, KS 2^{}×{}: p_error model 2^{:.2} ({expected:.1} of {count} expected), observed {failures}",
-        ks.0,
-        ks.1,
+        "{what}: {}-bit lookups, n={} N={} KS 2^{}×{}: p_error model 2^{:.2} ({expected:.1} of {count} expected), observed {failures}",
+        p.precision,
+        p.lwe_dimension,
+        p.polynomial_size,
+        p.ks_base_log,
+        p.ks_level,
         predicted.log2()
     );
     assert!(
         (failures as f64 - expected).abs() <= 4.0 * sd + 2.0,
-        "observed {failures} failures, expected {expected:.1} ± {sd:.1}"
+        "{what}: observed {failures} failures, expected {expected:.1} ± {sd:.1}"
     );
+}
+
+/// The model's failure probability for a fresh ciphertext looked up on `p`.
+fn lookup_failure_rate(p: &Params) -> f64 {
+    noise::p_error(noise::fresh(p.big_dimension()) + p.pre_rotation_variance(), noise::lookup_half_width(p.precision))
+}
+
+/// Lowest-variance bootstrap decomposition with at most 3 levels.
+fn best_pbs(n: u64, k: u64, poly: u64) -> (u32, u32) {
+    (1..=3u32)
+        .flat_map(|l| (1..=64 / l).map(move |b| (b, l)))
+        .min_by(|x, y| noise::bootstrap(n, k, poly, x.0, x.1).total_cmp(&noise::bootstrap(n, k, poly, y.0, y.1)))
+        .unwrap()
+}
+
+#[test]
+fn failure_rate_at_a_loose_keyswitch_matches_the_model() {
+    // A deliberately loose (still 128-bit secure) set: a coarse keyswitch decomposition
+    // makes about one lookup in a hundred read the wrong slot; the bootstrap itself
+    // (N = 2048, best decomposition) stays clean so each outcome is unambiguous.
+    let (n, k, poly) = (800u64, 1u64, 2048u64);
+    let pbs = best_pbs(n, k, poly);
+    let (ks, precision) = (3..=5u32)
+        .flat_map(|p| (1..=4u32).flat_map(move |l| (1..=16 / l).map(move |b| ((b, l), p))))
+        .find(|&(ks, p)| (2f64.powi(-8)..2f64.powi(-5)).contains(&lookup_failure_rate(&params(n, k, poly, pbs, ks, p))))
+        .expect("some keyswitch decomposition fails about 1% of the time");
+    let p = params(n, k, poly, pbs, ks, precision);
+    assert!(p.is_secure());
+    check_failure_rate(&p, 2000, "keyswitch-dominated");
+}
+
+#[test]
+fn failure_rate_dominated_by_the_modulus_switch_matches_the_centred_model() {
+    // N = 1024 (k = 2, so the bootstrap output stays clean) with a fine keyswitch: the
+    // rounding to 2N dominates, so the failure count tests the centred modulus-switch
+    // formula. Plain rounding would fail far more often.
+    let (n, k, poly) = (800u64, 2u64, 1024u64);
+    let pbs = best_pbs(n, k, poly);
+    let big = k * poly;
+    let ks = (1..=8u32)
+        .flat_map(|l| (1..=32 / l).map(move |b| (b, l)))
+        .min_by(|x, y| noise::keyswitch(big, n, x.0, x.1).total_cmp(&noise::keyswitch(big, n, y.0, y.1)))
+        .unwrap();
+    let precision = (3..=8u32)
+        .find(|&b| lookup_failure_rate(&params(n, k, poly, pbs, ks, b)) > 2f64.powi(-6))
+        .expect("some precision fails a few percent of the time at N = 1024");
+    let p = params(n, k, poly, pbs, ks, precision);
+    assert!(p.is_secure());
+    let ms = noise::centered_modulus_switch(n, poly);
+    let other = noise::fresh(big) + noise::keyswitch(big, n, ks.0, ks.1);
+    assert!(ms > 3.0 * other, "the modulus switch must dominate: {ms:e} vs {other:e}");
+    let plain = noise::p_error(other + noise::modulus_switch(n, poly), noise::lookup_half_width(precision));
+    let centred = lookup_failure_rate(&p);
+    let misread = noise::p_error(p.bootstrap_variance(), noise::lookup_half_width(precision));
+    assert!(misread < 1e-6, "bootstrap output noise would blur the count: {misread:e}");
+    assert!(plain > 2.0 * centred, "plain {plain} vs centred {centred}: the test would not tell them apart");
+    eprintln!("plain rounding would predict p_error 2^{:.2}", plain.log2());
+    check_failure_rate(&p, 2000, "modulus-switch-dominated");
 }
