@@ -180,14 +180,16 @@ pub fn keygen_cmd(model: &Path, out_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Read a client key and check it belongs to the compiled model.
+fn load_client_key(path: &Path, a: &Artifact) -> Result<ClientKey> {
+    let ck: ClientKey = files::read(path, CLIENT_KEY_LIMIT)?;
+    veil_runtime::keys::check_fingerprint(&format!("client key {}", path.display()), &ck.fingerprint, &a.fingerprint)?;
+    Ok(ck)
+}
+
 pub fn encrypt_cmd(model: &Path, client_key: &Path, input: &Path, output: &Path) -> Result<()> {
     let a = load_compiled(model)?;
-    let ck: ClientKey = files::read(client_key, CLIENT_KEY_LIMIT)?;
-    veil_runtime::keys::check_fingerprint(
-        &format!("client key {}", client_key.display()),
-        &ck.fingerprint,
-        &a.fingerprint,
-    )?;
+    let ck = load_client_key(client_key, &a)?;
     let x = npy::read_f32(input)?;
     warn_overflows(&a, &x)?;
     let start = Instant::now();
@@ -237,12 +239,7 @@ pub fn decrypt_cmd(
     outputs_dir: Option<&Path>,
 ) -> Result<()> {
     let a = load_compiled(model)?;
-    let ck: ClientKey = files::read(client_key, CLIENT_KEY_LIMIT)?;
-    veil_runtime::keys::check_fingerprint(
-        &format!("client key {}", client_key.display()),
-        &ck.fingerprint,
-        &a.fingerprint,
-    )?;
+    let ck = load_client_key(client_key, &a)?;
     let cts: EncryptedOutputs = files::read(input, CIPHERTEXT_LIMIT)?;
     let plain = ck.decrypt(&cts).with_context(|| format!("decrypting {}", input.display()))?;
     let ints = a.client.decode_integers(&plain);
