@@ -399,13 +399,19 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
                     break;
                 }
                 *w -= 1;
-                // Narrower activations and inputs only shrink what is decrypted: accept them
-                // only when they cost no agreement, so the calibration set is not
-                // overfitted. Narrower weights also cut the noise every lookup and output
-                // sees (Σw²), which can save a bootstrap level: they may spend half the
+                // With lookups, the cost is fixed by the precision and the output bits:
+                // narrower widths save little (narrower weights can at best save a
+                // bootstrap level, which none of our models gained), so they must not cost
+                // any agreement. Without lookups outputs decrypt exactly and every bit
+                // decrypted counts: inputs and activations may fall back to the first
+                // accepted score, weights (Σw² scales the decrypted noise) to half the
                 // tolerance.
                 let (q, rep, score, ok) = s.trial(c, p)?;
-                let floor = if field == 1 { floor.min(1.0 - opts.tolerance / 2.0) } else { floor };
+                let floor = match field {
+                    _ if count_lookups(&q.graph) > 0 => best_score,
+                    1 => floor.min(1.0 - opts.tolerance / 2.0),
+                    _ => floor,
+                };
                 if !ok || score < floor {
                     break;
                 }
