@@ -80,6 +80,30 @@ fn garbage_model_is_a_clear_error() {
     assert!(err.starts_with("error: importing") && err.contains("bad.onnx"), "{err}");
 }
 
+#[test]
+fn bad_calibration_data_is_a_clear_error() {
+    let dir = scratch("calib");
+    let model = models().join("mlp_digits/model.onnx");
+    let out = dir.join("m.veil");
+    let write = |name: &str, a: ndarray::Array2<f32>| {
+        let p = dir.join(name);
+        ndarray_npy::write_npy(&p, &a).unwrap();
+        p
+    };
+    let mut nan = ndarray::Array2::<f32>::zeros((20, 64));
+    nan[[7, 3]] = f32::NAN;
+    let cases = [
+        (write("nan.npy", nan), "sample 7 has NaN at element [3]"),
+        (write("empty.npy", ndarray::Array2::zeros((0, 64))), "no calibration samples"),
+        (write("shape.npy", ndarray::Array2::zeros((20, 60))), "expects shape [N,64], got [20, 60]"),
+    ];
+    for (calib, want) in cases {
+        let err = fails(&["compile", s(&model), "--calib", s(&calib), "--output", s(&out)]);
+        assert!(err.contains(want) && err.contains(s(&calib)), "{err}");
+        assert!(!out.exists(), "no artifact is written on failure");
+    }
+}
+
 /// Run veil and return stderr, asserting success.
 fn ok(args: &[&str]) -> String {
     let out = veil(args);
