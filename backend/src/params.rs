@@ -160,6 +160,11 @@ pub fn optimize(req: &Requirements) -> Result<Params> {
                     .all(|(c, hw)| c.variance(var_pbs, var_fresh) <= noise::max_variance(*hw, req.p_error))
             };
             for n in (MIN_DIMENSION..=1600).step_by(8) {
+                // Cost grows with n: once the cheapest decompositions cost more than the
+                // best candidate, no larger n can win for this (k, N).
+                if best.as_ref().is_some_and(|(c, _)| lookup_cost_ms(n, k, poly, 1, 1) >= *c) {
+                    break;
+                }
                 let var_ms = noise::centered_modulus_switch(n, poly);
                 if var_ms > lookup_max {
                     continue;
