@@ -81,3 +81,31 @@ fn compiled_mlp_predicts_encrypted_as_in_the_clear() {
     let worst = pf.iter().zip(pc.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(worst < 0.1, "probabilities differ by {worst}");
 }
+
+#[test]
+fn outputs_sent_as_digits_decrypt_as_in_the_clear() {
+    // The wine MLP with its logits split into 3 digits: the client recombines decrypted
+    // digits into what clear execution of the same split model gives.
+    let dir = models_dir().join("extra/mlp_wine_skl_opset15");
+    let g = veil_frontend::onnx::import_file(dir.join("model.onnx")).unwrap();
+    let calib = read_npy(&dir.join("calib.npy"));
+    let c = veil_passes::compile(&g, std::slice::from_ref(&calib), &Default::default()).unwrap();
+    let q = veil_passes::digits::split_outputs(&c.model, 3, std::slice::from_ref(&calib), 0.25).unwrap().unwrap();
+    assert_eq!(q.graph.outputs().len(), 3 * c.model.graph.outputs().len());
+    let lowered = veil_backend::lower::lower(&q, c.precision).unwrap();
+    let params = optimize(&lowered.requirements).unwrap();
+    let x = read_npy(&dir.join("test_x.npy"));
+    let x = Tensor::F32(x.as_f32().unwrap().slice_axis(Axis(0), Slice::from(0..6)).to_owned());
+
+    let (ck, sk) = keygen(&params, b"digits-test").unwrap();
+    let cts = ck.encrypt(&lowered.client.encode(std::slice::from_ref(&x)).unwrap());
+    let ev = Evaluator::new(&lowered.circuit, &params, sk, b"digits-test").unwrap();
+    let out = ev.run(&cts, &|_| {}).unwrap();
+    let ints = lowered.client.decode_integers(&ck.decrypt(&out).unwrap());
+    let fhe = lowered.client.finish(&ints, std::slice::from_ref(&x)).unwrap();
+    let clear = q.run_clear(std::slice::from_ref(&x)).unwrap();
+    assert_eq!(fhe[0], clear[0], "predicted labels");
+    let (pf, pc) = (fhe[1].as_f32().unwrap(), clear[1].as_f32().unwrap());
+    let worst = pf.iter().zip(pc.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst < 0.1, "probabilities differ by {worst}");
+}

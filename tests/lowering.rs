@@ -2,6 +2,8 @@
 //! integer interpreter computes (clear mode), for every model.
 
 use rand::SeedableRng;
+use veil_passes::digits::split_outputs;
+use veil_passes::ranges::DEFAULT_MARGIN;
 use veil_passes::{compile, SearchOptions};
 use veil_tests::{model_dirs, read_npy};
 
@@ -14,9 +16,29 @@ fn noiseless_simulation_equals_clear_execution() {
             continue;
         }
         let g = veil_frontend::onnx::import_file(dir.join("model.onnx")).unwrap();
-        let c = compile(&g, &[read_npy(&dir.join("calib.npy"))], &SearchOptions::default()).unwrap();
-        let lowered = veil_backend::lower::lower(&c.model, c.precision).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let calib = read_npy(&dir.join("calib.npy"));
+        let mut c = compile(&g, std::slice::from_ref(&calib), &SearchOptions::default()).unwrap();
         let x = read_npy(&dir.join("test_x.npy"));
+        // Outputs sent as digits lower to the same integers too; and read back, they give
+        // the outputs the whole read would (up to values at a step edge).
+        if let Some(split) = split_outputs(&c.model, 2, std::slice::from_ref(&calib), DEFAULT_MARGIN).unwrap() {
+            let whole = c.model.run_clear(std::slice::from_ref(&x)).unwrap();
+            let parts = split.run_clear(std::slice::from_ref(&x)).unwrap();
+            let (w, p) = (whole[0].to_f32(), parts[0].to_f32());
+            // digits' read errors add up to 1/16 of a step: a few percent of values sit
+            // that close to a step edge and read one step apart
+            let same = w.iter().zip(p.iter()).filter(|(a, b)| (*a - *b).abs() <= 1e-4 * (1.0 + a.abs())).count();
+            assert!(same as f64 >= 0.95 * w.len() as f64, "{name}: {same} of {} outputs agree", w.len());
+            if w.ndim() == 2 {
+                let top = |a: ndarray::ArrayViewD<f32>| {
+                    a.iter().enumerate().fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0
+                };
+                let agree = w.outer_iter().zip(p.outer_iter()).filter(|(a, b)| top(a.view()) == top(b.view())).count();
+                assert!(agree as f64 >= 0.99 * w.shape()[0] as f64, "{name}: argmax agrees on {agree}");
+            }
+            c.model = split;
+        }
+        let lowered = veil_backend::lower::lower(&c.model, c.precision).unwrap_or_else(|e| panic!("{name}: {e}"));
         let enc = c.model.encode_inputs(std::slice::from_ref(&x)).unwrap();
         let (clear, overflows) = veil_ir::interp::run_checked(&c.model.graph, &enc).unwrap();
         // Samples beyond the compiled ranges saturate in the interpreter but wrap in the
@@ -61,4 +83,25 @@ fn noiseless_simulation_equals_clear_execution() {
         );
     }
     assert!(failures.is_empty(), "{failures:?}");
+}
+
+#[test]
+fn splitting_a_wide_output_into_digits_saves_a_bootstrap_level_on_the_cnn() {
+    // The CNN's 16-bit logits share a scale with the 4-bit pooled activations its maxima
+    // read: whole, the maxima read a 2^10-scaled copy and need 3-level bootstraps.
+    let dir = veil_tests::models_dir().join("cnn_digits");
+    let g = veil_frontend::onnx::import_file(dir.join("model.onnx")).unwrap();
+    let calib = read_npy(&dir.join("calib.npy"));
+    let (a, c) = veil_backend::pipeline::compile(&g, std::slice::from_ref(&calib), &Default::default()).unwrap();
+    assert!(a.report.output_digits >= 2, "digits: {}", a.report.output_digits);
+    let whole = compile(&g, std::slice::from_ref(&calib), &SearchOptions::default()).unwrap();
+    let mut req = veil_backend::lower::lower(&whole.model, c.precision).unwrap().requirements;
+    req.p_error = a.params.p_error.max(2f64.powi(-40));
+    let whole_params = veil_backend::params::optimize(&req).unwrap();
+    assert!(
+        a.params.pbs_level < whole_params.pbs_level && a.params.pbs_cost_ms < whole_params.pbs_cost_ms,
+        "digits: {:?}\nwhole: {:?}",
+        a.params,
+        whole_params
+    );
 }

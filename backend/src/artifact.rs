@@ -360,6 +360,14 @@ fn client_to_proto(c: &ClientSpec) -> proto::Client {
                 source: Some(match *s {
                     TailSource::Server(i) => proto::tail_source::Source::ServerOutput(i as u32),
                     TailSource::Model(i) => proto::tail_source::Source::ModelInput(i as u32),
+                    TailSource::Digits { first, count, shift, rounding } => {
+                        proto::tail_source::Source::ServerDigits(proto::Digits {
+                            first: first as u32,
+                            count: count as u32,
+                            shift,
+                            rounding,
+                        })
+                    }
                 }),
             })
             .collect(),
@@ -427,6 +435,20 @@ fn client_from_proto(p: proto::Client, circuit: &Circuit, path: &str) -> Result<
             }
             Some(proto::tail_source::Source::ModelInput(i)) if (i as usize) < p.model_inputs.len() => {
                 Ok(TailSource::Model(i as usize))
+            }
+            Some(proto::tail_source::Source::ServerDigits(d))
+                if d.count >= 1
+                    && d.count <= 16
+                    && d.shift.saturating_mul(d.count) <= 48
+                    && d.rounding < 48
+                    && (d.first as usize).saturating_add(d.count as usize) <= outputs.len() =>
+            {
+                Ok(TailSource::Digits {
+                    first: d.first as usize,
+                    count: d.count as usize,
+                    shift: d.shift,
+                    rounding: d.rounding,
+                })
             }
             _ => Err(bad(path, "a client tail input refers to nothing")),
         })

@@ -20,7 +20,7 @@ use ndarray::{ArrayD, Axis, IxDyn};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use veil_ir::{Elem, Graph, NodeId, Op, Range, Tensor};
-use veil_passes::model::{InputQuant, OutputDecode, QuantizedModel, TailSource};
+use veil_passes::model::{combine_digits, InputQuant, OutputDecode, QuantizedModel, TailSource};
 
 /// How the client encodes one model input.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -590,13 +590,15 @@ impl ClientSpec {
     /// Decode integers and run the client tail: the model's outputs.
     pub fn finish(&self, integers: &[Tensor], xs: &[Tensor]) -> Result<Vec<Tensor>> {
         let mut tail_in = Vec::with_capacity(self.tail_inputs.len());
+        let ints = |i: usize| integers[i].as_i64().expect("integers");
         for src in &self.tail_inputs {
             tail_in.push(match *src {
-                TailSource::Server(i) => {
-                    let v = integers[i].as_i64().expect("integers");
-                    Tensor::F32(self.outputs[i].decode.decode(v, &self.outputs[i].name)?)
-                }
+                TailSource::Server(i) => Tensor::F32(self.outputs[i].decode.decode(ints(i), &self.outputs[i].name)?),
                 TailSource::Model(i) => xs[i].clone(),
+                TailSource::Digits { first, count, shift, rounding } => {
+                    let parts: Vec<_> = (first..first + count).map(|i| (ints(i), &self.outputs[i].decode)).collect();
+                    Tensor::F32(combine_digits(&parts, shift, rounding, &self.outputs[first].name)?)
+                }
             });
         }
         Ok(veil_ir::interp::run(&self.tail, &tail_in)?)

@@ -2,12 +2,14 @@
 
 use crate::artifact::{graph_to_json, Artifact};
 use crate::error::Result;
-use crate::lower::lower;
-use crate::params::optimize;
+use crate::lower::{lower, Lowered};
+use crate::params::{optimize, Params};
 use crate::proto;
 use std::time::Instant;
 use veil_ir::{Elem, Graph, Op, Tensor};
 use veil_passes::bitwidth::{compile as search, Compiled, Metric, SearchOptions};
+use veil_passes::digits::split_outputs;
+use veil_passes::QuantizedModel;
 
 #[derive(Clone, Debug)]
 pub struct CompileOptions {
@@ -29,16 +31,12 @@ pub fn compile(float: &Graph, calibration: &[Tensor], opts: &CompileOptions) -> 
     let start = Instant::now();
     let mut search_opts = opts.search.clone();
     search_opts.p_error = opts.global_p_error.map_or(opts.p_error, |g| g.min(opts.p_error));
-    let compiled = search(float, calibration, &search_opts)?;
-    let mut lowered = lower(&compiled.model, compiled.precision)?;
+    let mut compiled = search(float, calibration, &search_opts)?;
+    let (model, digits, lowered, params) = cheapest_outputs(&compiled, calibration, opts)?;
+    compiled.model = model;
     let lookups = lowered.circuit.lookups_per_sample();
-    lowered.requirements.p_error = match opts.global_p_error {
-        Some(g) if lookups > 0 => g / lookups as f64,
-        Some(g) => g,
-        None => opts.p_error,
-    };
-    let params = optimize(&lowered.requirements)?;
-    let report = report(&compiled, lookups, start.elapsed().as_secs_f64());
+    let mut report = report(&compiled, lookups, start.elapsed().as_secs_f64());
+    report.output_digits = digits;
     let stages = proto::Stages {
         float_json: graph_to_json(float),
         quantized_json: graph_to_json(&compiled.unfused),
@@ -46,6 +44,54 @@ pub fn compile(float: &Graph, calibration: &[Tensor], opts: &CompileOptions) -> 
     };
     let artifact = Artifact::new(float.name.clone(), params, lowered.circuit, lowered.client, report, stages);
     Ok((artifact, compiled))
+}
+
+/// Most digits a decrypted output is split into.
+pub const MAX_OUTPUT_DIGITS: u32 = 4;
+
+/// Lower and choose parameters with outputs whole and split into 2..=4 digits (see
+/// `veil_passes::digits`); keep the variant with the cheapest lookups (fewer digits on a
+/// tie). Splitting only helps when a wide output forces lookups to read amplified copies.
+fn cheapest_outputs(
+    compiled: &Compiled,
+    calibration: &[Tensor],
+    opts: &CompileOptions,
+) -> Result<(QuantizedModel, u32, Lowered, Params)> {
+    let mut best: Option<(f64, QuantizedModel, u32, Lowered, Params)> = None;
+    let mut first_err = None;
+    for digits in 1..=MAX_OUTPUT_DIGITS {
+        let model = if digits == 1 {
+            compiled.model.clone()
+        } else {
+            match split_outputs(&compiled.model, digits, calibration, opts.search.range_margin)? {
+                Some(m) => m,
+                None => break,
+            }
+        };
+        let mut lowered = lower(&model, compiled.precision)?;
+        let lookups = lowered.circuit.lookups_per_sample();
+        lowered.requirements.p_error = match opts.global_p_error {
+            Some(g) if lookups > 0 => g / lookups as f64,
+            Some(g) => g,
+            None => opts.p_error,
+        };
+        let params = match optimize(&lowered.requirements) {
+            Ok(p) => p,
+            Err(e) => {
+                first_err.get_or_insert(e);
+                continue;
+            }
+        };
+        let cost = lookups as f64 * params.pbs_cost_ms;
+        if best.as_ref().is_some_and(|b| cost >= b.0 * 0.99) {
+            break; // more digits only narrow the outputs further: no gain past the first none
+        }
+        best = Some((cost, model, digits, lowered, params));
+    }
+    match best {
+        Some((_, model, digits, lowered, params)) => Ok((model, digits, lowered, params)),
+        None => Err(first_err.expect("digits = 1 is always tried")),
+    }
 }
 
 /// Per-layer bit widths and lookup counts of the final integer graph.
@@ -88,5 +134,6 @@ fn report(c: &Compiled, lookups: usize, seconds: f64) -> proto::Report {
         layers,
         lookups_before_fusion: c.fuse.lookups_before as u32,
         output_bits: c.output_bits,
+        output_digits: 1,
     }
 }

@@ -15,7 +15,11 @@ pub fn text(a: &Artifact) -> String {
     );
     let _ = writeln!(s, "calibration: {:.4} {}", r.calibration_score, r.metric);
     if r.output_bits > 0 {
-        let _ = writeln!(s, "outputs read to {} significant bits", r.output_bits);
+        let _ = write!(s, "outputs read to {} significant bits", r.output_bits);
+        if r.output_digits > 1 {
+            let _ = write!(s, ", sent as {} digits each", r.output_digits);
+        }
+        let _ = writeln!(s);
     }
     let _ = writeln!(s, "{:<40} {:<8} {:>22} {:>8} {:>5} {:>8}", "layer", "op", "range", "lookups", "bits", "dropped");
     for l in &r.layers {
@@ -72,6 +76,7 @@ pub fn json(a: &Artifact) -> Value {
         "weight_bits": r.weight_bits,
         "act_bits": r.act_bits,
         "output_bits": r.output_bits,
+        "output_digits": r.output_digits,
         "metric": r.metric,
         "calibration_score": r.calibration_score,
         "compile_seconds": r.compile_seconds,

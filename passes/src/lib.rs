@@ -3,6 +3,7 @@
 
 pub mod bitwidth;
 pub mod calibrate;
+pub mod digits;
 pub mod error;
 pub mod fuse;
 pub mod model;

@@ -71,6 +71,27 @@ impl OutputDecode {
     }
 }
 
+/// Recombine an output sent as digits: Σ_j 2^(shift·j) · (digit j as its decode reads
+/// it), read to a multiple of 2^rounding, decoded with the first digit's scale and offset.
+pub fn combine_digits(
+    parts: &[(&ArrayD<i64>, &OutputDecode)],
+    shift: u32,
+    rounding: u32,
+    what: &str,
+) -> Result<ArrayD<f32>> {
+    let Some(&(first, d0)) = parts.first() else {
+        return Err(PassError::Quantize { node: what.into(), msg: "an output with no digits".into() });
+    };
+    let mut sum = first.mapv(|v| d0.read(v));
+    for (j, &(v, d)) in parts.iter().enumerate().skip(1) {
+        if v.shape() != sum.shape() {
+            return Err(PassError::Quantize { node: what.into(), msg: format!("digit {j} has another shape") });
+        }
+        ndarray::Zip::from(&mut sum).and(v).for_each(|s, &x| *s += d.read(x) << (shift * j as u32));
+    }
+    OutputDecode { scale: d0.scale.clone(), offset: d0.offset.clone(), rounding }.decode(&sum, what)
+}
+
 /// Broadcast per-sample parameters over a batched tensor shape.
 fn broadcast_sample(p: &ArrayD<f64>, dims: &[usize], what: &str) -> Result<ArrayD<f64>> {
     p.broadcast(dims.to_vec()).map(|v| v.to_owned()).ok_or_else(|| PassError::Quantize {
@@ -86,6 +107,10 @@ pub enum TailSource {
     Server(usize),
     /// The `i`-th model input, which the client holds in the clear.
     Model(usize),
+    /// One wide output sent as digits (see [`crate::digits`]): server outputs
+    /// `first..first + count`, digit j weighing 2^(shift·j), recombined and read to a
+    /// multiple of 2^rounding, then decoded with the first digit's scale and offset.
+    Digits { first: usize, count: usize, shift: u32, rounding: u32 },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -127,16 +152,21 @@ impl QuantizedModel {
     /// Decode server outputs and run the client tail: the model's outputs.
     pub fn decode_outputs(&self, server: &[Tensor], xs: &[Tensor]) -> Result<Vec<Tensor>> {
         let mut tail_in = Vec::with_capacity(self.tail_inputs.len());
+        let ints = |i: usize| -> Result<&ArrayD<i64>> {
+            server[i].as_i64().ok_or_else(|| PassError::Quantize {
+                node: self.name.clone(),
+                msg: format!("server output {i} is not an integer tensor"),
+            })
+        };
         for src in &self.tail_inputs {
             tail_in.push(match *src {
-                TailSource::Server(i) => {
-                    let v = server[i].as_i64().ok_or_else(|| PassError::Quantize {
-                        node: self.name.clone(),
-                        msg: format!("server output {i} is not an integer tensor"),
-                    })?;
-                    Tensor::F32(self.decode[i].decode(v, &format!("server output {i}"))?)
-                }
+                TailSource::Server(i) => Tensor::F32(self.decode[i].decode(ints(i)?, &format!("server output {i}"))?),
                 TailSource::Model(i) => xs[i].clone(),
+                TailSource::Digits { first, count, shift, rounding } => {
+                    let parts =
+                        (first..first + count).map(|i| Ok((ints(i)?, &self.decode[i]))).collect::<Result<Vec<_>>>()?;
+                    Tensor::F32(combine_digits(&parts, shift, rounding, &format!("server output {first}"))?)
+                }
             });
         }
         Ok(veil_ir::interp::run(&self.tail, &tail_in)?)

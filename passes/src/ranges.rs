@@ -36,10 +36,7 @@ pub fn narrow(g: &Graph, inputs: &[Tensor], margin: f64) -> Result<Graph> {
             }
         }
     })?;
-    let widen = |(lo, hi): (i64, i64), sound: Range| {
-        let pad = ((hi - lo) as f64 * margin).ceil().max(1.0) as i64;
-        Range::new((lo - pad).max(sound.lo), (hi + pad).min(sound.hi))
-    };
+    let widen = |seen: (i64, i64), sound: Range| widen(seen, sound, margin);
     let mut out = Graph::new(g.name.clone());
     let mut map: HashMap<NodeId, NodeId> = HashMap::new();
     for id in g.topo_order().ok_or_else(|| PassError::Search("cycle".into()))? {
@@ -74,6 +71,13 @@ pub fn narrow(g: &Graph, inputs: &[Tensor], margin: f64) -> Result<Graph> {
     }
     veil_ir::verify(&out)?;
     Ok(out)
+}
+
+/// The observed extent `(lo, hi)` widened by `margin` of its span on each side (at least
+/// one), never beyond the `sound` (worst-case) range.
+pub fn widen((lo, hi): (i64, i64), sound: Range, margin: f64) -> Range {
+    let pad = ((hi - lo) as f64 * margin).ceil().max(1.0) as i64;
+    Range::new((lo - pad).max(sound.lo), (hi + pad).min(sound.hi))
 }
 
 /// Worst-case range of `a − b` for two encrypted nodes.
