@@ -67,6 +67,19 @@ fn argmax_rows(t: &Tensor) -> Vec<usize> {
         .collect()
 }
 
+/// How many of `exec`'s samples give the clear run's prediction (its first rows): the
+/// same class for classifiers, the same value (to 1e-4 relative) for regressors.
+fn matching_clear(d: &ModelData, exec: &Tensor, clear: &Tensor) -> usize {
+    let n = exec.shape()[0];
+    if d.classification {
+        argmax_rows(exec).iter().zip(argmax_rows(clear)).take(n).filter(|(a, b)| **a == *b).count()
+    } else {
+        let (e, c) = (exec.values_f64(), clear.values_f64());
+        let per = e.len() / n.max(1);
+        (0..n).filter(|&i| (i * per..(i + 1) * per).all(|k| (e[k] - c[k]).abs() <= 1e-4 * (1.0 + c[k].abs()))).count()
+    }
+}
+
 /// Accuracy (classification) or R² (regression) of `out` against the first rows of `y`.
 fn metric(d: &ModelData, out: &Tensor) -> f64 {
     let n = out.shape()[0];
@@ -155,7 +168,7 @@ fn bench_dirs(models_dir: &Path, names: &[String]) -> Result<Vec<PathBuf>> {
 pub fn bench(models_dir: &Path, names: &[String], samples: usize, json_out: Option<&Path>) -> Result<()> {
     let mut rows = Vec::new();
     println!(
-        "{:<32} {:>8} {:>8} {:>9} {:>7} {:>5} {:>11} {:>11} {:>7} {:>7} {:>7} {:>7}",
+        "{:<32} {:>8} {:>8} {:>9} {:>7} {:>5} {:>11} {:>11} {:>7} {:>7} {:>7} {:>7} {:>9}",
         "model",
         "compile",
         "keygen",
@@ -167,7 +180,8 @@ pub fn bench(models_dir: &Path, names: &[String], samples: usize, json_out: Opti
         "float",
         "clear",
         "simul",
-        "exec"
+        "exec",
+        "exec=clr"
     );
     for dir in bench_dirs(models_dir, names)? {
         let d = load_dir(&dir)?;
@@ -180,7 +194,7 @@ pub fn bench(models_dir: &Path, names: &[String], samples: usize, json_out: Opti
             }
         };
         println!(
-            "{:<32} {:>8.2} {:>8.2} {:>9.1} {:>7} {:>5} {:>11.3} {:>11.3} {:>7.4} {:>7.4} {:>7.4} {:>7.4}",
+            "{:<32} {:>8.2} {:>8.2} {:>9.1} {:>7} {:>5} {:>11.3} {:>11.3} {:>7.4} {:>7.4} {:>7.4} {:>7.4} {:>9}",
             d.name,
             row["compile_s"].as_f64().unwrap_or(0.0),
             row["keygen_s"].as_f64().unwrap_or(0.0),
@@ -193,13 +207,14 @@ pub fn bench(models_dir: &Path, names: &[String], samples: usize, json_out: Opti
             row["clear"].as_f64().unwrap_or(0.0),
             row["simulate"].as_f64().unwrap_or(0.0),
             row["execute"].as_f64().unwrap_or(0.0),
+            format!("{}/{}", row["execute_matches_clear"], row["execute_samples"]),
         );
         rows.push(row);
     }
     let report = json!({
         "machine_threads": rayon::current_num_threads(),
         "samples_encrypted": samples,
-        "metric": "accuracy (classifiers) or R² (regressors) on the test set; execute on the first `samples` test samples, the others on all",
+        "metric": "accuracy (classifiers) or R² (regressors) on the test set; execute on the first `samples` test samples, the others on all; execute_matches_clear: of those samples, how many predict what the clear run predicts",
         "models": rows,
     });
     if let Some(p) = json_out {
@@ -245,6 +260,7 @@ fn bench_one(d: &ModelData, samples: usize) -> Result<serde_json::Value> {
         "simulate": metric(d, primary(&sim)?),
         "execute": metric(d, primary(&exec)?),
         "execute_samples": n,
+        "execute_matches_clear": matching_clear(d, primary(&exec)?, primary(&clear)?),
         "test_samples": d.test_x.shape()[0],
         "metric": if d.classification { "accuracy" } else { "r2" },
     }))
