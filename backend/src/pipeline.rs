@@ -135,5 +135,20 @@ fn report(c: &Compiled, lookups: usize, seconds: f64) -> proto::Report {
         lookups_before_fusion: c.fuse.lookups_before as u32,
         output_bits: c.output_bits,
         output_digits: 1,
+        trials: c
+            .trials
+            .iter()
+            .map(|t| proto::Trial {
+                precision: t.precision,
+                input_bits: t.config.input_bits,
+                weight_bits: t.config.weight_bits,
+                act_bits: t.config.act_bits,
+                output_bits: t.output_bits,
+                commute_max: t.commute_max,
+                lookups: t.lookups as u32,
+                score: t.score,
+                accepted: t.accepted,
+            })
+            .collect(),
     }
 }

@@ -252,7 +252,7 @@ fn compile(model: &Path, calib: &Path, output: &Path, args: &CompileArgs) -> Res
     let (artifact, _) = veil_backend::pipeline::compile(&g, &[x], &opts)
         .with_context(|| format!("compiling {} with calibration data {}", model.display(), calib.display()))?;
     artifact.write(output)?;
-    eprint!("{}", report::text(&artifact));
+    eprint!("{}", report::text(&artifact, false));
     eprintln!("compiled {} in {:.2} s → {}", model.display(), start.elapsed().as_secs_f64(), output.display());
     Ok(())
 }
@@ -265,7 +265,7 @@ fn inspect(path: &Path, stage: Stage, format: Format, output: Option<&Path>) -> 
         };
         match format {
             Format::Json => serde_json::to_string_pretty(&report::json(a))?,
-            _ => report::text(a),
+            _ => report::text(a, true),
         }
     } else {
         let graph = match (stage, &m) {

@@ -4,7 +4,8 @@ use serde_json::{json, Value};
 use std::fmt::Write;
 use veil_backend::artifact::Artifact;
 
-pub fn text(a: &Artifact) -> String {
+/// The compile report; `trials` adds every configuration the bit-width search scored.
+pub fn text(a: &Artifact, trials: bool) -> String {
     let r = &a.report;
     let p = &a.params;
     let mut s = String::new();
@@ -61,6 +62,37 @@ pub fn text(a: &Artifact) -> String {
             p.p_error.log2()
         );
     }
+    if trials && !r.trials.is_empty() {
+        let _ = writeln!(s, "bit-width search ({} trials, in order; score = {}):", r.trials.len(), r.metric);
+        let _ = writeln!(
+            s,
+            "  {:>4} {:>6} {:>7} {:>4} {:>4}  {:<11} {:>7} {:>7}",
+            "bits", "inputs", "weights", "acts", "outs", "order", "lookups", "score"
+        );
+        for t in &r.trials {
+            let maxima = if t.commute_max { "max→lookup" } else { "lookup→max" };
+            let score = if t.lookups == 0 && t.score == 0.0 { "no fit".to_string() } else { format!("{:.4}", t.score) };
+            let _ = writeln!(
+                s,
+                "  {:>4} {:>6} {:>7} {:>4} {:>4}  {:<11} {:>7} {:>7} {}",
+                t.precision,
+                t.input_bits,
+                t.weight_bits,
+                t.act_bits,
+                t.output_bits,
+                maxima,
+                t.lookups,
+                score,
+                if t.accepted { "✓" } else { "" }
+            );
+        }
+    } else if !r.trials.is_empty() {
+        let _ = writeln!(
+            s,
+            "bit-width search: {} trials (veil inspect MODEL.veil --stage report lists them)",
+            r.trials.len()
+        );
+    }
     s
 }
 
@@ -83,6 +115,11 @@ pub fn json(a: &Artifact) -> Value {
         "layers": r.layers.iter().map(|l| json!({
             "name": l.name, "op": l.op, "lo": l.lo, "hi": l.hi,
             "lookups": l.lookups, "precision": l.precision, "rounding": l.rounding,
+        })).collect::<Vec<_>>(),
+        "trials": r.trials.iter().map(|t| json!({
+            "precision": t.precision, "input_bits": t.input_bits, "weight_bits": t.weight_bits,
+            "act_bits": t.act_bits, "output_bits": t.output_bits, "commute_max": t.commute_max,
+            "lookups": t.lookups, "score": t.score, "accepted": t.accepted,
         })).collect::<Vec<_>>(),
         "params": p,
         "fingerprint": a.fingerprint.iter().map(|b| format!("{b:02x}")).collect::<String>(),

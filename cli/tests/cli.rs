@@ -229,6 +229,11 @@ fn inspect_shows_every_stage_of_a_compiled_model() {
     let v: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert!(v["lookups_per_sample"].as_u64().unwrap() > 0);
     assert!(v["max_precision"].as_u64().unwrap() <= 8);
+    // the search's trials: the accepted one among them, at the compiled precision
+    let trials = v["trials"].as_array().unwrap();
+    assert!(trials.iter().any(|t| t["accepted"] == true && t["precision"] == v["max_precision"]), "{trials:?}");
+    let text = String::from_utf8(veil(&["inspect", s(&cnn), "--stage", "report"]).stdout).unwrap();
+    assert!(text.contains("bit-width search (") && text.contains("lookup→max"), "{text}");
     let err = fails(&["inspect", s(&models().join("cnn_digits/model.onnx")), "--stage", "fused"]);
     assert!(err.contains("compile it"), "{err}");
 }

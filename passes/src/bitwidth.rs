@@ -64,6 +64,12 @@ pub enum Metric {
 pub struct Trial {
     pub config: QuantConfig,
     pub precision: u32,
+    /// Bits of each output the client reads (with lookups).
+    pub output_bits: u32,
+    /// Lookups were moved past maxima (fewer lookups, more precision needed).
+    pub commute_max: bool,
+    /// Lookups per sample (0 when no rounding fits the precision).
+    pub lookups: usize,
     pub score: f64,
     pub accepted: bool,
 }
@@ -291,6 +297,11 @@ impl Search<'_> {
         Ok(entry)
     }
 
+    fn record(&self, config: QuantConfig, precision: u32, lookups: usize, score: f64, accepted: bool) -> Trial {
+        let (output_bits, commute_max) = (self.output_bits, self.rules.max_commute);
+        Trial { config, precision, output_bits, commute_max, lookups, score, accepted }
+    }
+
     /// Build and score one configuration.
     fn trial(&mut self, cfg: QuantConfig, p: u32) -> Result<(QuantizedModel, FuseReport, f64, bool)> {
         let (mut q, report, _) = self.fused(cfg)?;
@@ -300,7 +311,7 @@ impl Search<'_> {
                 set_output_rounding(&mut q, self.output_bits);
             }
             Err(PassError::Search(_)) => {
-                self.trials.push(Trial { config: cfg, precision: p, score: 0.0, accepted: false });
+                self.trials.push(self.record(cfg, p, 0, 0.0, false));
                 return Ok((q, report, 0.0, false));
             }
             Err(e) => return Err(e),
@@ -309,7 +320,8 @@ impl Search<'_> {
         let outs = q.run_noisy(self.inputs, self.slot_std, 0x5eed)?;
         let s = score(self.metric, &outs[self.out_index], &self.reference);
         let ok = 1.0 - s <= self.tolerance + 1e-12;
-        self.trials.push(Trial { config: cfg, precision: p, score: s, accepted: ok });
+        let lookups = count_lookups(&q.graph);
+        self.trials.push(self.record(cfg, p, lookups, s, ok));
         Ok((q, report, s, ok))
     }
 }
