@@ -69,8 +69,14 @@ pub fn text(a: &Artifact, trials: bool) -> String {
             "  {:>4} {:>6} {:>7} {:>4} {:>4}  {:<11} {:>7} {:>7}",
             "bits", "inputs", "weights", "acts", "outs", "order", "lookups", "score"
         );
+        // the order of maxima and lookups is only a choice in models with a max
+        let both_orders = r.trials.iter().any(|t| t.commute_max) && r.trials.iter().any(|t| !t.commute_max);
         for t in &r.trials {
-            let maxima = if t.commute_max { "max→lookup" } else { "lookup→max" };
+            let maxima = match t.commute_max {
+                _ if !both_orders => "-",
+                true => "max→lookup",
+                false => "lookup→max",
+            };
             let score = if t.lookups == 0 && t.score == 0.0 { "no fit".to_string() } else { format!("{:.4}", t.score) };
             let _ = writeln!(
                 s,
