@@ -112,12 +112,17 @@ impl Params {
 }
 
 /// Modelled milliseconds for one keyswitch + bootstrap, fitted to tfhe 1.8 on this kind of
-/// machine (one thread): the blind rotation does n external products, each (k+1)(l+1)
-/// FFTs of size N; the keyswitch k·N·l_ks·(n+1) multiply-adds.
+/// machine (one thread; `runtime/tests/lookup_timing.rs` measures it): the blind rotation
+/// does n external products, each (k+1)(l+1) FFTs of size N plus (k+1)²·l products of
+/// N-coefficient polynomials in the Fourier domain; the keyswitch k·N·l_ks·(n+1)
+/// multiply-adds.
 pub fn lookup_cost_ms(n: u64, k: u64, poly: u64, pbs_level: u32, ks_level: u32) -> f64 {
-    let rotation = n as f64 * (k + 1) as f64 * (pbs_level + 1) as f64 * poly as f64 * (poly as f64).log2();
-    let keyswitch = (k * poly) as f64 * ks_level as f64 * (n + 1) as f64;
-    3.57e-7 * rotation + 6.0e-7 * keyswitch
+    let (n, k, big_n, l) = (n as f64, k as f64, poly as f64, pbs_level as f64);
+    let ffts = (k + 1.0) * (l + 1.0) * big_n.log2();
+    let products = (k + 1.0) * (k + 1.0) * l;
+    let rotation = n * big_n * (2.12e-7 * ffts + 6.5e-7 * products);
+    let keyswitch = k * big_n * ks_level as f64 * (n + 1.0);
+    rotation + 6.4e-7 * keyswitch
 }
 
 /// A decomposition: base log, levels, and the variance it gives.
