@@ -112,7 +112,8 @@ impl Params {
 }
 
 /// Modelled milliseconds for one keyswitch + bootstrap, fitted to tfhe 1.8 on this kind of
-/// machine (one thread; `runtime/tests/lookup_timing.rs` measures it): the blind rotation
+/// machine (one thread; veil-runtime's ignored `lookup_time_tracks_the_cost_model` test
+/// measures it): the blind rotation
 /// does n external products, each (k+1)(l+1) FFTs of size N plus (k+1)²·l products of
 /// N-coefficient polynomials in the Fourier domain; the keyswitch k·N·l_ks·(n+1)
 /// multiply-adds.

@@ -26,29 +26,21 @@ impl<'a> Evaluator<'a> {
         check_fingerprint("the server key", &key.fingerprint, fingerprint)?;
         let big = params.big_dimension() as usize;
         let has_lookups = circuit.lookups_per_sample() > 0;
-        let (keyswitch, bootstrap) = match (key.keyswitch, key.bootstrap) {
-            (Some(ks), Some(bs)) => {
-                let ks = ks.decompress_into_lwe_keyswitch_key();
-                let bs = bs.par_decompress_into_lwe_bootstrap_key();
-                let mut fourier = FourierLweBootstrapKey::new(
-                    bs.input_lwe_dimension(),
-                    bs.glwe_size(),
-                    bs.polynomial_size(),
-                    bs.decomposition_base_log(),
-                    bs.decomposition_level_count(),
-                );
-                par_convert_standard_lwe_bootstrap_key_to_fourier(&bs, &mut fourier);
-                if ks.input_key_lwe_dimension().0 != big || bs.polynomial_size().0 != params.polynomial_size as usize {
+        let (keyswitch, bootstrap) = match key.expand() {
+            Some((ks, fourier)) => {
+                if ks.input_key_lwe_dimension().0 != big
+                    || fourier.polynomial_size().0 != params.polynomial_size as usize
+                {
                     return Err(RuntimeError::Invalid("the server key does not match the model's parameters".into()));
                 }
                 (Some(ks), Some(fourier))
             }
-            _ if has_lookups => {
+            None if has_lookups => {
                 return Err(RuntimeError::Invalid(
                     "the server key has no bootstrap keys but the model needs them".into(),
                 ))
             }
-            _ => (None, None),
+            None => (None, None),
         };
         let accumulators = match &bootstrap {
             Some(b) => circuit

@@ -112,6 +112,25 @@ pub fn keygen(params: &Params, fingerprint: &[u8]) -> Result<(ClientKey, ServerK
     Ok((client, server))
 }
 
+impl ServerKey {
+    /// The keys as evaluation uses them: the keyswitch key expanded from its seed, the
+    /// bootstrap key expanded and converted to the Fourier domain. `None` without lookups.
+    pub(crate) fn expand(self) -> Option<(LweKeyswitchKeyOwned<u64>, FourierLweBootstrapKeyOwned)> {
+        let (ks, bs) = (self.keyswitch?, self.bootstrap?);
+        let ks = ks.decompress_into_lwe_keyswitch_key();
+        let bs = bs.par_decompress_into_lwe_bootstrap_key();
+        let mut fourier = FourierLweBootstrapKey::new(
+            bs.input_lwe_dimension(),
+            bs.glwe_size(),
+            bs.polynomial_size(),
+            bs.decomposition_base_log(),
+            bs.decomposition_level_count(),
+        );
+        par_convert_standard_lwe_bootstrap_key_to_fourier(&bs, &mut fourier);
+        Some((ks, fourier))
+    }
+}
+
 impl ClientKey {
     /// Dimension of the key inputs and outputs are encrypted under.
     pub fn dimension(&self) -> usize {

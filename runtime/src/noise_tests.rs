@@ -45,16 +45,7 @@ struct Run {
 /// table, and record the errors.
 fn measure(p: &Params, count: usize) -> Run {
     let (ck, sk) = keygen(p, b"noise-test").unwrap();
-    let ksk = sk.keyswitch.unwrap().decompress_into_lwe_keyswitch_key();
-    let bsk = sk.bootstrap.unwrap().par_decompress_into_lwe_bootstrap_key();
-    let mut fourier = FourierLweBootstrapKey::new(
-        bsk.input_lwe_dimension(),
-        bsk.glwe_size(),
-        bsk.polynomial_size(),
-        bsk.decomposition_base_log(),
-        bsk.decomposition_level_count(),
-    );
-    par_convert_standard_lwe_bootstrap_key_to_fourier(&bsk, &mut fourier);
+    let (ksk, fourier) = sk.expand().unwrap();
     let slots = 1usize << p.precision;
     let delta = 1u64 << (63 - p.precision);
     let acc = generate_programmable_bootstrap_glwe_lut(
@@ -199,4 +190,66 @@ fn failure_rate_dominated_by_the_modulus_switch_matches_the_centred_model() {
     assert!(plain > 2.0 * centred, "plain {plain} vs centred {centred}: the test would not tell them apart");
     eprintln!("plain rounding would predict p_error 2^{:.2}", plain.log2());
     check_failure_rate(&p, 2000, "modulus-switch-dominated");
+}
+
+/// Median milliseconds of one keyswitch and one bootstrap with `p`'s real keys.
+fn lookup_time(p: &Params) -> (f64, f64) {
+    let (ck, sk) = keygen(p, b"timing-test").unwrap();
+    let (ksk, fourier) = sk.expand().unwrap();
+    // a real encryption (all-zero masks would skip work)
+    let cts = ck.encrypt(&[vec![vec![3u64 << 58]]]).expand();
+    let acc = GlweCiphertext::new(
+        1u64 << 50,
+        fourier.glwe_size(),
+        fourier.polynomial_size(),
+        CiphertextModulus::new_native(),
+    );
+    let mut worker = Bootstrapper::new(&ksk, &fourier);
+    let mut out = LweCiphertext::new(0u64, ck.big.lwe_dimension().to_lwe_size(), CiphertextModulus::new_native());
+    let (mut ks, mut br) = (Vec::new(), Vec::new());
+    for _ in 0..25 {
+        let t = std::time::Instant::now();
+        worker.keyswitch(&ksk, &cts[0][0].get(0));
+        ks.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = std::time::Instant::now();
+        worker.bootstrap(&fourier, &acc, &mut out);
+        br.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (median(ks), median(br))
+}
+
+/// A measurement, not run by default (~30 s in release):
+/// `cargo test --release -p veil-runtime lookup_time -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn lookup_time_tracks_the_cost_model() {
+    // sets the optimizer picks for 4- and 5-bit lookups, and two it weighs against them
+    let sets = [
+        params(850, 2, 1024, (16, 2), (3, 5), 4),
+        params(874, 1, 2048, (15, 2), (2, 8), 5),
+        params(914, 1, 2048, (15, 2), (3, 6), 5),
+        params(874, 1, 2048, (12, 3), (2, 8), 5),
+        params(914, 1, 2048, (23, 1), (3, 6), 5),
+    ];
+    for p in sets {
+        let (ks, br) = lookup_time(&p);
+        let model = veil_backend::params::lookup_cost_ms(
+            p.lwe_dimension,
+            p.glwe_dimension,
+            p.polynomial_size,
+            p.pbs_level,
+            p.ks_level,
+        );
+        let total = ks + br;
+        eprintln!(
+            "n={} k={} N={} PBS 2^{}×{} KS 2^{}×{}: keyswitch {ks:.1} ms, bootstrap {br:.1} ms, total {total:.1} ms; model {model:.1} ms",
+            p.lwe_dimension, p.glwe_dimension, p.polynomial_size, p.pbs_base_log, p.pbs_level, p.ks_base_log, p.ks_level
+        );
+        // a shared, noisy machine: the model must stay within 2× either way
+        assert!(model / total < 2.0 && total / model < 2.0, "model {model:.1} ms vs measured {total:.1} ms");
+    }
 }
