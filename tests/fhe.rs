@@ -2,6 +2,7 @@
 //! decrypt, and compare with clear execution.
 
 use ndarray::{Array1, Array2, ArrayD, Axis, Slice};
+use rand::SeedableRng;
 use veil_backend::params::optimize;
 use veil_frontend::dsl::GraphBuilder;
 use veil_ir::Tensor;
@@ -108,4 +109,61 @@ fn outputs_sent_as_digits_decrypt_as_in_the_clear() {
     let (pf, pc) = (fhe[1].as_f32().unwrap(), clear[1].as_f32().unwrap());
     let worst = pf.iter().zip(pc.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(worst < 0.1, "probabilities differ by {worst}");
+}
+
+#[test]
+fn two_lookups_on_one_input_share_a_bootstrap() {
+    // W1·relu(4x − 2) and W2·sigmoid(4x − 2): both functions read the same 4-bit values,
+    // which fill only half the slots of a 5-bit bootstrap, so one bootstrap serves both.
+    // (Two outputs rather than their sum: a sum would rescale one branch with a rounded
+    // lookup, and this test compares encrypted and clear results exactly.)
+    let mut b = GraphBuilder::new("shared");
+    let x = b.input("x", &[6]);
+    let x4 = b.constant(ArrayD::from_elem(vec![], 4.0));
+    let two = b.constant(ArrayD::from_elem(vec![], 2.0));
+    let h = b.mul(x, x4).unwrap();
+    let h = b.sub(h, two).unwrap();
+    let r = b.relu(h).unwrap();
+    let s = b.sigmoid(h).unwrap();
+    let w =
+        |seed: u64| Array2::from_shape_vec((3, 6), uniform(18, seed).iter().map(|v| v * 2.0 - 1.0).collect()).unwrap();
+    let yr = b.linear(r, w(3), None).unwrap();
+    let ys = b.linear(s, w(5), Some(Array1::from_vec(vec![0.1, -0.2, 0.3]))).unwrap();
+    b.output("yr", yr);
+    b.output("ys", ys);
+    let g = b.finish().unwrap();
+
+    let calib = Tensor::F32(ArrayD::from_shape_vec(vec![64, 6], uniform(384, 11)).unwrap());
+    let c = calibrate(&g, std::slice::from_ref(&calib)).unwrap();
+    let mut q = quantize(&g, &c, &QuantConfig { input_bits: 4, weight_bits: 6, act_bits: 6 }).unwrap();
+    q.graph = fuse(&q.graph).unwrap().0;
+    q.graph = veil_passes::bitwidth::set_precision(&q.graph, 5).unwrap();
+    let lowered = veil_backend::lower::lower(&q, 5).unwrap();
+    // relu and sigmoid share their 6 bootstraps
+    let shared: Vec<_> = lowered
+        .circuit
+        .instructions
+        .iter()
+        .filter_map(|i| match i {
+            veil_backend::circuit::Instruction::Lookup(l) if l.second.is_some() => Some(l.table.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(shared, [6]);
+    assert_eq!((lowered.circuit.lookups_per_sample(), lowered.circuit.reads_per_sample()), (6, 12));
+
+    let x = Tensor::F32(ArrayD::from_shape_vec(vec![10, 6], uniform(60, 42)).unwrap());
+    let clear = veil_ir::interp::run(&q.graph, &q.encode_inputs(std::slice::from_ref(&x)).unwrap()).unwrap();
+    let plain = lowered.client.encode(std::slice::from_ref(&x)).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let simulated = lowered.client.decode_integers(&lowered.circuit.simulate(&plain, None, &mut rng));
+    assert_eq!(simulated, clear, "simulation");
+
+    let params = optimize(&lowered.requirements).unwrap();
+    let (ck, sk) = keygen(&params, b"shared-test").unwrap();
+    let cts = ck.encrypt(&plain);
+    let ev = Evaluator::new(&lowered.circuit, &params, sk, b"shared-test").unwrap();
+    let out = ev.run(&cts, &|_| {}).unwrap();
+    let fhe = lowered.client.decode_integers(&ck.decrypt(&out).unwrap());
+    assert_eq!(fhe, clear, "encrypted");
 }

@@ -214,6 +214,7 @@ fn circuit_to_proto(c: &Circuit) -> proto::Circuit {
                     output: l.output as u32,
                     input: l.input as u32,
                     table: l.table.clone(),
+                    second_output: l.second.map(|v| v as u32),
                 }),
             }),
         })
@@ -283,16 +284,21 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
             }
             proto::instruction::Kind::Lookup(l) => {
                 let (out, input) = (val(l.output)?, val(l.input)?);
+                let second = l.second_output.map(val).transpose()?;
                 let n = p.value_len[out] as usize;
                 if !defined[input]
                     || l.table.len() != n
                     || p.value_len[input] as usize != n
+                    || second.is_some_and(|v| p.value_len[v] as usize != n || v == out)
                     || l.table.iter().any(|&t| t as usize >= tables.len())
                 {
                     return Err(bad(path, "a lookup instruction is malformed"));
                 }
                 defined[out] = true;
-                Instruction::Lookup(LookupInstr { output: out, input, table: l.table })
+                if let Some(v) = second {
+                    defined[v] = true;
+                }
+                Instruction::Lookup(LookupInstr { output: out, input, table: l.table, second })
             }
         };
         instructions.push(i);

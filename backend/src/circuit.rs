@@ -42,7 +42,16 @@ pub struct LookupInstr {
     pub input: usize,
     /// Table of each element.
     pub table: Vec<u32>,
+    /// Two lookups on one input sharing a bootstrap: when the input only occupies the
+    /// lower half of the slots, a table's upper half can hold a second function, read
+    /// half a turn further (the blind-rotated accumulator's coefficient N/2). `second`
+    /// receives that function's result.
+    #[serde(default)]
+    pub second: Option<usize>,
 }
+
+/// The plaintext shift that reads a table's upper half: half of the 2^p slots.
+pub const SECOND_HALF: u64 = 1 << 62;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Instruction {
@@ -65,6 +74,14 @@ pub struct Circuit {
 impl Circuit {
     pub fn lookups_per_sample(&self) -> usize {
         self.instructions.iter().map(|i| if let Instruction::Lookup(l) = i { l.table.len() } else { 0 }).sum()
+    }
+
+    /// Table reads per sample (a shared bootstrap reads two).
+    pub fn reads_per_sample(&self) -> usize {
+        self.instructions
+            .iter()
+            .map(|i| if let Instruction::Lookup(l) = i { l.table.len() * (1 + l.second.is_some() as usize) } else { 0 })
+            .sum()
     }
 
     pub fn macs_per_sample(&self) -> usize {
@@ -96,7 +113,9 @@ impl Circuit {
                     coefs[l.output] = out;
                 }
                 Instruction::Lookup(l) => {
-                    coefs[l.output] = vec![NoiseCoefs { bootstrapped: 1.0, fresh: 0.0 }; l.table.len()];
+                    for out in std::iter::once(l.output).chain(l.second) {
+                        coefs[out] = vec![NoiseCoefs { bootstrapped: 1.0, fresh: 0.0 }; l.table.len()];
+                    }
                 }
             }
         }
@@ -144,24 +163,29 @@ impl Circuit {
                     };
                     let stds: Vec<f64> = (0..l.table.len()).map(std).collect();
                     let input = &values[l.input];
-                    let out: Vec<Vec<u64>> = input
-                        .iter()
-                        .map(|row_in| {
-                            l.table
-                                .iter()
-                                .enumerate()
-                                .map(|(e, &t)| {
-                                    let mut m = row_in[e];
-                                    if stds[e] > 0.0 {
-                                        let z: f64 = StandardNormal.sample(rng);
-                                        m = m.wrapping_add((z * stds[e] * 2f64.powi(64)).round() as i64 as u64);
-                                    }
-                                    bootstrap_plain(m, &self.tables[t as usize], p)
-                                })
-                                .collect()
-                        })
-                        .collect();
-                    values[l.output] = out;
+                    let (mut first, mut second) = (Vec::new(), Vec::new());
+                    for row_in in input {
+                        let (mut a, mut b) = (Vec::new(), Vec::new());
+                        for (e, &t) in l.table.iter().enumerate() {
+                            // one noisy bootstrap input, read once or twice
+                            let mut m = row_in[e];
+                            if stds[e] > 0.0 {
+                                let z: f64 = StandardNormal.sample(rng);
+                                m = m.wrapping_add((z * stds[e] * 2f64.powi(64)).round() as i64 as u64);
+                            }
+                            let table = &self.tables[t as usize];
+                            a.push(bootstrap_plain(m, table, p));
+                            if l.second.is_some() {
+                                b.push(bootstrap_plain(m.wrapping_add(SECOND_HALF), table, p));
+                            }
+                        }
+                        first.push(a);
+                        second.push(b);
+                    }
+                    values[l.output] = first;
+                    if let Some(o) = l.second {
+                        values[o] = second;
+                    }
                 }
             }
         }

@@ -20,6 +20,7 @@ use ndarray::{ArrayD, Axis, IxDyn};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use veil_ir::{Elem, Graph, NodeId, Op, Range, Tensor};
+use veil_passes::bitwidth::entries;
 use veil_passes::model::{combine_digits, InputQuant, OutputDecode, QuantizedModel, TailSource};
 
 /// How the client encodes one model input.
@@ -143,6 +144,11 @@ struct Lowerer<'a> {
     clusters: Clusters,
     /// Integer subtracted before encoding each value.
     base: HashMap<usize, i64>,
+    /// Copies made for lookups, by (value, bits dropped, base): lookups reading the same
+    /// value the same way read one copy (and may share a bootstrap).
+    copies: HashMap<(usize, u32, i64), usize>,
+    /// Slots each lookup instruction's input can reach (spares included), by instruction.
+    slots_used: HashMap<usize, usize>,
 }
 
 /// Lower a quantized model whose lookups read at most `precision` bits.
@@ -164,12 +170,15 @@ pub fn lower(model: &QuantizedModel, precision: u32) -> Result<Lowered> {
         delta: HashMap::new(),
         clusters: Clusters(HashMap::new()),
         base: HashMap::new(),
+        copies: HashMap::new(),
+        slots_used: HashMap::new(),
     };
     l.cluster(&order);
     l.deltas(&order)?;
     for &id in &order {
         l.node(id)?;
     }
+    l.share_bootstraps();
     let outputs: Vec<NodeId> = g.outputs().iter().map(|o| o.node).collect();
     let mut client_out = Vec::new();
     for (i, &o) in outputs.iter().enumerate() {
@@ -425,7 +434,15 @@ impl Lowerer<'_> {
     fn lookup(&mut self, id: NodeId, src: NodeId, t: &veil_ir::Tlu) -> Result<usize> {
         let d_in = self.delta_of(src);
         let read = read_of(t.input, t.rounding);
-        let copy = self.read_copy(self.value[&src], d_in, &read, None)?;
+        let key = (self.value[&src], read.k, read.base);
+        let copy = match self.copies.get(&key) {
+            Some(&c) => c,
+            None => {
+                let c = self.read_copy(self.value[&src], d_in, &read, None)?;
+                self.copies.insert(key, c);
+                c
+            }
+        };
         let d_out = self.delta_of(id);
         let base_out = self.encoded_range(id).lo;
         let n = sample_len(self.g, id);
@@ -454,8 +471,69 @@ impl Lowerer<'_> {
             table_of.push(idx);
         }
         let out = self.new_value(n, base_out);
-        self.circuit.instructions.push(Instruction::Lookup(LookupInstr { output: out, input: copy, table: table_of }));
+        // a rounded read keeps a spare slot on each side (see `read_of`)
+        let entries = entries(t.input, t.rounding) as usize;
+        let used = if t.rounding == 0 { entries } else { entries + 2 };
+        self.slots_used.insert(self.circuit.instructions.len(), used);
+        self.circuit.instructions.push(Instruction::Lookup(LookupInstr {
+            output: out,
+            input: copy,
+            table: table_of,
+            second: None,
+        }));
         Ok(out)
+    }
+
+    /// Pair lookups that read the same copy and reach only the lower half of the slots:
+    /// one bootstrap serves both, the second function living in the tables' upper half.
+    fn share_bootstraps(&mut self) {
+        if self.p < 2 {
+            return;
+        }
+        let half = 1usize << (self.p - 1);
+        let fits = |i: usize, s: &HashMap<usize, usize>| s.get(&i).is_some_and(|&u| u <= half);
+        let mut waiting: HashMap<usize, usize> = HashMap::new(); // input value → instruction
+        let mut merged: Vec<(usize, usize)> = Vec::new();
+        for (i, ins) in self.circuit.instructions.iter().enumerate() {
+            let Instruction::Lookup(l) = ins else { continue };
+            if !fits(i, &self.slots_used) {
+                continue;
+            }
+            match waiting.remove(&l.input) {
+                Some(first) => merged.push((first, i)),
+                None => {
+                    waiting.insert(l.input, i);
+                }
+            }
+        }
+        let mut combined: HashMap<(u32, u32), u32> = HashMap::new();
+        for &(a, b) in &merged {
+            let Instruction::Lookup(second) = self.circuit.instructions[b].clone() else { continue };
+            let Instruction::Lookup(first) = &self.circuit.instructions[a] else { continue };
+            let tables: Vec<u32> = first
+                .table
+                .iter()
+                .zip(&second.table)
+                .map(|(&f, &g)| {
+                    *combined.entry((f, g)).or_insert_with(|| {
+                        let (tf, tg) = (&self.circuit.tables[f as usize], &self.circuit.tables[g as usize]);
+                        self.circuit.tables.push(tf[..half].iter().chain(&tg[..half]).copied().collect());
+                        (self.circuit.tables.len() - 1) as u32
+                    })
+                })
+                .collect();
+            if let Instruction::Lookup(first) = &mut self.circuit.instructions[a] {
+                first.table = tables;
+                first.second = Some(second.output);
+            }
+        }
+        // the second lookups now happen with the first ones (whose input is ready earlier)
+        let gone: std::collections::HashSet<usize> = merged.iter().map(|&(_, b)| b).collect();
+        let mut i = 0;
+        self.circuit.instructions.retain(|_| {
+            i += 1;
+            !gone.contains(&(i - 1))
+        });
     }
 
     /// max(a, b) = b + relu(a − b): one lookup on the difference, then a sum.
@@ -484,6 +562,7 @@ impl Lowerer<'_> {
             output: relu,
             input: diff_v,
             table: vec![t; n],
+            second: None,
         }));
         // out = b + relu, re-based to the output's range
         let base_out = self.encoded_range(id).lo;

@@ -64,4 +64,11 @@ impl Bootstrapper {
         blind_rotate_assign_mem_optimized(&switched, &mut self.rotated, bsk, self.fft.as_view(), self.buffers.stack());
         extract_lwe_sample_from_glwe_ciphertext(&self.rotated, out, MonomialDegree(0));
     }
+
+    /// After [`Bootstrapper::bootstrap`]: the same rotation read half a turn further, the
+    /// second function of a table whose upper half holds one (see `LookupInstr::second`).
+    pub fn second_half(&self, out: &mut LweCiphertextOwned<u64>) {
+        let half = self.rotated.polynomial_size().0 / 2;
+        extract_lwe_sample_from_glwe_ciphertext(&self.rotated, out, MonomialDegree(half));
+    }
 }

@@ -76,11 +76,16 @@ impl<'a> Evaluator<'a> {
             values[self.circuit.inputs[k]] = Some(per_sample);
         }
         for ins in &self.circuit.instructions {
-            let (out, result) = match ins {
-                Instruction::Linear(l) => (l.output, self.linear(l, &values, samples)),
-                Instruction::Lookup(l) => (l.output, self.lookup(l, &values, samples, progress)?),
-            };
-            values[out] = Some(result);
+            match ins {
+                Instruction::Linear(l) => values[l.output] = Some(self.linear(l, &values, samples)),
+                Instruction::Lookup(l) => {
+                    let (first, second) = self.lookup(l, &values, samples, progress)?;
+                    values[l.output] = Some(first);
+                    if let Some(o) = l.second {
+                        values[o] = Some(second);
+                    }
+                }
+            }
         }
         let outputs = self
             .circuit
@@ -126,42 +131,68 @@ impl<'a> Evaluator<'a> {
             .collect()
     }
 
-    /// Keyswitch then bootstrap every element of every sample, all in parallel.
+    /// Keyswitch then bootstrap every element of every sample, all in parallel. Returns
+    /// the outputs, and the second function's outputs when the instruction has one
+    /// (empty otherwise).
     fn lookup(
         &self,
         l: &LookupInstr,
         values: &[Option<Vec<LweCiphertextListOwned<u64>>>],
         samples: usize,
         progress: &(dyn Fn(usize) + Sync),
-    ) -> Result<Vec<LweCiphertextListOwned<u64>>> {
+    ) -> Result<(PerSample, PerSample)> {
         let (Some(ksk), Some(bsk)) = (&self.keyswitch, &self.bootstrap) else {
             return Err(RuntimeError::Invalid("the circuit has lookups but no bootstrap keys were loaded".into()));
         };
         let input = Self::get(values, l.input);
         let n = l.table.len();
         let size = LweSize(self.big + 1);
+        let new_ct = || LweCiphertext::new(0u64, size, CiphertextModulus::new_native());
         let jobs: Vec<(usize, usize)> = (0..samples).flat_map(|s| (0..n).map(move |e| (s, e))).collect();
-        let results: Vec<LweCiphertextOwned<u64>> = jobs
+        let results: Vec<(LweCiphertextOwned<u64>, Option<LweCiphertextOwned<u64>>)> = jobs
             .par_iter()
             .map_init(
                 || Bootstrapper::new(ksk, bsk),
                 |worker, &(s, e)| {
                     worker.keyswitch(ksk, &input[s].get(e));
-                    let mut out = LweCiphertext::new(0u64, size, CiphertextModulus::new_native());
+                    let mut out = new_ct();
                     worker.bootstrap(bsk, &self.accumulators[l.table[e] as usize], &mut out);
+                    let second = l.second.map(|_| {
+                        let mut o = new_ct();
+                        worker.second_half(&mut o);
+                        o
+                    });
                     progress(1);
-                    out
+                    (out, second)
                 },
             )
             .collect();
-        let mut per_sample = Vec::with_capacity(samples);
-        for s in 0..samples {
+        let first = gather(samples, n, size, |i| &results[i].0);
+        let second = match l.second {
+            Some(_) => gather(samples, n, size, |i| results[i].1.as_ref().expect("computed with the first")),
+            None => Vec::new(),
+        };
+        Ok((first, second))
+    }
+}
+
+/// One value's ciphertexts, per sample.
+type PerSample = Vec<LweCiphertextListOwned<u64>>;
+
+/// Per-sample lists of `n` ciphertexts from results indexed sample-major.
+fn gather<'r>(
+    samples: usize,
+    n: usize,
+    size: LweSize,
+    pick: impl Fn(usize) -> &'r LweCiphertextOwned<u64>,
+) -> PerSample {
+    (0..samples)
+        .map(|s| {
             let mut list = LweCiphertextList::new(0u64, size, LweCiphertextCount(n), CiphertextModulus::new_native());
             for (e, mut ct) in list.iter_mut().enumerate() {
-                ct.as_mut().copy_from_slice(results[s * n + e].as_ref());
+                ct.as_mut().copy_from_slice(pick(s * n + e).as_ref());
             }
-            per_sample.push(list);
-        }
-        Ok(per_sample)
-    }
+            list
+        })
+        .collect()
 }
