@@ -411,20 +411,21 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
                     break;
                 }
                 *w -= 1;
-                // With lookups, the cost is fixed by the precision and the output bits:
-                // narrower widths save little (narrower weights can at best save a
-                // bootstrap level, which none of our models gained), so they must not cost
-                // any agreement. Without lookups outputs decrypt exactly and every bit
-                // decrypted counts: inputs and activations may fall back to the first
-                // accepted score, weights (Σw² scales the decrypted noise) to half the
-                // tolerance.
+                // With lookups, the cost is fixed by the precision and the output bits, so
+                // a narrower width is only worth taking when it raises agreement (a coarser
+                // grid can fit the lookups' buckets better); at equal agreement the wider,
+                // more precise model is kept, as it generalises at least as well. Without
+                // lookups outputs decrypt exactly and every bit decrypted counts: inputs
+                // and activations may fall back to the first accepted score, weights (Σw²
+                // scales the decrypted noise) to half the tolerance.
                 let (q, rep, score, ok) = s.trial(c, p)?;
+                let lookups = count_lookups(&q.graph) > 0;
                 let floor = match field {
-                    _ if count_lookups(&q.graph) > 0 => best_score,
+                    _ if lookups => best_score,
                     1 => floor.min(1.0 - opts.tolerance / 2.0),
                     _ => floor,
                 };
-                if !ok || score < floor {
+                if !ok || score < floor || (lookups && score == floor) {
                     break;
                 }
                 (cfg, model, report, best_score) = (c, q, rep, score);
