@@ -19,7 +19,7 @@ use crate::params::{NoiseCoefs, Requirements};
 use ndarray::{ArrayD, Axis, IxDyn};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use veil_ir::{Elem, Graph, NodeId, Op, Range, Tensor};
+use veil_ir::{Graph, NodeId, Op, Range, Tensor};
 use veil_passes::bitwidth::entries;
 use veil_passes::model::{combine_digits, InputQuant, OutputDecode, QuantizedModel, TailSource};
 
@@ -72,13 +72,6 @@ const MAX_PROBE: usize = 1 << 26;
 fn err(g: &Graph, id: NodeId, msg: impl Into<String>) -> BackendError {
     let n = g.node(id);
     BackendError::Lower { node: format!("{} '{}'", n.op.mnemonic(), n.name), msg: msg.into() }
-}
-
-fn range(g: &Graph, id: NodeId) -> Range {
-    match g.node(id).ty.elem {
-        Elem::Enc(r) => r,
-        _ => Range::new(0, 0),
-    }
 }
 
 fn sample_len(g: &Graph, id: NodeId) -> usize {
@@ -191,7 +184,7 @@ pub fn lower(model: &QuantizedModel, precision: u32) -> Result<Lowered> {
             shape: sample_dims(g, o),
             delta_log2: d,
             base: l.base[&v],
-            range: range(g, o),
+            range: g.enc_range(o),
         });
     }
     let inputs = g
@@ -224,8 +217,8 @@ impl Lowerer<'_> {
     fn encoded_range(&self, id: NodeId) -> Range {
         let users = self.g.users(id);
         match users.as_slice() {
-            [u] if matches!(self.g.node(*u).op, Op::Assume { .. }) => range(self.g, *u),
-            _ => range(self.g, id),
+            [u] if matches!(self.g.node(*u).op, Op::Assume { .. }) => self.g.enc_range(*u),
+            _ => self.g.enc_range(id),
         }
     }
 
@@ -266,7 +259,7 @@ impl Lowerer<'_> {
             }
         }
         for o in self.g.outputs() {
-            let r = range(self.g, o.node);
+            let r = self.g.enc_range(o.node);
             let b = bits(r.hi - r.lo);
             if b > 62 {
                 return Err(err(self.g, o.node, format!("output range {r} is too wide to decrypt")));
@@ -294,7 +287,7 @@ impl Lowerer<'_> {
         let ops = self.g.operands(id);
         let v = match &op {
             Op::Input { .. } => {
-                let v = self.new_value(sample_len(self.g, id), range(self.g, id).lo);
+                let v = self.new_value(sample_len(self.g, id), self.g.enc_range(id).lo);
                 self.circuit.inputs.push(v);
                 v
             }
@@ -539,8 +532,8 @@ impl Lowerer<'_> {
     /// max(a, b) = b + relu(a − b): one lookup on the difference, then a sum.
     fn max(&mut self, id: NodeId, a: NodeId, b: NodeId, rounding: u32, diff: Option<Range>) -> Result<usize> {
         let d = self.delta_of(id);
-        let (ra, rb) = (range(self.g, a), range(self.g, b));
-        let dr = diff.unwrap_or(Range::new(ra.lo - rb.hi, ra.hi - rb.lo));
+        let (ra, rb) = (self.g.enc_range(a), self.g.enc_range(b));
+        let dr = diff.unwrap_or(ra.minus(&rb));
         let read = read_of(dr, rounding);
         let (va, vb) = (self.value[&a], self.value[&b]);
         let diff_v = self.read_copy(va, d, &read, Some((vb, self.base[&vb])))?;

@@ -4,7 +4,7 @@
 use crate::error::{IrError, Result};
 use crate::op::Op;
 use crate::tensor::Tensor;
-use crate::types::TensorType;
+use crate::types::{Elem, Range, TensorType};
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
@@ -78,6 +78,14 @@ impl Graph {
 
     pub fn node(&self, id: NodeId) -> &Node {
         &self.g[id]
+    }
+
+    /// The range of an encrypted node's integers (0..0 for a node that is not encrypted).
+    pub fn enc_range(&self, id: NodeId) -> Range {
+        match self.g[id].ty.elem {
+            Elem::Enc(r) => r,
+            _ => Range::new(0, 0),
+        }
     }
 
     pub fn node_mut(&mut self, id: NodeId) -> &mut Node {

@@ -172,6 +172,11 @@ impl Range {
     pub fn union(&self, o: &Range) -> Range {
         Range::new(self.lo.min(o.lo), self.hi.max(o.hi))
     }
+
+    /// Every value `a − b` can take for a in `self`, b in `o`.
+    pub fn minus(&self, o: &Range) -> Range {
+        Range::new(self.lo - o.hi, self.hi - o.lo)
+    }
 }
 
 impl fmt::Display for Range {

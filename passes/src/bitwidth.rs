@@ -18,7 +18,7 @@ use crate::quantize::QuantConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use veil_ir::tlu::lookup_precision;
-use veil_ir::{Elem, Graph, NodeId, Op, Range, Tensor};
+use veil_ir::{Graph, NodeId, Op, Range, Tensor};
 
 /// Largest lookup precision the search considers: 8-bit bootstraps need ~11 GB keys here.
 pub const MAX_PRECISION: u32 = 7;
@@ -117,7 +117,7 @@ pub const MIN_OUTPUT_BITS: u32 = 6;
 pub fn set_output_rounding(q: &mut QuantizedModel, bits: u32) {
     let exact = count_lookups(&q.graph) == 0;
     for (o, d) in q.graph.outputs().iter().zip(q.decode.iter_mut()) {
-        let r = enc(&q.graph, o.node);
+        let r = q.graph.enc_range(o.node);
         d.rounding = if exact { 0 } else { crate::model::bits_of(r).saturating_sub(bits) };
     }
 }
@@ -151,18 +151,6 @@ pub fn entries(r: Range, k: u32) -> u64 {
     (bucket(r.hi) - bucket(r.lo)) as u64 + 1
 }
 
-/// The range a max-of-two lookup reads: the difference of its operands.
-pub fn diff_range(a: Range, b: Range) -> Range {
-    Range::new(a.lo - b.hi, a.hi - b.lo)
-}
-
-fn enc(g: &Graph, id: NodeId) -> Range {
-    match g.node(id).ty.elem {
-        Elem::Enc(r) => r,
-        _ => Range::new(0, 0),
-    }
-}
-
 /// Set every lookup's rounding so that none needs more than `p` bits, re-deriving ranges
 /// downstream (a rounded max can overshoot by half a step).
 pub fn set_precision(g: &Graph, p: u32) -> Result<Graph> {
@@ -175,12 +163,12 @@ pub fn set_precision(g: &Graph, p: u32) -> Result<Graph> {
             Op::Input { .. } => out.add_input(node.name.clone(), node.ty.clone()),
             Op::Tlu(t) => {
                 let mut t = t.clone();
-                t.input = enc(&out, ops[0]);
+                t.input = out.enc_range(ops[0]);
                 t.rounding = rounding_for(t.input, p).ok_or_else(|| too_narrow(p, &node.name))?;
                 out.add(Op::Tlu(t), &ops, node.name.clone())?
             }
             Op::MaxEnc { diff, .. } => {
-                let d = diff.unwrap_or_else(|| diff_range(enc(&out, ops[0]), enc(&out, ops[1])));
+                let d = diff.unwrap_or_else(|| out.enc_range(ops[0]).minus(&out.enc_range(ops[1])));
                 let rounding = rounding_for(d, p).ok_or_else(|| too_narrow(p, &node.name))?;
                 out.add(Op::MaxEnc { rounding, diff: *diff }, &ops, node.name.clone())?
             }
@@ -209,7 +197,7 @@ pub fn max_precision_of(g: &Graph, id: NodeId) -> u32 {
         Op::Tlu(t) => t.input_bits(),
         Op::MaxEnc { rounding, diff } => {
             let ops = g.operands(id);
-            let d = diff.unwrap_or_else(|| diff_range(enc(g, ops[0]), enc(g, ops[1])));
+            let d = diff.unwrap_or_else(|| g.enc_range(ops[0]).minus(&g.enc_range(ops[1])));
             lookup_precision(entries(d, *rounding), *rounding)
         }
         _ => 0,

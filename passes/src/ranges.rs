@@ -46,7 +46,7 @@ pub fn narrow(g: &Graph, inputs: &[Tensor], margin: f64) -> Result<Graph> {
             Op::Input { .. } => out.add_input(node.name.clone(), node.ty.clone()),
             Op::MaxEnc { rounding, .. } => {
                 // The lookup inside a max reads a − b: narrow that range too.
-                let sound = diff_of(&out, ops[0], ops[1]);
+                let sound = out.enc_range(ops[0]).minus(&out.enc_range(ops[1]));
                 let diff = diffs.get(&id).map(|&d| widen(d, sound)).filter(|r| *r != sound);
                 out.add(Op::MaxEnc { rounding: *rounding, diff }, &ops, node.name.clone())?
             }
@@ -78,12 +78,4 @@ pub fn narrow(g: &Graph, inputs: &[Tensor], margin: f64) -> Result<Graph> {
 pub fn widen((lo, hi): (i64, i64), sound: Range, margin: f64) -> Range {
     let pad = ((hi - lo) as f64 * margin).ceil().max(1.0) as i64;
     Range::new((lo - pad).max(sound.lo), (hi + pad).min(sound.hi))
-}
-
-/// Worst-case range of `a − b` for two encrypted nodes.
-fn diff_of(g: &Graph, a: NodeId, b: NodeId) -> Range {
-    match (g.node(a).ty.elem, g.node(b).ty.elem) {
-        (Elem::Enc(x), Elem::Enc(y)) => Range::new(x.lo - y.hi, x.hi - y.lo),
-        _ => Range::new(0, 0),
-    }
 }
