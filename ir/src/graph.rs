@@ -154,6 +154,39 @@ impl Graph {
         }
     }
 
+    /// A new graph built node by node in dependency order, for passes that rewrite some
+    /// nodes and copy the rest. Inputs are copied as they are; for every other node `f`
+    /// gets the graph being built, the old node's id and its operands' new ids, adds the
+    /// node's replacement and returns its id, or `None` to drop it (no kept node may use
+    /// a dropped one). Outputs follow their nodes. Also returns the old → new id map.
+    pub fn rebuild<E: From<IrError>>(
+        &self,
+        mut f: impl FnMut(&mut Graph, NodeId, &[NodeId]) -> std::result::Result<Option<NodeId>, E>,
+    ) -> std::result::Result<(Graph, HashMap<NodeId, NodeId>), E> {
+        let order = self
+            .topo_order()
+            .ok_or_else(|| IrError::Verify { node: self.name.clone(), msg: "the graph has a cycle".into() })?;
+        let mut out = Graph::new(self.name.clone());
+        let mut map: HashMap<NodeId, NodeId> = HashMap::new();
+        for id in order {
+            let node = &self.g[id];
+            let new = match node.op {
+                Op::Input { .. } => Some(out.add_input(node.name.clone(), node.ty.clone())),
+                _ => {
+                    let ops: Vec<NodeId> = self.operands(id).iter().filter_map(|o| map.get(o).copied()).collect();
+                    f(&mut out, id, &ops)?
+                }
+            };
+            if let Some(new) = new {
+                map.insert(id, new);
+            }
+        }
+        for o in &self.outputs {
+            out.set_output(o.name.clone(), map[&o.node]);
+        }
+        Ok((out, map))
+    }
+
     /// Nodes in a deterministic topological order: Kahn's algorithm, lowest id first.
     /// Returns `None` when the graph has a cycle.
     pub fn topo_order(&self) -> Option<Vec<NodeId>> {

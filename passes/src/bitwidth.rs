@@ -154,31 +154,24 @@ pub fn entries(r: Range, k: u32) -> u64 {
 /// Set every lookup's rounding so that none needs more than `p` bits, re-deriving ranges
 /// downstream (a rounded max can overshoot by half a step).
 pub fn set_precision(g: &Graph, p: u32) -> Result<Graph> {
-    let mut out = Graph::new(g.name.clone());
-    let mut map: HashMap<NodeId, NodeId> = HashMap::new();
-    for id in g.topo_order().ok_or_else(|| PassError::Search("cycle".into()))? {
+    let (out, _) = g.rebuild(|out, id, ops| {
         let node = g.node(id);
-        let ops: Vec<NodeId> = g.operands(id).iter().map(|o| map[o]).collect();
-        let new = match &node.op {
-            Op::Input { .. } => out.add_input(node.name.clone(), node.ty.clone()),
+        let op = match &node.op {
             Op::Tlu(t) => {
                 let mut t = t.clone();
                 t.input = out.enc_range(ops[0]);
                 t.rounding = rounding_for(t.input, p).ok_or_else(|| too_narrow(p, &node.name))?;
-                out.add(Op::Tlu(t), &ops, node.name.clone())?
+                Op::Tlu(t)
             }
             Op::MaxEnc { diff, .. } => {
                 let d = diff.unwrap_or_else(|| out.enc_range(ops[0]).minus(&out.enc_range(ops[1])));
                 let rounding = rounding_for(d, p).ok_or_else(|| too_narrow(p, &node.name))?;
-                out.add(Op::MaxEnc { rounding, diff: *diff }, &ops, node.name.clone())?
+                Op::MaxEnc { rounding, diff: *diff }
             }
-            op => out.add(op.clone(), &ops, node.name.clone())?,
+            op => op.clone(),
         };
-        map.insert(id, new);
-    }
-    for o in g.outputs() {
-        out.set_output(o.name.clone(), map[&o.node]);
-    }
+        Ok::<_, PassError>(Some(out.add(op, ops, node.name.clone())?))
+    })?;
     Ok(out)
 }
 

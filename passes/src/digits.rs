@@ -166,24 +166,11 @@ fn prune(g: &Graph) -> Result<(Graph, HashMap<NodeId, NodeId>)> {
             stack.extend(g.operands(n));
         }
     }
-    let mut out = Graph::new(g.name.clone());
-    let mut map = HashMap::new();
-    for id in g.topo_order().ok_or_else(|| PassError::Search("cycle".into()))? {
+    g.rebuild(|out, id, ops| {
         let node = g.node(id);
-        let new = match node.op {
-            Op::Input { .. } => out.add_input(node.name.clone(), node.ty.clone()),
-            _ if !live.contains(&id) => continue,
-            _ => {
-                let ops: Vec<NodeId> = g.operands(id).iter().map(|o| map[o]).collect();
-                out.add_typed(node.op.clone(), node.ty.clone(), &ops, node.name.clone())
-            }
-        };
-        map.insert(id, new);
-    }
-    for o in g.outputs() {
-        out.set_output(o.name.clone(), map[&o.node]);
-    }
-    Ok((out, map))
+        let kept = live.contains(&id).then(|| out.add_typed(node.op.clone(), node.ty.clone(), ops, node.name.clone()));
+        Ok::<_, PassError>(kept)
+    })
 }
 
 /// Give each of `nodes` (graph outputs) the range calibration observes, widened by

@@ -37,20 +37,16 @@ pub fn narrow(g: &Graph, inputs: &[Tensor], margin: f64) -> Result<Graph> {
         }
     })?;
     let widen = |seen: (i64, i64), sound: Range| widen(seen, sound, margin);
-    let mut out = Graph::new(g.name.clone());
-    let mut map: HashMap<NodeId, NodeId> = HashMap::new();
-    for id in g.topo_order().ok_or_else(|| PassError::Search("cycle".into()))? {
+    let (out, _) = g.rebuild(|out, id, ops| {
         let node = g.node(id);
-        let ops: Vec<NodeId> = g.operands(id).iter().map(|o| map[o]).collect();
         let new = match &node.op {
-            Op::Input { .. } => out.add_input(node.name.clone(), node.ty.clone()),
             Op::MaxEnc { rounding, .. } => {
                 // The lookup inside a max reads a − b: narrow that range too.
                 let sound = out.enc_range(ops[0]).minus(&out.enc_range(ops[1]));
                 let diff = diffs.get(&id).map(|&d| widen(d, sound)).filter(|r| *r != sound);
-                out.add(Op::MaxEnc { rounding: *rounding, diff }, &ops, node.name.clone())?
+                out.add(Op::MaxEnc { rounding: *rounding, diff }, ops, node.name.clone())?
             }
-            op => out.add(op.clone(), &ops, node.name.clone())?,
+            op => out.add(op.clone(), ops, node.name.clone())?,
         };
         let widened = matches!(node.op, Op::Linear(_) | Op::AddEnc | Op::SubEnc | Op::MaxEnc { .. });
         let target = match (out.node(new).ty.elem, seen.get(&id)) {
@@ -60,15 +56,11 @@ pub fn narrow(g: &Graph, inputs: &[Tensor], margin: f64) -> Result<Graph> {
             }
             _ => None,
         };
-        let new = match target {
+        Ok::<_, PassError>(Some(match target {
             Some(range) => out.add(Op::Assume { range }, &[new], node.name.clone())?,
             None => new,
-        };
-        map.insert(id, new);
-    }
-    for o in g.outputs() {
-        out.set_output(o.name.clone(), map[&o.node]);
-    }
+        }))
+    })?;
     veil_ir::verify(&out)?;
     Ok(out)
 }
