@@ -21,6 +21,21 @@ fn uniform(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// Keygen, encrypt `x`, evaluate with the server key only, decrypt: the decoded integers.
+fn encrypted_integers(
+    circuit: &veil_backend::circuit::Circuit,
+    client: &veil_backend::lower::ClientSpec,
+    params: &veil_backend::params::Params,
+    fingerprint: &[u8],
+    x: &Tensor,
+) -> Vec<Tensor> {
+    let (ck, sk) = keygen(params, fingerprint).unwrap();
+    let cts = ck.encrypt(&client.encode(std::slice::from_ref(x)).unwrap());
+    let ev = Evaluator::new(circuit, params, sk, fingerprint).unwrap();
+    let out = ev.run(&cts, &|_| {}).unwrap();
+    client.decode_integers(&ck.decrypt(&out).unwrap())
+}
+
 #[test]
 fn exact_lookups_decrypt_to_the_clear_integers() {
     // y = W·sigmoid(4x − 2) + b on 4 features: the lookup reads 4-bit inputs directly, so
@@ -49,12 +64,8 @@ fn exact_lookups_decrypt_to_the_clear_integers() {
     assert!(lowered.circuit.tables.len() == 1, "one table for the four sigmoids");
     let params = optimize(&lowered.requirements).unwrap();
 
-    let (ck, sk) = keygen(&params, b"exact-test").unwrap();
     let x = Tensor::F32(ArrayD::from_shape_vec(vec![12, 4], uniform(48, 99)).unwrap());
-    let cts = ck.encrypt(&lowered.client.encode(std::slice::from_ref(&x)).unwrap());
-    let ev = Evaluator::new(&lowered.circuit, &params, sk, b"exact-test").unwrap();
-    let out = ev.run(&cts, &|_| {}).unwrap();
-    let fhe = lowered.client.decode_integers(&ck.decrypt(&out).unwrap());
+    let fhe = encrypted_integers(&lowered.circuit, &lowered.client, &params, b"exact-test", &x);
     let clear = veil_ir::interp::run(&q.graph, &q.encode_inputs(&[x]).unwrap()).unwrap();
     assert_eq!(fhe, clear);
 }
@@ -68,11 +79,7 @@ fn compiled_mlp_predicts_encrypted_as_in_the_clear() {
     let x = read_npy(&dir.join("test_x.npy"));
     let x = Tensor::F32(x.as_f32().unwrap().slice_axis(Axis(0), Slice::from(0..8)).to_owned());
 
-    let (ck, sk) = keygen(&a.params, &a.fingerprint).unwrap();
-    let cts = ck.encrypt(&a.client.encode(std::slice::from_ref(&x)).unwrap());
-    let ev = Evaluator::new(&a.circuit, &a.params, sk, &a.fingerprint).unwrap();
-    let out = ev.run(&cts, &|_| {}).unwrap();
-    let ints = a.client.decode_integers(&ck.decrypt(&out).unwrap());
+    let ints = encrypted_integers(&a.circuit, &a.client, &a.params, &a.fingerprint, &x);
     let fhe = a.client.finish(&ints, std::slice::from_ref(&x)).unwrap();
     let clear = a.quantized_model().unwrap().run_clear(std::slice::from_ref(&x)).unwrap();
     // outputs: label, probabilities
@@ -98,11 +105,7 @@ fn outputs_sent_as_digits_decrypt_as_in_the_clear() {
     let x = read_npy(&dir.join("test_x.npy"));
     let x = Tensor::F32(x.as_f32().unwrap().slice_axis(Axis(0), Slice::from(0..6)).to_owned());
 
-    let (ck, sk) = keygen(&params, b"digits-test").unwrap();
-    let cts = ck.encrypt(&lowered.client.encode(std::slice::from_ref(&x)).unwrap());
-    let ev = Evaluator::new(&lowered.circuit, &params, sk, b"digits-test").unwrap();
-    let out = ev.run(&cts, &|_| {}).unwrap();
-    let ints = lowered.client.decode_integers(&ck.decrypt(&out).unwrap());
+    let ints = encrypted_integers(&lowered.circuit, &lowered.client, &params, b"digits-test", &x);
     let fhe = lowered.client.finish(&ints, std::slice::from_ref(&x)).unwrap();
     let clear = q.run_clear(std::slice::from_ref(&x)).unwrap();
     assert_eq!(fhe[0], clear[0], "predicted labels");
@@ -160,10 +163,6 @@ fn two_lookups_on_one_input_share_a_bootstrap() {
     assert_eq!(simulated, clear, "simulation");
 
     let params = optimize(&lowered.requirements).unwrap();
-    let (ck, sk) = keygen(&params, b"shared-test").unwrap();
-    let cts = ck.encrypt(&plain);
-    let ev = Evaluator::new(&lowered.circuit, &params, sk, b"shared-test").unwrap();
-    let out = ev.run(&cts, &|_| {}).unwrap();
-    let fhe = lowered.client.decode_integers(&ck.decrypt(&out).unwrap());
+    let fhe = encrypted_integers(&lowered.circuit, &lowered.client, &params, b"shared-test", &x);
     assert_eq!(fhe, clear, "encrypted");
 }
