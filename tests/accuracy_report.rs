@@ -1,7 +1,11 @@
-//! A report, not a check: `cargo test -p veil-tests --test accuracy_report -- --ignored
-//! --nocapture` prints, per model, the precision and widths the search picks and the
-//! test-set score in float, clear and noisy (as encrypted) execution. Used to tune the
-//! quantizer; the assertions live in the other tests.
+//! Test-set accuracy of every model: `cargo test --release -p veil-tests --test
+//! accuracy_report -- --ignored --nocapture` prints, per model, the precision and widths
+//! the search picks and the score in float, clear and noisy (as encrypted) execution
+//! (`veil inspect MODEL.veil --stage report` lists the search's trials). It checks the
+//! quantizer's targets: clear accuracy within 1 point of float for logistic regression,
+//! the digits MLP and the digits CNN, R² within 0.01 for linear regression, and no test
+//! sample beyond the compiled ranges. Ignored by default: the margins are a few test
+//! samples, so this is a measurement to run after changing the quantizer, not a CI gate.
 
 use veil_passes::{compile, SearchOptions};
 use veil_tests::{meta, model_dirs, read_npy};
@@ -9,6 +13,8 @@ use veil_tests::{meta, model_dirs, read_npy};
 #[test]
 #[ignore = "report"]
 fn accuracy_report() {
+    let targets = ["logreg_breast_cancer", "mlp_digits", "cnn_digits", "linreg_diabetes"];
+    let mut misses = Vec::new();
     let margin: f64 =
         std::env::var("VEIL_MARGIN").ok().and_then(|m| m.parse().ok()).unwrap_or(veil_passes::ranges::DEFAULT_MARGIN);
     for dir in model_dirs() {
@@ -27,17 +33,6 @@ fn accuracy_report() {
             }
         };
         let ms = t.elapsed().as_millis();
-        if std::env::var("VEIL_TRIALS").is_ok_and(|m| m == name) {
-            for tr in &c.trials {
-                println!(
-                    "  trial p={} widths {:?} score {:.4} {}",
-                    tr.precision,
-                    (tr.config.input_bits, tr.config.weight_bits, tr.config.act_bits),
-                    tr.score,
-                    if tr.accepted { "ok" } else { "" }
-                );
-            }
-        }
         let (x, y) = (read_npy(&dir.join("test_x.npy")), read_npy(&dir.join("test_y.npy")));
         let classify = meta(&dir)["task"] == "classification";
         let score = |outs: Vec<veil_ir::Tensor>| {
@@ -71,5 +66,12 @@ fn accuracy_report() {
             flagged.len(),
             x.shape()[0]
         );
+        if targets.contains(&name.as_str()) && float - clear > 0.01 {
+            misses.push(format!("{name}: clear {clear:.4} vs float {float:.4}"));
+        }
+        if !flagged.is_empty() {
+            misses.push(format!("{name}: {} test samples overflow the compiled ranges", flagged.len()));
+        }
     }
+    assert!(misses.is_empty(), "{misses:?}");
 }
