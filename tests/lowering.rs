@@ -86,21 +86,24 @@ fn noiseless_simulation_equals_clear_execution() {
 }
 
 #[test]
-fn splitting_a_wide_output_into_digits_saves_a_bootstrap_level_on_the_cnn() {
-    // The CNN's 16-bit logits share a scale with the 4-bit pooled activations its maxima
-    // read: whole, the maxima read a 2^10-scaled copy and need 3-level bootstraps.
+fn wide_outputs_cost_the_cnn_no_extra_bootstrap_level() {
+    // The CNN's 16-bit logits are computed from 4-bit pooled activations its maxima read.
+    // With one scale per linear cluster the maxima read a 2^10-scaled copy and needed
+    // 3-level bootstraps; with a scale per value (and digits when they are cheaper) the
+    // bootstraps stay at 2 levels.
     let dir = veil_tests::models_dir().join("cnn_digits");
     let g = veil_frontend::onnx::import_file(dir.join("model.onnx")).unwrap();
     let calib = read_npy(&dir.join("calib.npy"));
     let (a, c) = veil_backend::pipeline::compile(&g, std::slice::from_ref(&calib), &Default::default()).unwrap();
-    assert!(a.report.output_digits >= 2, "digits: {}", a.report.output_digits);
     let whole = compile(&g, std::slice::from_ref(&calib), &SearchOptions::default()).unwrap();
     let mut req = veil_backend::lower::lower(&whole.model, c.precision).unwrap().requirements;
     req.p_error = a.params.p_error.max(2f64.powi(-40));
     let whole_params = veil_backend::params::optimize(&req).unwrap();
+    assert!(whole_params.pbs_level <= 2, "whole: {whole_params:?}");
     assert!(
-        a.params.pbs_level < whole_params.pbs_level && a.params.pbs_cost_ms < whole_params.pbs_cost_ms,
-        "digits: {:?}\nwhole: {:?}",
+        a.params.pbs_level <= 2 && a.params.pbs_cost_ms <= whole_params.pbs_cost_ms,
+        "chosen ({} digits): {:?}\nwhole: {:?}",
+        a.report.output_digits,
         a.params,
         whole_params
     );

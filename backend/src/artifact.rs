@@ -2,7 +2,7 @@
 
 use crate::circuit::{Circuit, Instruction, LinearInstr, LookupInstr};
 use crate::error::{BackendError, Result};
-use crate::lower::{ClientSpec, InputEncoding, OutputEncoding};
+use crate::lower::{ClientSpec, DerivedInput, InputEncoding, OutputEncoding};
 use crate::params::Params;
 use crate::proto;
 use ndarray::{ArrayD, IxDyn};
@@ -225,6 +225,7 @@ fn circuit_to_proto(c: &Circuit) -> proto::Circuit {
         outputs: c.outputs.iter().map(|&v| v as u32).collect(),
         instructions,
         tables: c.tables.iter().map(|t| proto::Table { slots: t.clone() }).collect(),
+        state: c.state.iter().map(|&(i, o)| proto::StatePair { input: i as u32, output: o as u32 }).collect(),
     }
 }
 
@@ -307,6 +308,16 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
     if outputs.iter().any(|&v| !defined[v]) {
         return Err(bad(path, "an output is never computed"));
     }
+    let mut state = Vec::with_capacity(p.state.len());
+    for s in &p.state {
+        let (i, o) = (s.input as usize, s.output as usize);
+        let ok =
+            i < p.inputs.len() && o < outputs.len() && p.value_len[p.inputs[i] as usize] == p.value_len[outputs[o]];
+        if !ok {
+            return Err(bad(path, "a state pair refers to no input or output of its size"));
+        }
+        state.push((i, o));
+    }
     Ok(Circuit {
         value_len: p.value_len.iter().map(|&v| v as usize).collect(),
         inputs: p.inputs.iter().map(|&v| v as usize).collect(),
@@ -314,6 +325,7 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
         instructions,
         tables,
         precision,
+        state,
     })
 }
 
@@ -379,6 +391,25 @@ fn client_to_proto(c: &ClientSpec) -> proto::Client {
             .collect(),
         model_inputs: c.model_inputs.clone(),
         model_outputs: c.model_outputs.clone(),
+        derived_inputs: c
+            .derived
+            .iter()
+            .map(|d| {
+                let mut group_start = vec![0u32];
+                let mut elements = Vec::new();
+                for g in &d.groups {
+                    elements.extend(g);
+                    group_start.push(elements.len() as u32);
+                }
+                proto::DerivedInput {
+                    from: d.from as u32,
+                    group_start,
+                    elements,
+                    delta: 1u64 << d.delta_log2,
+                    base: d.base,
+                }
+            })
+            .collect(),
     }
 }
 
@@ -390,9 +421,29 @@ fn delta_log2(d: u64, path: &str) -> Result<u32> {
 }
 
 fn client_from_proto(p: proto::Client, circuit: &Circuit, path: &str) -> Result<ClientSpec> {
-    if p.inputs.len() != circuit.inputs.len() || p.outputs.len() != circuit.outputs.len() {
+    if p.inputs.len() + p.derived_inputs.len() != circuit.inputs.len() || p.outputs.len() != circuit.outputs.len() {
         return Err(bad(path, "the client section does not match the circuit's inputs and outputs"));
     }
+    let derived = p
+        .derived_inputs
+        .iter()
+        .enumerate()
+        .map(|(k, d)| {
+            let from = d.from as usize;
+            let count = circuit.value_len[circuit.inputs[p.inputs.len() + k]];
+            let ok = from < p.inputs.len()
+                && d.group_start.len() == count + 1
+                && d.group_start.first() == Some(&0)
+                && d.group_start.windows(2).all(|w| w[0] <= w[1])
+                && d.group_start.last().copied() == Some(d.elements.len() as u32);
+            let per = circuit.value_len.get(circuit.inputs[from.min(circuit.inputs.len() - 1)]).copied().unwrap_or(0);
+            if !ok || d.elements.iter().any(|&e| e as usize >= per) {
+                return Err(bad(path, "a derived input is malformed"));
+            }
+            let groups = d.group_start.windows(2).map(|w| d.elements[w[0] as usize..w[1] as usize].to_vec()).collect();
+            Ok(DerivedInput { from, groups, delta_log2: delta_log2(d.delta, path)?, base: d.base })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let inputs = p
         .inputs
         .into_iter()
@@ -459,5 +510,13 @@ fn client_from_proto(p: proto::Client, circuit: &Circuit, path: &str) -> Result<
             _ => Err(bad(path, "a client tail input refers to nothing")),
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(ClientSpec { inputs, outputs, tail, tail_inputs, model_inputs: p.model_inputs, model_outputs: p.model_outputs })
+    Ok(ClientSpec {
+        inputs,
+        derived,
+        outputs,
+        tail,
+        tail_inputs,
+        model_inputs: p.model_inputs,
+        model_outputs: p.model_outputs,
+    })
 }

@@ -26,6 +26,32 @@ pub struct LinearInstr {
 }
 
 impl LinearInstr {
+    /// An instruction with no rows yet, reading `inputs`.
+    pub fn new(output: usize, inputs: Vec<usize>) -> LinearInstr {
+        LinearInstr {
+            output,
+            inputs,
+            row_start: vec![0],
+            term_input: vec![],
+            term_index: vec![],
+            term_weight: vec![],
+            constant: vec![],
+        }
+    }
+
+    /// Add a term `weight · inputs[input][index]` to the row being built.
+    pub fn push_term(&mut self, input: usize, index: usize, weight: i64) {
+        self.term_input.push(input as u32);
+        self.term_index.push(index as u32);
+        self.term_weight.push(weight);
+    }
+
+    /// Close the row being built, with its constant plaintext.
+    pub fn end_row(&mut self, constant: u64) {
+        self.row_start.push(self.term_weight.len() as u32);
+        self.constant.push(constant);
+    }
+
     pub fn terms(&self, j: usize) -> impl Iterator<Item = (usize, usize, i64)> + '_ {
         let (a, b) = (self.row_start[j] as usize, self.row_start[j + 1] as usize);
         (a..b).map(move |t| (self.term_input[t] as usize, self.term_index[t] as usize, self.term_weight[t]))
@@ -69,6 +95,11 @@ pub struct Circuit {
     /// Lookup tables, 2^precision plaintext slots each.
     pub tables: Vec<Vec<u64>>,
     pub precision: u32,
+    /// State carried from one run to the next (a training step's weights): output
+    /// `state[i].1` (a position in `outputs`) is encoded exactly as input `state[i].0` (a
+    /// position in `inputs`), so the server feeds it back without the client.
+    #[serde(default)]
+    pub state: Vec<(usize, usize)>,
 }
 
 impl Circuit {
@@ -94,6 +125,11 @@ impl Circuit {
         let mut coefs: Vec<Vec<NoiseCoefs>> = self.value_len.iter().map(|&n| vec![NoiseCoefs::default(); n]).collect();
         for &i in &self.inputs {
             coefs[i].iter_mut().for_each(|c| c.fresh = 1.0);
+        }
+        // A state input is a fresh encryption at first and a state output afterwards,
+        // which the lowering checks carries at most one bootstrap's noise.
+        for &(i, _) in &self.state {
+            coefs[self.inputs[i]].iter_mut().for_each(|c| c.bootstrapped = 1.0);
         }
         for ins in &self.instructions {
             match ins {

@@ -84,6 +84,11 @@ pub fn run_noisy(g: &Graph, inputs: &[Tensor], slot_std: f64, seed: u64) -> Resu
                 let x = int(&args, 0).map_err(fail)?.mapv(|v| (v + noise(step)).clamp(t.input.lo, t.input.hi));
                 Tensor::I64(lookup(t, &x).map_err(fail)?)
             }
+            Op::SatEnc { lo, hi, rounding } if *rounding > 0 => {
+                let step = 1i64 << rounding;
+                let x = int(&args, 0).map_err(fail)?;
+                Tensor::I64(x.mapv(|v| crate::enc::saturate_read(v, v + noise(step), *lo, *hi, *rounding)))
+            }
             Op::MaxEnc { rounding, diff } if *rounding > 0 => {
                 let step = 1i64 << rounding;
                 let (a, b) = (int(&args, 0).map_err(fail)?, int(&args, 1).map_err(fail)?);
@@ -261,6 +266,10 @@ pub fn eval_op(op: &Op, args: &[&Tensor]) -> OpResult<Tensor> {
             Tensor::I64(zip_broadcast(int(args, 0)?, int(args, 1)?, |a, b| max_enc(a, b, *rounding, *diff))?)
         }
         Op::Tlu(t) => Tensor::I64(lookup(t, int(args, 0)?)?),
+        Op::MatMulEnc => Tensor::I64(crate::enc::matmul(int(args, 0)?, int(args, 1)?)?),
+        Op::SatEnc { lo, hi, rounding } => {
+            Tensor::I64(int(args, 0)?.mapv(|v| crate::enc::saturate(v, *lo, *hi, *rounding)))
+        }
         Op::Assume { range } => Tensor::I64(int(args, 0)?.mapv(|v| v.clamp(range.lo, range.hi))),
     })
 }

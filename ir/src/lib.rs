@@ -5,6 +5,7 @@
 //! values after quantization — so one [`verify`], one printer ([`print::to_text`],
 //! [`print::to_dot`], [`print::to_json`]) and one interpreter serve them all.
 
+pub mod enc;
 pub mod error;
 pub mod graph;
 pub mod interp;

@@ -400,6 +400,21 @@ pub enum Op {
     },
     /// Element-wise table lookup: one programmable bootstrap per element.
     Tlu(Box<Tlu>),
+    /// Matrix product of two encrypted tensors, per sample: `[N, M, K] × [N, K, L] →
+    /// [N, M, L]`, exact in integers. Lowered to table lookups of squares (see
+    /// `veil_backend::lower`); each operand is read exactly, so the sums a + b must fit
+    /// the circuit's precision.
+    MatMulEnc,
+    /// Saturation toward `[lo, hi]` with one lookup: the input is read to a multiple q of
+    /// 2^rounding, and `q − clamp(q, lo, hi)` is subtracted from it. Inside the bounds the
+    /// value is kept exactly; beyond them it lands less than a bucket from the nearer
+    /// bound. Lets a narrow lookup follow a value whose sound range is wide (see
+    /// [`crate::enc::saturate`]).
+    SatEnc {
+        lo: i64,
+        hi: i64,
+        rounding: u32,
+    },
     /// The compiled range of an encrypted tensor: values are encoded for `range`, narrower
     /// than the worst case that interval arithmetic proves. Free at run time; a value
     /// outside it would overflow its encoding (the clear interpreter reports and saturates).
@@ -441,6 +456,8 @@ impl Op {
             Op::SubEnc => "sub_enc",
             Op::MaxEnc { .. } => "max_enc",
             Op::Tlu(_) => "tlu",
+            Op::MatMulEnc => "matmul_enc",
+            Op::SatEnc { .. } => "saturate",
             Op::Assume { .. } => "assume",
         }
     }
@@ -450,7 +467,7 @@ impl Op {
         match self {
             Op::Input { .. } | Op::Const(_) => (0, 0),
             Op::Gemm { .. } | Op::Conv(_) => (2, 3),
-            Op::MatMul | Op::Binary(_) | Op::AddEnc | Op::SubEnc | Op::MaxEnc { .. } => (2, 2),
+            Op::MatMul | Op::Binary(_) | Op::AddEnc | Op::SubEnc | Op::MaxEnc { .. } | Op::MatMulEnc => (2, 2),
             Op::BatchNorm { .. } => (5, 5),
             Op::Concat { .. } => (1, usize::MAX),
             _ => (1, 1),
@@ -654,6 +671,27 @@ impl Op {
                     return Err(format!("assumed range {range} does not meet the operand's range {r}"));
                 }
                 Ok(TensorType::new(Elem::Enc(Range::new(lo, hi)), ty.shape.clone()))
+            }
+            Op::MatMulEnc => {
+                let (ra, ta) = enc_only(operands[0])?;
+                let (rb, tb) = enc_only(operands[1])?;
+                let (n, m, k) = match ta.shape.dims() {
+                    [n, m, Dim::Fixed(k)] => (*n, *m, *k),
+                    _ => return Err(format!("matmul_enc expects [N, M, K] operands, got {}", ta.shape)),
+                };
+                match tb.shape.dims() {
+                    [nb, Dim::Fixed(kb), l] if *nb == n && *kb == k => {
+                        Ok(TensorType::new(Elem::Enc(crate::enc::matmul_range(ra, rb, k)), Shape(vec![n, m, *l])))
+                    }
+                    _ => Err(format!("matmul_enc of {} and {}: expects [N, {k}, L]", ta.shape, tb.shape)),
+                }
+            }
+            Op::SatEnc { lo, hi, rounding } => {
+                let (r, ty) = enc_only(x.unwrap())?;
+                if lo > hi {
+                    return Err(format!("saturation bounds {lo}..{hi} are empty"));
+                }
+                Ok(TensorType::new(Elem::Enc(crate::enc::saturate_range(r, *lo, *hi, *rounding)), ty.shape.clone()))
             }
             Op::Tlu(t) => {
                 let (r, ty) = enc_only(x.unwrap())?;

@@ -131,6 +131,8 @@ pub fn attrs_text(op: &Op) -> String {
             s
         }
         Op::Assume { range } => format!("range={range}"),
+        Op::SatEnc { lo, hi, rounding } => format!("bounds={lo}..{hi} round={rounding}"),
+        Op::MatMulEnc => String::new(),
         Op::MatMul | Op::Binary(_) | Op::GlobalAvgPool | Op::AddEnc | Op::SubEnc | Op::MaxEnc { .. } => String::new(),
     }
 }

@@ -1,0 +1,114 @@
+//! The scale of every encrypted value: delta = 2^d, as coarse as its readers allow.
+//!
+//! A coarse scale keeps noise small relative to the value, so each value gets the largest
+//! d that every constraint on it allows:
+//! - a lookup reading it with k low bits dropped: d ≤ 63 − p − k (slots 2^(63−p) apart);
+//!   products and saturations read their operands the same way;
+//! - a decrypted output: d ≤ 63 − bits(range), so the range fits below the padding bit;
+//! - an affine op using it with weights whose 2-adic valuation is at least j: d ≤ d_out + j
+//!   (2^j·w times a value at scale d_out + j is w times the same ciphertext).
+//!
+//! Constraints flow from readers back to operands, so one pass in reverse topological order
+//! settles them. State pairs (an output fed back as an input) must share a scale: both take
+//! the smaller and the pass runs again until nothing changes.
+
+use super::err;
+use crate::error::Result;
+use std::collections::HashMap;
+use veil_ir::{Graph, NodeId, Op};
+
+/// A reader's demand on one operand.
+pub(super) enum Demand {
+    /// The operand is read by a bootstrap at scale 2^d (or a copy of it scaled up to that).
+    Read(u32),
+    /// The operand is a term of an affine result with weights divisible by 2^j (`None`:
+    /// every weight is zero, no constraint).
+    Affine(Option<u32>),
+}
+
+/// Bits a range spans.
+pub(super) fn bits(span: i64) -> u32 {
+    64 - (span.max(0) as u64).leading_zeros()
+}
+
+/// Scales for every node of `g`, in topological `order`. `demands(id)` lists what node
+/// `id` asks of each of its operands (by operand position).
+pub(super) fn assign(
+    g: &Graph,
+    order: &[NodeId],
+    demands: &dyn Fn(NodeId) -> Vec<(usize, Demand)>,
+    state: &[(NodeId, NodeId)],
+) -> Result<HashMap<NodeId, u32>> {
+    let mut extra: HashMap<NodeId, u32> = HashMap::new();
+    loop {
+        let d = one_pass(g, order, demands, &extra)?;
+        let mut changed = false;
+        for &(input, output) in state {
+            let (a, b) = (d[&input], d[&output]);
+            if a != b {
+                let m = a.min(b);
+                for n in [input, output] {
+                    let e = extra.entry(n).or_insert(m);
+                    if *e > m {
+                        *e = m;
+                    }
+                }
+                changed = true;
+            }
+        }
+        if !changed {
+            return Ok(d);
+        }
+    }
+}
+
+fn one_pass(
+    g: &Graph,
+    order: &[NodeId],
+    demands: &dyn Fn(NodeId) -> Vec<(usize, Demand)>,
+    extra: &HashMap<NodeId, u32>,
+) -> Result<HashMap<NodeId, u32>> {
+    // bound[n]: the largest d every constraint seen so far allows
+    let mut bound: HashMap<NodeId, i64> = HashMap::new();
+    let tighten = |bound: &mut HashMap<NodeId, i64>, n: NodeId, v: i64| {
+        let e = bound.entry(n).or_insert(v);
+        if *e > v {
+            *e = v;
+        }
+    };
+    for o in g.outputs() {
+        let r = g.enc_range(o.node);
+        tighten(&mut bound, o.node, 63 - bits(r.hi - r.lo) as i64);
+    }
+    for (&n, &v) in extra {
+        tighten(&mut bound, n, v as i64);
+    }
+    let mut d: HashMap<NodeId, u32> = HashMap::new();
+    for &id in order.iter().rev() {
+        let r = g.enc_range(id);
+        // a value nothing constrains (dead, or clear) still gets a scale its range fits
+        let own = bound.get(&id).copied().unwrap_or(62 - bits(r.hi - r.lo) as i64);
+        if own < 0 {
+            return Err(err(g, id, "no scale fits this value's range and its readers"));
+        }
+        d.insert(id, own as u32);
+        let ops = g.operands(id);
+        for (k, demand) in demands(id) {
+            let Some(&o) = ops.get(k) else { continue };
+            match demand {
+                Demand::Read(t) => tighten(&mut bound, o, t as i64),
+                Demand::Affine(Some(j)) => tighten(&mut bound, o, own + j as i64),
+                Demand::Affine(None) => {}
+            }
+        }
+    }
+    // an assume reuses its operand's ciphertexts: it has the operand's scale
+    for &id in order {
+        if matches!(g.node(id).op, Op::Assume { .. }) {
+            let src = g.operands(id)[0];
+            let s = d[&src];
+            d.insert(id, s);
+        }
+    }
+    Ok(d)
+}

@@ -1,0 +1,292 @@
+//! Lowering: the quantized integer graph → a [`Circuit`] over LWE ciphertexts, the client's
+//! encodings, and what the parameter optimizer must satisfy.
+//!
+//! Encodings. Every encrypted value v travels as the plaintext (v − base)·delta mod 2^64,
+//! with delta = 2^d a power of two chosen per value ([`deltas`]): a lookup reading a
+//! value at `p` bits with `k` low bits dropped needs d = 63 − p − k (slots 2^(63−p) apart
+//! with one padding bit); a decrypted output needs its range below 2^(63−d); an affine
+//! op's operand may sit at a coarser scale than its result when its weights are even
+//! (2^j·w on a value at d + j is the weight w on the same ciphertext). A reader needing a
+//! coarser scale than its value has reads a copy multiplied by a power of two. The clear
+//! `base` makes every message a bootstrap reads non-negative.
+//!
+//! Every affine op (linear maps, sums, layout) is lowered the same way: probing it with
+//! zero and unit inputs gives its exact matrix and constant. Products of two encrypted
+//! matrices become lookups of squares ([`products`]).
+
+mod deltas;
+mod emit;
+mod products;
+#[cfg(test)]
+mod tests;
+
+use crate::circuit::Circuit;
+use crate::error::{BackendError, Result};
+use crate::params::Requirements;
+use ndarray::ArrayD;
+use serde::{Deserialize, Serialize};
+use veil_ir::{Graph, NodeId, Range, Tensor};
+use veil_passes::model::{combine_digits, InputQuant, OutputDecode, QuantizedModel, TailSource};
+
+/// How the client encodes one model input.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InputEncoding {
+    pub quant: InputQuant,
+    /// Per-sample shape.
+    pub shape: Vec<usize>,
+    pub delta_log2: u32,
+    pub base: i64,
+    pub model_input: usize,
+}
+
+/// A circuit input the client computes from another one's integers: for each element,
+/// the sum of the squares of the listed elements of input `from` (see [`products`]).
+/// Encoded like any input, as (v − base)·2^delta_log2.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DerivedInput {
+    /// Which circuit input (position among the graph's inputs) the squares come from.
+    pub from: usize,
+    /// Per element of this input: the elements of `from`, per sample, whose squares it sums.
+    pub groups: Vec<Vec<u32>>,
+    pub delta_log2: u32,
+    pub base: i64,
+}
+
+impl DerivedInput {
+    /// The integers of this input for a batch of `from`'s integers `[samples, ...]`.
+    pub fn compute(&self, from: &ArrayD<i64>) -> Result<Vec<Vec<i64>>> {
+        let samples = from.shape().first().copied().unwrap_or(0);
+        let per = from.len() / samples.max(1);
+        let flat = from.as_standard_layout();
+        let flat = flat.as_slice().expect("standard layout");
+        (0..samples)
+            .map(|s| {
+                let row = &flat[s * per..(s + 1) * per];
+                self.groups
+                    .iter()
+                    .map(|g| {
+                        g.iter().map(|&e| row.get(e as usize).map(|v| v * v)).sum::<Option<i64>>().ok_or_else(|| {
+                            BackendError::Lower {
+                                node: format!("derived input from input {}", self.from),
+                                msg: format!("an element index is beyond the {per} elements of a sample"),
+                            }
+                        })
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// How the client decodes one circuit output.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OutputEncoding {
+    pub name: String,
+    pub decode: OutputDecode,
+    pub shape: Vec<usize>,
+    pub delta_log2: u32,
+    pub base: i64,
+    pub range: Range,
+}
+
+/// Everything the client needs: quantize and encode inputs; decrypt, decode and finish.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClientSpec {
+    pub inputs: Vec<InputEncoding>,
+    /// Circuit inputs after `inputs`, computed by the client from them.
+    #[serde(default)]
+    pub derived: Vec<DerivedInput>,
+    pub outputs: Vec<OutputEncoding>,
+    pub tail: Graph,
+    pub tail_inputs: Vec<TailSource>,
+    pub model_inputs: Vec<String>,
+    pub model_outputs: Vec<String>,
+}
+
+/// The lowered circuit with its client side and parameter requirements.
+pub struct Lowered {
+    pub circuit: Circuit,
+    pub client: ClientSpec,
+    pub requirements: Requirements,
+}
+
+/// One encrypted value's encoding: plaintext = (v − base)·2^delta_log2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encoding {
+    pub delta_log2: u32,
+    pub base: i64,
+}
+
+/// A graph lowered on its own, without a model around it: the circuit, the encoding of
+/// every graph input and output, and the inputs the client derives.
+pub struct LoweredGraph {
+    pub circuit: Circuit,
+    pub inputs: Vec<Encoding>,
+    pub derived: Vec<DerivedInput>,
+    pub outputs: Vec<Encoding>,
+    pub requirements: Requirements,
+}
+
+impl LoweredGraph {
+    /// Plaintexts `[circuit input][sample][element]` for the integers of every graph input
+    /// (each `[samples, ...]`), derived inputs included.
+    pub fn encode_integers(&self, ints: &[ArrayD<i64>]) -> Result<Vec<Vec<Vec<u64>>>> {
+        encode_all(&self.inputs, &self.derived, ints)
+    }
+}
+
+/// Lower a graph whose lookups read at most `precision` bits. `state` pairs graph inputs
+/// with graph outputs (by position) that must be encoded identically, so that the output
+/// of one run can be the input of the next.
+pub fn lower_graph(g: &Graph, precision: u32, state: &[(usize, usize)]) -> Result<LoweredGraph> {
+    emit::lower_graph(g, precision, state)
+}
+
+/// Lower a quantized model whose lookups read at most `precision` bits.
+pub fn lower(model: &QuantizedModel, precision: u32) -> Result<Lowered> {
+    let g = &model.graph;
+    let low = lower_graph(g, precision, &[])?;
+    let inputs = g
+        .inputs()
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| InputEncoding {
+            quant: model.inputs[i].clone(),
+            shape: emit::sample_dims(g, id),
+            delta_log2: low.inputs[i].delta_log2,
+            base: low.inputs[i].base,
+            model_input: model.input_of[i],
+        })
+        .collect();
+    let outputs = g
+        .outputs()
+        .iter()
+        .enumerate()
+        .map(|(i, o)| OutputEncoding {
+            name: o.name.clone(),
+            decode: model.decode[i].clone(),
+            shape: emit::sample_dims(g, o.node),
+            delta_log2: low.outputs[i].delta_log2,
+            base: low.outputs[i].base,
+            range: g.enc_range(o.node),
+        })
+        .collect::<Vec<_>>();
+    let mut requirements = low.requirements;
+    // the client reads outputs to a multiple of 2^rounding: noise must stay under half of that
+    for (req, o) in requirements.outputs.iter_mut().zip(&outputs) {
+        req.1 = 2f64.powi(o.delta_log2 as i32 + o.decode.rounding as i32 - 1 - 64);
+    }
+    let client = ClientSpec {
+        inputs,
+        derived: low.derived,
+        outputs,
+        tail: model.tail.clone(),
+        tail_inputs: model.tail_inputs.clone(),
+        model_inputs: model.model_inputs.clone(),
+        model_outputs: model.tail.outputs().iter().map(|o| o.name.clone()).collect(),
+    };
+    Ok(Lowered { circuit: low.circuit, client, requirements })
+}
+
+/// The plaintext of integer message `m` at scale 2^delta_log2, mod 2^64.
+pub fn encode(m: i128, delta_log2: u32) -> u64 {
+    (m as u64).wrapping_mul(1u64 << delta_log2)
+}
+
+/// Plaintexts of graph inputs given as integers, then of the inputs derived from them.
+fn encode_all(inputs: &[Encoding], derived: &[DerivedInput], ints: &[ArrayD<i64>]) -> Result<Vec<Vec<Vec<u64>>>> {
+    let rows = |a: &ArrayD<i64>, e: &Encoding| -> Vec<Vec<u64>> {
+        let samples = a.shape().first().copied().unwrap_or(0);
+        let per = a.len() / samples.max(1);
+        let a = a.as_standard_layout();
+        let flat = a.as_slice().expect("standard layout");
+        flat.chunks(per.max(1))
+            .map(|row| row.iter().map(|&v| encode(v as i128 - e.base as i128, e.delta_log2)).collect())
+            .collect()
+    };
+    if ints.len() != inputs.len() {
+        return Err(BackendError::Lower {
+            node: "inputs".into(),
+            msg: format!("{} integer inputs for {} circuit inputs", ints.len(), inputs.len()),
+        });
+    }
+    let mut out: Vec<Vec<Vec<u64>>> = ints.iter().zip(inputs).map(|(a, e)| rows(a, e)).collect();
+    for d in derived {
+        let src = ints.get(d.from).ok_or_else(|| BackendError::Lower {
+            node: "derived input".into(),
+            msg: format!("derived from input {}, which does not exist", d.from),
+        })?;
+        let vals = d.compute(src)?;
+        out.push(
+            vals.iter()
+                .map(|row| row.iter().map(|&v| encode(v as i128 - d.base as i128, d.delta_log2)).collect())
+                .collect(),
+        );
+    }
+    Ok(out)
+}
+
+impl ClientSpec {
+    /// Quantize and encode model inputs: plaintexts per circuit input, per sample.
+    pub fn encode(&self, xs: &[Tensor]) -> Result<Vec<Vec<Vec<u64>>>> {
+        let ints = self
+            .inputs
+            .iter()
+            .map(|inp| {
+                let x = xs
+                    .get(inp.model_input)
+                    .ok_or_else(|| BackendError::Lower { node: inp.quant.name.clone(), msg: "missing input".into() })?;
+                Ok(inp.quant.quantize(&x.to_f32())?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let encodings: Vec<Encoding> =
+            self.inputs.iter().map(|i| Encoding { delta_log2: i.delta_log2, base: i.base }).collect();
+        encode_all(&encodings, &self.derived, &ints)
+    }
+
+    /// Decode decrypted plaintexts (per output, per sample) to integers.
+    pub fn decode_integers(&self, plain: &[Vec<Vec<u64>>]) -> Vec<Tensor> {
+        self.outputs
+            .iter()
+            .zip(plain)
+            .map(|(o, rows)| Tensor::I64(decode_rows(rows, o.delta_log2, o.base, &o.shape)))
+            .collect()
+    }
+
+    /// Decode integers and run the client tail: the model's outputs.
+    pub fn finish(&self, integers: &[Tensor], xs: &[Tensor]) -> Result<Vec<Tensor>> {
+        let mut tail_in = Vec::with_capacity(self.tail_inputs.len());
+        let ints = |i: usize| integers[i].as_i64().expect("integers");
+        for src in &self.tail_inputs {
+            tail_in.push(match *src {
+                TailSource::Server(i) => Tensor::F32(self.outputs[i].decode.decode(ints(i), &self.outputs[i].name)?),
+                TailSource::Model(i) => xs[i].clone(),
+                TailSource::Digits { first, count, shift, rounding } => {
+                    let parts: Vec<_> = (first..first + count).map(|i| (ints(i), &self.outputs[i].decode)).collect();
+                    Tensor::F32(combine_digits(&parts, shift, rounding, &self.outputs[first].name)?)
+                }
+            });
+        }
+        Ok(veil_ir::interp::run(&self.tail, &tail_in)?)
+    }
+}
+
+/// Integers `[samples, shape...]` from decrypted plaintexts per sample.
+pub fn decode_rows(rows: &[Vec<u64>], delta_log2: u32, base: i64, shape: &[usize]) -> ArrayD<i64> {
+    let vals: Vec<i64> = rows.iter().flat_map(|r| r.iter().map(|&m| decode_plain(m, delta_log2) + base)).collect();
+    let mut dims = vec![rows.len()];
+    dims.extend(shape);
+    ArrayD::from_shape_vec(dims, vals).expect("sizes match")
+}
+
+/// round(m / 2^delta_log2) with m read as signed (outputs keep their top bit clear, so a
+/// small negative noise around 0 decodes to 0).
+pub fn decode_plain(m: u64, delta_log2: u32) -> i64 {
+    let half = if delta_log2 == 0 { 0 } else { 1i64 << (delta_log2 - 1) };
+    (m as i64).wrapping_add(half) >> delta_log2
+}
+
+fn err(g: &Graph, id: NodeId, msg: impl Into<String>) -> BackendError {
+    let n = g.node(id);
+    BackendError::Lower { node: format!("{} '{}'", n.op.mnemonic(), n.name), msg: msg.into() }
+}
