@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use std::path::Path;
 use veil_ir::{Graph, Range};
 use veil_passes::model::{InputQuant, OutputDecode, QuantizedModel, TailSource};
+use veil_passes::training::{TrainSpec, TrainingPlan};
 
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -26,6 +27,8 @@ pub struct Artifact {
     pub client: ClientSpec,
     pub report: proto::Report,
     pub stages: proto::Stages,
+    /// Set for a training artifact (the circuit is one SGD step).
+    pub training: Option<TrainingPlan>,
     pub fingerprint: Vec<u8>,
 }
 
@@ -42,8 +45,15 @@ impl Artifact {
         report: proto::Report,
         stages: proto::Stages,
     ) -> Artifact {
-        let fingerprint = fingerprint(&params, &circuit);
-        Artifact { model_name, params, circuit, client, report, stages, fingerprint }
+        let fingerprint = fingerprint(&params, &circuit, None);
+        Artifact { model_name, params, circuit, client, report, stages, training: None, fingerprint }
+    }
+
+    /// A training artifact: its fingerprint covers the training plan too.
+    pub fn with_training(mut self, plan: TrainingPlan) -> Artifact {
+        self.fingerprint = fingerprint(&self.params, &self.circuit, Some(&plan));
+        self.training = Some(plan);
+        self
     }
 
     pub fn to_proto(&self) -> proto::Artifact {
@@ -57,6 +67,7 @@ impl Artifact {
             client: Some(client_to_proto(&self.client)),
             report: Some(self.report.clone()),
             stages: Some(self.stages.clone()),
+            training: self.training.as_ref().map(training_to_proto),
         }
     }
 
@@ -67,7 +78,8 @@ impl Artifact {
         let params = params_from_proto(p.params.as_ref().ok_or_else(|| bad(path, "no parameters"))?);
         let circuit = circuit_from_proto(p.circuit.ok_or_else(|| bad(path, "no circuit"))?, path)?;
         let client = client_from_proto(p.client.ok_or_else(|| bad(path, "no client section"))?, &circuit, path)?;
-        if fingerprint(&params, &circuit) != p.fingerprint {
+        let training = p.training.map(|t| training_from_proto(t, &circuit, path)).transpose()?;
+        if fingerprint(&params, &circuit, training.as_ref()) != p.fingerprint {
             return Err(bad(path, "the fingerprint does not match the parameters and circuit: the file was modified"));
         }
         Ok(Artifact {
@@ -77,6 +89,7 @@ impl Artifact {
             client,
             report: p.report.unwrap_or_default(),
             stages: p.stages.unwrap_or_default(),
+            training,
             fingerprint: p.fingerprint,
         })
     }
@@ -147,12 +160,69 @@ pub fn graph_to_json(g: &Graph) -> String {
 }
 
 /// SHA-256 over the parameters and the circuit: what keys and ciphertexts must match.
-pub fn fingerprint(params: &Params, circuit: &Circuit) -> Vec<u8> {
+pub fn fingerprint(params: &Params, circuit: &Circuit, training: Option<&TrainingPlan>) -> Vec<u8> {
     let mut h = Sha256::new();
     h.update(b"veil-fingerprint-v1");
     h.update(params_to_proto(params).encode_to_vec());
     h.update(circuit_to_proto(circuit).encode_to_vec());
+    if let Some(t) = training {
+        h.update(training_to_proto(t).encode_to_vec());
+    }
     h.finalize().to_vec()
+}
+
+fn training_to_proto(t: &TrainingPlan) -> proto::Training {
+    let s = &t.spec;
+    proto::Training {
+        features: s.features as u32,
+        classes: s.classes.clone(),
+        batch_size: s.batch as u32,
+        learning_rate: s.learning_rate,
+        l2: s.l2,
+        feature_lo: s.feature_range.0,
+        feature_hi: s.feature_range.1,
+        weight_range: s.weight_range,
+        precision: s.precision,
+        x_levels: s.x_levels,
+        error_levels: s.error_levels,
+        logit_bound: s.logit_bound,
+        weight_levels: t.weight_levels,
+        weight_scale: t.weight_scale,
+        dither_bits: t.dither_bits,
+        logit_levels: t.logit_levels,
+    }
+}
+
+/// The training plan, re-derived from its spec and checked against what the file says and
+/// against the circuit's inputs, so a client never encodes for a step it does not run.
+fn training_from_proto(t: proto::Training, circuit: &Circuit, path: &str) -> Result<TrainingPlan> {
+    let spec = TrainSpec {
+        features: t.features as usize,
+        classes: t.classes,
+        batch: t.batch_size as usize,
+        learning_rate: t.learning_rate,
+        l2: t.l2,
+        feature_range: (t.feature_lo, t.feature_hi),
+        weight_range: t.weight_range,
+        precision: t.precision,
+        x_levels: t.x_levels,
+        error_levels: t.error_levels,
+        logit_bound: t.logit_bound,
+    };
+    let plan = TrainingPlan::new(spec).map_err(|e| bad(path, format!("training section: {e}")))?;
+    let same = plan.weight_levels == t.weight_levels
+        && plan.weight_scale == t.weight_scale
+        && plan.dither_bits == t.dither_bits
+        && plan.logit_levels == t.logit_levels;
+    let (f, s, b) = (plan.spec.features, plan.scores(), plan.spec.batch);
+    let sizes = [b * f, b * s, f * s, s, f * s, s];
+    let fits = circuit.inputs.len() >= sizes.len()
+        && sizes.iter().zip(&circuit.inputs).all(|(&n, &v)| circuit.value_len[v] == n)
+        && circuit.state == veil_passes::training::STATE.to_vec();
+    if !same || !fits {
+        return Err(bad(path, "the training section does not match the circuit"));
+    }
+    Ok(plan)
 }
 
 fn params_to_proto(p: &Params) -> proto::Params {

@@ -13,6 +13,7 @@ pub mod noise;
 pub mod params;
 pub mod pipeline;
 pub mod security;
+pub mod training;
 
 pub use error::{BackendError, Result};
 

@@ -196,6 +196,11 @@ impl GraphBuilder {
         self.op(Op::ArgMax { axis, keepdims: false, select_last: false }, &[x])
     }
 
+    /// Permute the axes of each value (`perm` over all axes, the batch axis staying first).
+    pub fn transpose(&mut self, x: Var, perm: &[usize]) -> Result<Var> {
+        self.op(Op::Transpose { perm: perm.to_vec() }, &[x])
+    }
+
     /// The type a value has.
     pub fn type_of(&self, x: Var) -> &TensorType {
         &self.g.node(x.0).ty
@@ -211,6 +216,59 @@ impl GraphBuilder {
         veil_ir::verify(&self.g)?;
         Ok(self.g)
     }
+}
+
+/// The float step of stochastic gradient descent for a logistic regression, one-vs-rest
+/// when `scores` > 1: the graph veil compiles for encrypted training.
+///
+/// Inputs (N independent steps at once, usually N = 1): features `x [N, B, F]`, labels
+/// `y [N, B, S]` (0 or 1 per score column: the positive class for a binary model, one-hot
+/// for S ≥ 2 classes), weights `w [N, F, S]` and bias `b [N, 1, S]`. Outputs `w_next`,
+/// `b_next` of the same shapes:
+///
+/// ```text
+/// p = σ(x·w + b)                         [N, B, S]
+/// w_next = w − lr·(xᵀ·(p − y)/B + l2·w)
+/// b_next = b − lr·Σ_batch (p − y)/B
+/// ```
+///
+/// the gradient of the mean log-loss (Bishop, *Pattern Recognition and Machine Learning*,
+/// §4.3.2, eq. 4.91), with an L2 penalty on the weights (not the bias) as in
+/// scikit-learn's `SGDClassifier(penalty="l2")`.
+///
+/// ```
+/// # fn main() -> veil_frontend::Result<()> {
+/// let step = veil_frontend::dsl::logistic_sgd_step(30, 1, 8, 1.0, 0.0)?;
+/// assert_eq!(step.outputs().len(), 2);
+/// # Ok(())
+/// # }
+/// ```
+pub fn logistic_sgd_step(features: usize, scores: usize, batch: usize, lr: f32, l2: f32) -> Result<Graph> {
+    let mut g = GraphBuilder::new("logistic_sgd_step");
+    let x = g.input("x", &[batch, features]);
+    let y = g.input("y", &[batch, scores]);
+    let w = g.input("w", &[features, scores]);
+    let b = g.input("b", &[1, scores]);
+    let z = g.matmul(x, w)?;
+    let z = g.add(z, b)?;
+    let p = g.sigmoid(z)?;
+    let e = g.sub(p, y)?;
+    let xt = g.transpose(x, &[0, 2, 1])?;
+    let grad = g.matmul(xt, e)?;
+    let step = g.constant(ArrayD::from_elem(vec![], lr / batch as f32));
+    let mut dw = g.mul(grad, step)?;
+    if l2 > 0.0 {
+        let decay = g.constant(ArrayD::from_elem(vec![], lr * l2));
+        let wd = g.mul(w, decay)?;
+        dw = g.add(dw, wd)?;
+    }
+    let w_next = g.sub(w, dw)?;
+    let gb = g.reduce_sum(e, &[1], true)?;
+    let db = g.mul(gb, step)?;
+    let b_next = g.sub(b, db)?;
+    g.output("w_next", w_next);
+    g.output("b_next", b_next);
+    g.finish()
 }
 
 fn window(kernel: usize, stride: usize) -> Pool2d {
@@ -234,6 +292,19 @@ mod tests {
         let x = b.input("x", &[4]);
         let err = b.linear(x, Array2::zeros((2, 5)), None).unwrap_err().to_string();
         assert!(err.contains("gemm") && err.contains("inner dimensions"), "{err}");
+    }
+
+    #[test]
+    fn sgd_step_moves_weights_against_the_gradient() {
+        // one feature, one sample with label 1 and zero weights: p = 0.5, e = −0.5,
+        // so w gains lr·x·0.5 and b gains lr·0.5
+        let g = logistic_sgd_step(1, 1, 1, 2.0, 0.0).unwrap();
+        let t = |v: f32, d: &[usize]| Tensor::F32(ArrayD::from_elem(d.to_vec(), v));
+        let out =
+            veil_ir::interp::run(&g, &[t(0.5, &[1, 1, 1]), t(1.0, &[1, 1, 1]), t(0.0, &[1, 1, 1]), t(0.0, &[1, 1, 1])])
+                .unwrap();
+        assert_eq!(out[0].as_f32().unwrap().iter().copied().collect::<Vec<_>>(), vec![0.5]);
+        assert_eq!(out[1].as_f32().unwrap().iter().copied().collect::<Vec<_>>(), vec![1.0]);
     }
 
     #[test]

@@ -168,6 +168,10 @@ pub fn set_precision(g: &Graph, p: u32) -> Result<Graph> {
                 let rounding = rounding_for(d, p).ok_or_else(|| too_narrow(p, &node.name))?;
                 Op::MaxEnc { rounding, diff: *diff }
             }
+            Op::SatEnc { lo, hi, .. } => {
+                let rounding = rounding_for(out.enc_range(ops[0]), p).ok_or_else(|| too_narrow(p, &node.name))?;
+                Op::SatEnc { lo: *lo, hi: *hi, rounding }
+            }
             op => op.clone(),
         };
         Ok::<_, PassError>(Some(out.add(op, ops, node.name.clone())?))
@@ -192,6 +196,16 @@ pub fn max_precision_of(g: &Graph, id: NodeId) -> u32 {
             let ops = g.operands(id);
             let d = diff.unwrap_or_else(|| g.enc_range(ops[0]).minus(&g.enc_range(ops[1])));
             lookup_precision(entries(d, *rounding), *rounding)
+        }
+        Op::SatEnc { rounding, .. } => {
+            let r = g.enc_range(g.operands(id)[0]);
+            lookup_precision(entries(r, *rounding), *rounding)
+        }
+        // the sums a + b are read exactly
+        Op::MatMulEnc => {
+            let ops = g.operands(id);
+            let (a, b) = (g.enc_range(ops[0]), g.enc_range(ops[1]));
+            lookup_precision(entries(Range::new(a.lo + b.lo, a.hi + b.hi), 0), 0)
         }
         _ => 0,
     }

@@ -13,6 +13,8 @@ pub enum PassError {
     Fuse(String),
     #[error("bit-width search: {0}")]
     Search(String),
+    #[error("training: {0}")]
+    Training(String),
     #[error(transparent)]
     Ir(#[from] veil_ir::IrError),
 }

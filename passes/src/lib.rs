@@ -1,5 +1,6 @@
 //! Passes from the float graph to the integer graph that runs on encrypted data:
-//! [`calibrate`] → [`quantize`] → [`fuse`] → [`bitwidth`].
+//! [`calibrate`] → [`quantize`] → [`fuse`] → [`bitwidth`]; [`training`] builds the
+//! integer SGD step for encrypted training.
 
 pub mod bitwidth;
 pub mod calibrate;
@@ -9,6 +10,7 @@ pub mod fuse;
 pub mod model;
 pub mod quantize;
 pub mod ranges;
+pub mod training;
 
 pub use bitwidth::{compile, Compiled, SearchOptions};
 pub use calibrate::{calibrate, Calibration};

@@ -27,7 +27,8 @@ pub(super) fn sample_len(g: &Graph, id: NodeId) -> usize {
     g.node(id).ty.shape.fixed_volume()
 }
 
-pub(crate) fn sample_dims(g: &Graph, id: NodeId) -> Vec<usize> {
+/// Per-sample dimensions of a node's value (the batch axis dropped).
+pub fn sample_dims(g: &Graph, id: NodeId) -> Vec<usize> {
     let s = &g.node(id).ty.shape;
     s.dims().iter().skip(1).map(|d| d.fixed().unwrap_or(1)).collect()
 }
@@ -137,8 +138,11 @@ pub(super) fn lower_graph(g: &Graph, precision: u32, state: &[(usize, usize)]) -
     }
     let scales = deltas::assign(g, &order, &|id| e.demands(id), &state_nodes)?;
     e.d = scales;
+    let mut node_lookups = HashMap::new();
     for &id in &order {
+        let before = e.circuit.lookups_per_sample();
         e.node(id)?;
+        node_lookups.insert(id, e.circuit.lookups_per_sample() - before);
     }
     e.share_bootstraps();
     e.circuit.inputs = g.inputs().iter().map(|id| e.value[id]).chain(e.derived_values.iter().copied()).collect();
@@ -149,7 +153,7 @@ pub(super) fn lower_graph(g: &Graph, precision: u32, state: &[(usize, usize)]) -
         outputs.push(e.encoding_of(o.node));
     }
     let requirements = e.requirements(&outputs)?;
-    Ok(LoweredGraph { circuit: e.circuit, inputs, derived: e.derived, outputs, requirements })
+    Ok(LoweredGraph { circuit: e.circuit, inputs, derived: e.derived, outputs, requirements, node_lookups })
 }
 
 impl Emitter<'_> {

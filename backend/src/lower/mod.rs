@@ -16,6 +16,7 @@
 
 mod deltas;
 mod emit;
+pub use emit::sample_dims;
 mod products;
 #[cfg(test)]
 mod tests;
@@ -125,6 +126,8 @@ pub struct LoweredGraph {
     pub derived: Vec<DerivedInput>,
     pub outputs: Vec<Encoding>,
     pub requirements: Requirements,
+    /// Bootstraps per sample each graph node lowered to.
+    pub node_lookups: std::collections::HashMap<NodeId, usize>,
 }
 
 impl LoweredGraph {
@@ -242,6 +245,14 @@ impl ClientSpec {
         let encodings: Vec<Encoding> =
             self.inputs.iter().map(|i| Encoding { delta_log2: i.delta_log2, base: i.base }).collect();
         encode_all(&encodings, &self.derived, &ints)
+    }
+
+    /// Encode integers already quantized, one per input `[samples, ...]`: plaintexts per
+    /// circuit input (derived inputs included), per sample.
+    pub fn encode_integers(&self, ints: &[ArrayD<i64>]) -> Result<Vec<Vec<Vec<u64>>>> {
+        let encodings: Vec<Encoding> =
+            self.inputs.iter().map(|i| Encoding { delta_log2: i.delta_log2, base: i.base }).collect();
+        encode_all(&encodings, &self.derived, ints)
     }
 
     /// Decode decrypted plaintexts (per output, per sample) to integers.

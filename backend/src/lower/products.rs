@@ -27,11 +27,13 @@ use veil_passes::bitwidth::entries;
 
 /// The graph input an operand is a rearrangement of, and for each of the operand's
 /// elements (per sample) the input element it is.
-pub(super) fn trace_input(g: &Graph, id: NodeId) -> Option<(usize, Vec<u32>)> {
+/// State inputs do not count: the client knows them only at the first step.
+pub(super) fn trace_input(g: &Graph, id: NodeId, state: &[(usize, usize)]) -> Option<(usize, Vec<u32>)> {
     let mut chain = Vec::new();
     let mut cur = id;
     let index = loop {
         match &g.node(cur).op {
+            Op::Input { index } if state.iter().any(|&(i, _)| i == *index) => return None,
             Op::Input { index } => break *index,
             Op::Reshape { .. } | Op::Transpose { .. } | Op::Gather { .. } => chain.push(cur),
             Op::Assume { .. } => {}
@@ -76,7 +78,8 @@ impl Emitter<'_> {
                 ),
             ));
         }
-        let (ta, tb) = (trace_input(self.g, a), trace_input(self.g, b));
+        let state = self.circuit.state.clone();
+        let (ta, tb) = (trace_input(self.g, a, &state), trace_input(self.g, b, &state));
         let squares = m * k * l + if ta.is_some() { 0 } else { m * k } + if tb.is_some() { 0 } else { k * l };
         let quarter = 2 * m * k * l;
         if quarter < squares && entries(dif, 0) <= slots {
