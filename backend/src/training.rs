@@ -41,6 +41,78 @@ pub fn compile_training(spec: TrainSpec, p_error: f64) -> Result<(Artifact, Trai
     Ok((artifact, model))
 }
 
+/// The client side of a training artifact: plaintexts of steps and states, and decoding.
+pub struct TrainingClient<'a> {
+    pub plan: &'a TrainingPlan,
+    pub client: &'a ClientSpec,
+    pub circuit: &'a crate::circuit::Circuit,
+}
+
+impl<'a> TrainingClient<'a> {
+    /// The training side of an artifact; an error if it is an inference model.
+    pub fn new(a: &'a Artifact) -> Result<TrainingClient<'a>> {
+        let plan = a.training.as_ref().ok_or_else(|| crate::error::BackendError::Artifact {
+            path: a.model_name.clone(),
+            msg: "this is an inference model, not a training model (compile one with `veil train-compile`)".into(),
+        })?;
+        Ok(TrainingClient { plan, client: &a.client, circuit: &a.circuit })
+    }
+
+    /// Plaintexts `[circuit input][element]` of one step's inputs (features, targets,
+    /// dither, and the square sums derived from them); state inputs are left empty.
+    pub fn step_plaintexts(&self, inputs: &[ArrayD<i64>; 4]) -> Result<Vec<Vec<u64>>> {
+        let [x, y, dw, db] = inputs.clone();
+        let s = self.plan.scores();
+        let w = ArrayD::zeros(vec![1, self.plan.spec.features, s]);
+        let b = ArrayD::zeros(vec![1, 1, s]);
+        let mut plain = self.client.encode_integers(&[x, y, w, b, dw, db])?;
+        for &(i, _) in &self.circuit.state {
+            plain[i] = vec![Vec::new()];
+        }
+        Ok(plain.into_iter().map(|mut per_sample| per_sample.remove(0)).collect())
+    }
+
+    /// Plaintexts of a state (weights and bias as integers `[1, F, S]`, `[1, 1, S]`).
+    pub fn state_plaintexts(&self, state: &[ArrayD<i64>; 2]) -> Vec<Vec<u64>> {
+        self.circuit
+            .state
+            .iter()
+            .zip(state)
+            .map(|(&(i, _), v)| {
+                let e = &self.client.inputs[i];
+                v.iter().map(|&m| crate::lower::encode(m as i128 - e.base as i128, e.delta_log2)).collect()
+            })
+            .collect()
+    }
+
+    /// Integers of a decrypted (or simulated) state.
+    pub fn decode_state(&self, plain: &[Vec<u64>]) -> [ArrayD<i64>; 2] {
+        let one = |k: usize| {
+            let (i, _) = self.circuit.state[k];
+            let e = &self.client.inputs[i];
+            crate::lower::decode_rows(&plain[k..k + 1], e.delta_log2, e.base, &e.shape)
+        };
+        [one(0), one(1)]
+    }
+
+    /// One step on plaintexts, as the encrypted circuit behaves: with `noise`, lookups
+    /// read with the noise the parameters imply (approximate rounding, failures).
+    pub fn simulate_step(
+        &self,
+        step: &[Vec<u64>],
+        state: &[Vec<u64>],
+        noise: Option<&crate::params::Params>,
+        rng: &mut impl rand::Rng,
+    ) -> Vec<Vec<u64>> {
+        let mut inputs: Vec<Vec<Vec<u64>>> = step.iter().map(|p| vec![p.clone()]).collect();
+        for (k, &(i, _)) in self.circuit.state.iter().enumerate() {
+            inputs[i] = vec![state[k].clone()];
+        }
+        let out = self.circuit.simulate(&inputs, noise, rng);
+        self.circuit.state.iter().map(|&(_, o)| out[o][0].clone()).collect()
+    }
+}
+
 /// What the client encodes for each step input and decodes from each output. The
 /// integers come from `TrainingPlan` (features, targets, dither); the quantizers recorded
 /// here describe them for readers of the artifact.
@@ -170,23 +242,16 @@ mod tests {
         let labels: Vec<i64> = (0..12).map(|i| (i % 3) as i64).collect();
         let xq = plan.quantize_features(&x, "x").unwrap();
         let t = plan.targets(&labels, "y").unwrap();
+        let tc = TrainingClient::new(&a).unwrap();
         let mut state = plan.initial_state();
-        let mut plain_state: Option<Vec<Vec<Vec<u64>>>> = None;
+        // the simulated state is carried as plaintexts, each step's output used as they are
+        let mut plain_state = tc.state_plaintexts(&state);
         for rows in veil_passes::training::batches(12, 4) {
             let inputs = plan.step_inputs(&xq, &t, &rows, &mut rng);
-            let [x, y, dw, db] = inputs.clone();
-            let mut plain = a.client.encode_integers(&[x, y, state[0].clone(), state[1].clone(), dw, db]).unwrap();
-            if let Some(ps) = &plain_state {
-                // the previous step's output plaintexts, used as they are
-                plain[2] = ps[0].clone();
-                plain[3] = ps[1].clone();
-            }
-            let out = a.circuit.simulate(&plain, None, &mut rng);
+            let step = tc.step_plaintexts(&inputs).unwrap();
+            plain_state = tc.simulate_step(&step, &plain_state, None, &mut rng);
             state = m.step_clear(&inputs, &state).unwrap();
-            let ints = a.client.decode_integers(&out);
-            assert_eq!(ints[0].as_i64().unwrap(), &state[0]);
-            assert_eq!(ints[1].as_i64().unwrap(), &state[1]);
-            plain_state = Some(out);
+            assert_eq!(tc.decode_state(&plain_state), state);
         }
         assert!(state[0].iter().any(|&v| v != 0), "the weights moved");
         // an artifact round trip keeps the plan

@@ -70,9 +70,21 @@ impl<'a> Evaluator<'a> {
         check_fingerprint("the encrypted inputs", &inputs.fingerprint, &self.fingerprint)?;
         inputs.check(self.circuit, self.big)?;
         let samples = inputs.samples;
+        let outputs = self.run_expanded(inputs.expand(), samples, progress)?;
+        Ok(EncryptedOutputs { fingerprint: self.fingerprint.clone(), samples, values: outputs })
+    }
+
+    /// Run on ciphertexts already expanded and checked: `[circuit input][sample]` in,
+    /// `[circuit output][sample]` out.
+    pub(crate) fn run_expanded(
+        &self,
+        inputs: Vec<PerSample>,
+        samples: usize,
+        progress: &(dyn Fn(usize) + Sync),
+    ) -> Result<Vec<PerSample>> {
         // values[v][sample]
-        let mut values: Vec<Option<Vec<LweCiphertextListOwned<u64>>>> = vec![None; self.circuit.value_len.len()];
-        for (k, per_sample) in inputs.expand().into_iter().enumerate() {
+        let mut values: Vec<Option<PerSample>> = vec![None; self.circuit.value_len.len()];
+        for (k, per_sample) in inputs.into_iter().enumerate() {
             values[self.circuit.inputs[k]] = Some(per_sample);
         }
         for ins in &self.circuit.instructions {
@@ -87,13 +99,26 @@ impl<'a> Evaluator<'a> {
                 }
             }
         }
-        let outputs = self
-            .circuit
+        self.circuit
             .outputs
             .iter()
             .map(|&o| values[o].clone().ok_or_else(|| RuntimeError::Invalid("an output was never computed".into())))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(EncryptedOutputs { fingerprint: self.fingerprint.clone(), samples, values: outputs })
+            .collect()
+    }
+
+    /// The circuit this evaluator runs.
+    pub fn circuit(&self) -> &Circuit {
+        self.circuit
+    }
+
+    /// The fingerprint of the model it runs.
+    pub fn fingerprint(&self) -> &[u8] {
+        &self.fingerprint
+    }
+
+    /// Dimension of the key inputs and outputs are encrypted under.
+    pub fn big_dimension(&self) -> usize {
+        self.big
     }
 
     fn get(values: &[Option<Vec<LweCiphertextListOwned<u64>>>], v: usize) -> &[LweCiphertextListOwned<u64>] {
@@ -177,7 +202,7 @@ impl<'a> Evaluator<'a> {
 }
 
 /// One value's ciphertexts, per sample.
-type PerSample = Vec<LweCiphertextListOwned<u64>>;
+pub(crate) type PerSample = Vec<LweCiphertextListOwned<u64>>;
 
 /// Per-sample lists of `n` ciphertexts from results indexed sample-major.
 fn gather<'r>(

@@ -7,6 +7,7 @@ pub mod error;
 pub mod evaluator;
 pub mod files;
 pub mod keys;
+pub mod training;
 
 #[cfg(test)]
 mod noise_tests;
@@ -15,3 +16,4 @@ pub use crypto::{EncryptedInputs, EncryptedOutputs};
 pub use error::{Result, RuntimeError};
 pub use evaluator::Evaluator;
 pub use keys::{keygen, ClientKey, ServerKey};
+pub use training::{EncryptedBatches, EncryptedState, StepDone};
