@@ -1,7 +1,7 @@
 //! The encrypted workflow: keygen, encrypt, run, decrypt, and running a compiled model in
 //! clear, simulated or encrypted mode.
 
-use crate::model::load_compiled;
+use crate::model::{load_compiled, load_inference};
 use crate::npy;
 use crate::Mode;
 use anyhow::{bail, Context, Result};
@@ -188,7 +188,7 @@ fn load_client_key(path: &Path, a: &Artifact) -> Result<ClientKey> {
 }
 
 pub fn encrypt_cmd(model: &Path, client_key: &Path, input: &Path, output: &Path) -> Result<()> {
-    let a = load_compiled(model)?;
+    let a = load_inference(model)?;
     let ck = load_client_key(client_key, &a)?;
     let x = npy::read_f32(input)?;
     warn_overflows(&a, &x)?;
@@ -205,7 +205,7 @@ pub fn encrypt_cmd(model: &Path, client_key: &Path, input: &Path, output: &Path)
 }
 
 pub fn run_cmd(model: &Path, server_key: &Path, input: &Path, output: &Path) -> Result<()> {
-    let a = load_compiled(model)?;
+    let a = load_inference(model)?;
     let sk: ServerKey = files::read(server_key, SERVER_KEY_LIMIT)?;
     let cts: EncryptedInputs = files::read(input, CIPHERTEXT_LIMIT)?;
     veil_runtime::keys::check_fingerprint(
@@ -238,7 +238,7 @@ pub fn decrypt_cmd(
     output: &Path,
     outputs_dir: Option<&Path>,
 ) -> Result<()> {
-    let a = load_compiled(model)?;
+    let a = load_inference(model)?;
     let ck = load_client_key(client_key, &a)?;
     let cts: EncryptedOutputs = files::read(input, CIPHERTEXT_LIMIT)?;
     let plain = ck.decrypt(&cts).with_context(|| format!("decrypting {}", input.display()))?;

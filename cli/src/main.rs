@@ -2,9 +2,12 @@
 
 mod bench;
 mod fhe;
+mod history;
 mod model;
 mod npy;
 mod report;
+mod train;
+mod train_files;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -104,6 +107,117 @@ enum Command {
         output: PathBuf,
         #[arg(long)]
         outputs_dir: Option<PathBuf>,
+    },
+    /// Train a logistic regression (one-vs-rest for 3+ classes) by SGD on encrypted data,
+    /// every role in this process: clear (the circuit's integers), simulate (with the
+    /// noise encryption adds) or execute (really encrypted). Writes the model as ONNX.
+    Train {
+        /// Features: float32 [samples, features], within --feature-range.
+        #[arg(long)]
+        data: PathBuf,
+        /// Class labels: integers [samples] (two or more classes).
+        #[arg(long)]
+        labels: PathBuf,
+        #[arg(long, value_enum, default_value_t = Mode::Simulate)]
+        mode: Mode,
+        /// The trained model (ONNX: ai.onnx.ml LinearClassifier).
+        #[arg(long, short)]
+        output: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        epochs: usize,
+        /// Use only the first K batches of each epoch.
+        #[arg(long)]
+        max_batches: Option<usize>,
+        /// Test data for the accuracy curve (else accuracy is on the training data).
+        #[arg(long, requires = "test_labels")]
+        test_data: Option<PathBuf>,
+        #[arg(long, requires = "test_data")]
+        test_labels: Option<PathBuf>,
+        /// Accuracy after every step, timings and settings, as JSON.
+        #[arg(long)]
+        history: Option<PathBuf>,
+        /// The accuracy curve (ours and float SGD's) as SVG.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Also write DIR/weights.npy [features, scores] and DIR/bias.npy [scores].
+        #[arg(long)]
+        weights_dir: Option<PathBuf>,
+        /// Seed for the rounding dither (and the simulated noise).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[command(flatten)]
+        spec: train::SpecArgs,
+    },
+    /// Data owner: compile the encrypted training step (for the data's shape) into TRAIN.veil.
+    TrainCompile {
+        /// Read the number of features and the classes from the data …
+        #[arg(long, requires = "labels")]
+        data: Option<PathBuf>,
+        #[arg(long, requires = "data")]
+        labels: Option<PathBuf>,
+        /// … or give them.
+        #[arg(long, conflicts_with = "data")]
+        features: Option<usize>,
+        #[arg(long, value_delimiter = ',', allow_hyphen_values = true, conflicts_with = "data")]
+        classes: Option<Vec<i64>>,
+        #[arg(long, short)]
+        output: PathBuf,
+        #[command(flatten)]
+        spec: train::SpecArgs,
+    },
+    /// Data owner: encrypt the training data into batches, and optionally zero starting weights.
+    TrainEncrypt {
+        model: PathBuf,
+        #[arg(long)]
+        client_key: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        labels: PathBuf,
+        /// Encrypted batches (for the server).
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Also write encrypted zero weights to start from.
+        #[arg(long)]
+        initial_weights: Option<PathBuf>,
+        /// Seed of the rounding dither (default: random).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Server: run training epochs on encrypted batches, from encrypted weights to new
+    /// ones, with the server key only.
+    TrainRun {
+        model: PathBuf,
+        #[arg(long)]
+        server_key: PathBuf,
+        /// Encrypted batches; several files are one epoch in order (data in parts).
+        #[arg(long, required = true)]
+        batches: Vec<PathBuf>,
+        /// Encrypted weights to start from.
+        #[arg(long)]
+        weights: PathBuf,
+        /// Encrypted weights after training (written after every epoch).
+        #[arg(long, short)]
+        output: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        epochs: usize,
+    },
+    /// Data owner: decrypt trained weights into an ONNX model (and .npy weights).
+    TrainDecrypt {
+        model: PathBuf,
+        #[arg(long)]
+        client_key: PathBuf,
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long, short)]
+        output: PathBuf,
+        #[arg(long)]
+        weights_dir: Option<PathBuf>,
+        /// Print the accuracy on test data.
+        #[arg(long, requires = "test_labels")]
+        test_data: Option<PathBuf>,
+        #[arg(long, requires = "test_data")]
+        test_labels: Option<PathBuf>,
     },
     /// Compile a model from models/, encrypt a few test inputs, run them encrypted, and
     /// compare the decrypted outputs with the clear ones.
@@ -234,6 +348,61 @@ fn run(cli: Cli) -> Result<()> {
         Command::Decrypt { model, client_key, input, output, outputs_dir } => {
             fhe::decrypt_cmd(&model, &client_key, &input, &output, outputs_dir.as_deref())
         }
+        Command::Train {
+            data,
+            labels,
+            mode,
+            output,
+            epochs,
+            max_batches,
+            test_data,
+            test_labels,
+            history,
+            plot,
+            weights_dir,
+            seed,
+            spec,
+        } => train::train(&train::TrainCmd {
+            data,
+            labels,
+            mode,
+            output,
+            epochs,
+            max_batches,
+            test: test_data.zip(test_labels),
+            history,
+            plot,
+            weights_dir,
+            seed,
+            spec,
+        }),
+        Command::TrainCompile { data, labels, features, classes, output, spec } => {
+            train_files::compile_cmd(&train_files::Shape { data: data.zip(labels), features, classes }, &spec, &output)
+        }
+        Command::TrainEncrypt { model, client_key, data, labels, output, initial_weights, seed } => {
+            train_files::encrypt_cmd(&train_files::EncryptCmd {
+                model,
+                client_key,
+                data,
+                labels,
+                output,
+                initial_weights,
+                seed,
+            })
+        }
+        Command::TrainRun { model, server_key, batches, weights, output, epochs } => {
+            train_files::run_cmd(&train_files::RunCmd { model, server_key, batches, weights, output, epochs })
+        }
+        Command::TrainDecrypt { model, client_key, weights, output, weights_dir, test_data, test_labels } => {
+            train_files::decrypt_cmd(&train_files::DecryptCmd {
+                model,
+                client_key,
+                weights,
+                output,
+                weights_dir,
+                test: test_data.zip(test_labels),
+            })
+        }
         Command::Demo { model, samples, models_dir } => bench::demo(&models_dir, &model, samples),
         Command::Bench { models, samples, json, models_dir } => {
             bench::bench(&models_dir, &models, samples, json.as_deref())
@@ -311,6 +480,10 @@ fn predict(path: &Path, input: &Path, output: &Path, mode: Option<Mode>, outputs
         }
         (model::Model::Onnx(_), _) => bail!(
             "{} is an ONNX model: only --mode float runs it; compile it for clear, simulate and execute",
+            path.display()
+        ),
+        (model::Model::Compiled(a), _) if a.training.is_some() => bail!(
+            "{} is a training model; it has no predictions (train it: veil train-encrypt, train-run, train-decrypt)",
             path.display()
         ),
         (model::Model::Compiled(a), mode) => {

@@ -32,6 +32,18 @@ pub fn load_compiled(path: &Path) -> Result<Artifact> {
     }
 }
 
+/// A compiled inference model: a training artifact is an error saying which commands take it.
+pub fn load_inference(path: &Path) -> Result<Artifact> {
+    let a = load_compiled(path)?;
+    if a.training.is_some() {
+        bail!(
+            "{} is a training model: use veil train-encrypt, train-run and train-decrypt (or veil train) with it",
+            path.display()
+        );
+    }
+    Ok(a)
+}
+
 impl Model {
     /// The float graph (stored in artifacts too).
     pub fn float_graph(&self) -> Result<Graph> {

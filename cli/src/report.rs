@@ -9,12 +9,44 @@ pub fn text(a: &Artifact, trials: bool) -> String {
     let r = &a.report;
     let p = &a.params;
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "model {}: {} lookups/sample (before fusion {}), widest lookup {} bits; inputs {} b, weights {} b, activations {} b",
-        a.model_name, r.lookups_per_sample, r.lookups_before_fusion, r.max_precision, r.input_bits, r.weight_bits, r.act_bits
-    );
-    let _ = writeln!(s, "calibration: {:.4} {}", r.calibration_score, r.metric);
+    if a.training.is_some() {
+        let _ = writeln!(
+            s,
+            "model {}: one SGD step, {} lookups per step, widest lookup {} bits; features {} b, weights {} b, errors {} b",
+            a.model_name, r.lookups_per_sample, r.max_precision, r.input_bits, r.weight_bits, r.act_bits
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "model {}: {} lookups/sample (before fusion {}), widest lookup {} bits; inputs {} b, weights {} b, activations {} b",
+            a.model_name, r.lookups_per_sample, r.lookups_before_fusion, r.max_precision, r.input_bits, r.weight_bits, r.act_bits
+        );
+    }
+    match &a.training {
+        Some(t) => {
+            let sp = &t.spec;
+            let _ = writeln!(
+                s,
+                "training: {} features, classes {:?}, batch {}, learning rate {}, L2 {}; features in [{}, {}] as ±{} levels, weights ±{} steps of {:.4}, errors in 1/{}, logits saturate at ±{}, stochastic rounding at 1/{}",
+                sp.features,
+                sp.classes,
+                sp.batch,
+                sp.learning_rate,
+                sp.l2,
+                sp.feature_range.0,
+                sp.feature_range.1,
+                sp.x_levels,
+                t.weight_levels,
+                t.weight_scale,
+                sp.error_levels,
+                sp.logit_bound,
+                1u64 << t.dither_bits
+            );
+        }
+        None => {
+            let _ = writeln!(s, "calibration: {:.4} {}", r.calibration_score, r.metric);
+        }
+    }
     if r.output_bits > 0 {
         let _ = write!(s, "outputs read to {} significant bits", r.output_bits);
         if r.output_digits > 1 {

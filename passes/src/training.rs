@@ -63,7 +63,7 @@ pub struct TrainSpec {
 
 impl TrainSpec {
     /// The defaults: batch 8, learning rate 1, no penalty, features in [−1, 1], weights
-    /// within ±1.5, 6-bit lookups, 3 feature levels each side, errors in quarters, logits
+    /// within ±1, 6-bit lookups, 3 feature levels each side, errors in quarters, logits
     /// saturating at ±8 (σ(8) = 0.9997).
     pub fn new(features: usize, classes: Vec<i64>) -> TrainSpec {
         TrainSpec {
@@ -73,7 +73,7 @@ impl TrainSpec {
             learning_rate: 1.0,
             l2: 0.0,
             feature_range: (-1.0, 1.0),
-            weight_range: 1.5,
+            weight_range: 1.0,
             precision: 6,
             x_levels: 3,
             error_levels: 4,

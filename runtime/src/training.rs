@@ -75,6 +75,11 @@ impl EncryptedBatches {
         self.batches.is_empty()
     }
 
+    /// The inputs of batch `i`.
+    pub fn batch(&self, i: usize) -> Option<&[SeededLweCiphertextListOwned<u64>]> {
+        self.batches.get(i).map(|b| b.as_slice())
+    }
+
     /// Every batch holds the circuit's non-state inputs at the right sizes.
     pub fn check(&self, circuit: &Circuit, big: usize) -> Result<()> {
         let want = batch_inputs(circuit);
@@ -97,6 +102,16 @@ impl EncryptedBatches {
 }
 
 impl EncryptedState {
+    pub fn values(&self) -> &[LweCiphertextListOwned<u64>] {
+        &self.values
+    }
+
+    /// Replace the state by the next step's.
+    pub fn advance(&mut self, values: Vec<LweCiphertextListOwned<u64>>) {
+        self.values = values;
+        self.steps += 1;
+    }
+
     /// One list per state input, at the right sizes.
     pub fn check(&self, circuit: &Circuit, big: usize) -> Result<()> {
         if self.values.len() != circuit.state.len() {
@@ -242,8 +257,8 @@ impl Evaluator<'_> {
             for part in parts {
                 for batch in &part.batches {
                     let start = std::time::Instant::now();
-                    state.values = self.train_step(batch, &state.values, progress)?;
-                    state.steps += 1;
+                    let next = self.train_step(batch, &state.values, progress)?;
+                    state.advance(next);
                     let done = StepDone {
                         epoch,
                         batch: n,

@@ -7,6 +7,7 @@
 //! converter registered by (domain, name) in [`ops::registry`].
 
 mod attr;
+pub mod export;
 mod ops;
 mod tensor;
 
