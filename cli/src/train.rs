@@ -180,13 +180,14 @@ pub fn train(cmd: &TrainCmd) -> Result<()> {
     let start = Instant::now();
     let (a, model) = compile_training(spec, cmd.spec.p_error).context("compiling the training step")?;
     let plan = a.training.clone().expect("a training artifact");
-    print_plan(&a, &plan, start.elapsed().as_secs_f64());
+    let compile_s = start.elapsed().as_secs_f64();
     let xq = plan.quantize_features(&data.x, &cmd.data.display().to_string())?;
     let targets = plan.targets(&data.labels, &cmd.labels.display().to_string())?;
     if let Some(t) = &test {
         // checked like the training data, so a bad test file is reported up front
         plan.quantize_features(&t.x, &t.x_path.display().to_string())?;
     }
+    print_plan(&a, &plan, compile_s);
     let mut steps = batches(data.x.nrows(), plan.spec.batch);
     if let Some(k) = cmd.max_batches {
         steps.truncate(k.max(1));

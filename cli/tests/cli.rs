@@ -1,25 +1,9 @@
 //! The `veil` binary end to end: real processes, real files.
 
+mod common;
+
+use common::{fails, models, ok, s, scratch, veil};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn veil(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_veil")).args(args).output().expect("veil runs")
-}
-
-fn models() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("veil-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 #[test]
 fn predict_float_writes_probabilities_and_all_outputs() {
@@ -102,24 +86,6 @@ fn bad_calibration_data_is_a_clear_error() {
         assert!(err.contains(want) && err.contains(s(&calib)), "{err}");
         assert!(!out.exists(), "no artifact is written on failure");
     }
-}
-
-/// Run veil and return stderr, asserting success.
-fn ok(args: &[&str]) -> String {
-    let out = veil(args);
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "veil {args:?} failed:\n{err}");
-    err
-}
-
-/// Run veil and return stderr, asserting failure.
-fn fails(args: &[&str]) -> String {
-    let out = veil(args);
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "veil {args:?} should have failed");
-    assert!(err.starts_with("error: "), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    err
 }
 
 /// Compile a model from models/ into `dir/name.veil`.
