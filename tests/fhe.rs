@@ -30,7 +30,7 @@ fn encrypted_integers(
     x: &Tensor,
 ) -> Vec<Tensor> {
     let (ck, sk) = keygen(params, fingerprint).unwrap();
-    let cts = ck.encrypt(&client.encode(std::slice::from_ref(x)).unwrap());
+    let cts = ck.encrypt_for(circuit, &client.encode(std::slice::from_ref(x)).unwrap());
     let ev = Evaluator::new(circuit, params, sk, fingerprint).unwrap();
     let out = ev.run(&cts, &|_| {}).unwrap();
     client.decode_integers(&ck.decrypt(&out).unwrap())

@@ -1,6 +1,6 @@
 //! The compiled-model file: prost messages generated from `proto/veil.proto`.
 
-use crate::circuit::{Circuit, Instruction, LinearInstr, LookupInstr};
+use crate::circuit::{Circuit, Instruction, KeyswitchInstr, LinearInstr, LookupInstr};
 use crate::error::{BackendError, Result};
 use crate::lower::{ClientSpec, DerivedInput, InputEncoding, OutputEncoding};
 use crate::params::Params;
@@ -286,6 +286,10 @@ fn circuit_to_proto(c: &Circuit) -> proto::Circuit {
                     table: l.table.clone(),
                     second_output: l.second.map(|v| v as u32),
                 }),
+                Instruction::Keyswitch(k) => proto::instruction::Kind::Keyswitch(proto::Keyswitch {
+                    output: k.output as u32,
+                    input: k.input as u32,
+                }),
             }),
         })
         .collect();
@@ -296,6 +300,7 @@ fn circuit_to_proto(c: &Circuit) -> proto::Circuit {
         instructions,
         tables: c.tables.iter().map(|t| proto::Table { slots: t.clone() }).collect(),
         state: c.state.iter().map(|&(i, o)| proto::StatePair { input: i as u32, output: o as u32 }).collect(),
+        small_values: (0..c.value_len.len()).filter(|&v| c.is_small(v)).map(|v| v as u32).collect(),
     }
 }
 
@@ -321,6 +326,10 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
     for &i in &p.inputs {
         defined[val(i)?] = true;
     }
+    let mut small = vec![false; values];
+    for &v in &p.small_values {
+        small[val(v)?] = true;
+    }
     let mut instructions = Vec::with_capacity(p.instructions.len());
     for ins in p.instructions {
         let i = match ins.kind.ok_or_else(|| bad(path, "empty instruction"))? {
@@ -339,7 +348,7 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
                         .iter()
                         .zip(&l.term_index)
                         .all(|(&k, &e)| (k as usize) < inputs.len() && e < p.value_len[inputs[k as usize]]);
-                if !ok || inputs.iter().any(|&v| !defined[v]) {
+                if !ok || inputs.iter().any(|&v| !defined[v] || small[v] != small[out]) {
                     return Err(bad(path, "a linear instruction is malformed"));
                 }
                 defined[out] = true;
@@ -360,7 +369,8 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
                 if !defined[input]
                     || l.table.len() != n
                     || p.value_len[input] as usize != n
-                    || second.is_some_and(|v| p.value_len[v] as usize != n || v == out)
+                    || small[out]
+                    || second.is_some_and(|v| p.value_len[v] as usize != n || v == out || small[v])
                     || l.table.iter().any(|&t| t as usize >= tables.len())
                 {
                     return Err(bad(path, "a lookup instruction is malformed"));
@@ -371,12 +381,20 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
                 }
                 Instruction::Lookup(LookupInstr { output: out, input, table: l.table, second })
             }
+            proto::instruction::Kind::Keyswitch(k) => {
+                let (out, input) = (val(k.output)?, val(k.input)?);
+                if !defined[input] || small[input] || !small[out] || p.value_len[input] != p.value_len[out] {
+                    return Err(bad(path, "a keyswitch instruction is malformed"));
+                }
+                defined[out] = true;
+                Instruction::Keyswitch(KeyswitchInstr { output: out, input })
+            }
         };
         instructions.push(i);
     }
     let outputs = p.outputs.iter().map(|&v| val(v)).collect::<Result<Vec<_>>>()?;
-    if outputs.iter().any(|&v| !defined[v]) {
-        return Err(bad(path, "an output is never computed"));
+    if outputs.iter().any(|&v| !defined[v] || small[v]) {
+        return Err(bad(path, "an output is never computed, or is under the small key"));
     }
     let mut state = Vec::with_capacity(p.state.len());
     for s in &p.state {
@@ -396,6 +414,7 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
         tables,
         precision,
         state,
+        small,
     })
 }
 

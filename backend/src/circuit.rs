@@ -1,10 +1,14 @@
 //! The circuit: a flat program over vectors of LWE ciphertexts, and its simulation on
 //! plaintexts.
 //!
-//! Every value is a vector of ciphertexts (per sample) under the large key. An element
-//! holding integer v with encoding (delta, base) carries the plaintext (v − base)·delta
-//! mod 2^64. Two instructions exist: an affine map with clear integer weights, and a
-//! lookup (keyswitch, then programmable bootstrap with a table per element).
+//! Every value is a vector of ciphertexts (per sample), under the large key or, where
+//! marked, the small key bootstraps start from. An element holding integer v with
+//! encoding (delta, base) carries the plaintext (v − base)·delta mod 2^64. Three
+//! instructions exist: an affine map with clear integer weights (within one key), a
+//! keyswitch from the large key to the small one, and a lookup (keyswitch if its input is
+//! under the large key, then programmable bootstrap with a table per element; the result
+//! is under the large key). Keyswitching once and summing under the small key saves a
+//! keyswitch per lookup where many lookups read sums of few values (products).
 
 use crate::params::{NoiseCoefs, Params};
 use rand::Rng;
@@ -79,10 +83,18 @@ pub struct LookupInstr {
 /// The plaintext shift that reads a table's upper half: half of the 2^p slots.
 pub const SECOND_HALF: u64 = 1 << 62;
 
+/// Keyswitch every element of a large-key value to the small key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KeyswitchInstr {
+    pub output: usize,
+    pub input: usize,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Instruction {
     Linear(LinearInstr),
     Lookup(LookupInstr),
+    Keyswitch(KeyswitchInstr),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -100,9 +112,29 @@ pub struct Circuit {
     /// position in `inputs`), so the server feeds it back without the client.
     #[serde(default)]
     pub state: Vec<(usize, usize)>,
+    /// Values under the small key (empty: none). Inputs marked so are encrypted by the
+    /// client under the small key.
+    #[serde(default)]
+    pub small: Vec<bool>,
 }
 
 impl Circuit {
+    /// Is value `v` under the small key?
+    pub fn is_small(&self, v: usize) -> bool {
+        self.small.get(v).copied().unwrap_or(false)
+    }
+
+    pub fn keyswitches_per_sample(&self) -> usize {
+        self.instructions
+            .iter()
+            .map(|i| match i {
+                Instruction::Lookup(l) if !self.is_small(l.input) => l.table.len(),
+                Instruction::Keyswitch(k) => self.value_len[k.input],
+                _ => 0,
+            })
+            .sum()
+    }
+
     pub fn lookups_per_sample(&self) -> usize {
         self.instructions.iter().map(|i| if let Instruction::Lookup(l) = i { l.table.len() } else { 0 }).sum()
     }
@@ -119,12 +151,17 @@ impl Circuit {
         self.instructions.iter().map(|i| if let Instruction::Linear(l) = i { l.term_weight.len() } else { 0 }).sum()
     }
 
-    /// Noise coefficients of every element of every value (Σw² over bootstrapped and over
-    /// fresh sources), propagated through the linear maps.
+    /// Noise coefficients of every element of every value (Σw² over the kinds of noise
+    /// feeding it), propagated through the linear maps.
     pub fn noise_coefs(&self) -> Vec<Vec<NoiseCoefs>> {
         let mut coefs: Vec<Vec<NoiseCoefs>> = self.value_len.iter().map(|&n| vec![NoiseCoefs::default(); n]).collect();
         for &i in &self.inputs {
-            coefs[i].iter_mut().for_each(|c| c.fresh = 1.0);
+            let fresh = if self.is_small(i) {
+                NoiseCoefs { small_fresh: 1.0, ..Default::default() }
+            } else {
+                NoiseCoefs { fresh: 1.0, ..Default::default() }
+            };
+            coefs[i].iter_mut().for_each(|c| *c = fresh);
         }
         // A state input is a fresh encryption at first and a state output afterwards,
         // which the lowering checks carries at most one bootstrap's noise.
@@ -137,25 +174,32 @@ impl Circuit {
                     let out: Vec<NoiseCoefs> = (0..l.outputs())
                         .map(|j| {
                             l.terms(j).fold(NoiseCoefs::default(), |acc, (i, e, w)| {
-                                let c = coefs[l.inputs[i]][e];
-                                let w2 = (w as f64) * (w as f64);
-                                NoiseCoefs {
-                                    bootstrapped: acc.bootstrapped + w2 * c.bootstrapped,
-                                    fresh: acc.fresh + w2 * c.fresh,
-                                }
+                                acc.plus(&coefs[l.inputs[i]][e].scaled((w as f64) * (w as f64)))
                             })
                         })
                         .collect();
                     coefs[l.output] = out;
                 }
+                Instruction::Keyswitch(k) => coefs[k.output] = coefs[k.input].iter().map(|c| c.keyswitch()).collect(),
                 Instruction::Lookup(l) => {
                     for out in std::iter::once(l.output).chain(l.second) {
-                        coefs[out] = vec![NoiseCoefs { bootstrapped: 1.0, fresh: 0.0 }; l.table.len()];
+                        coefs[out] = vec![NoiseCoefs { bootstrapped: 1.0, ..Default::default() }; l.table.len()];
                     }
                 }
             }
         }
         coefs
+    }
+
+    /// Noise a lookup's bootstrap sees at element `e` of its input (the keyswitch of a
+    /// large-key input included), as coefficients.
+    pub fn lookup_input_coefs(&self, coefs: &[Vec<NoiseCoefs>], l: &LookupInstr, e: usize) -> NoiseCoefs {
+        let c = coefs[l.input][e];
+        if self.is_small(l.input) {
+            c
+        } else {
+            c.keyswitch()
+        }
     }
 
     /// Run on plaintexts: `inputs[k][sample]` is the plaintext vector of input k. With
@@ -186,13 +230,13 @@ impl Circuit {
                         .collect();
                     values[l.output] = out;
                 }
+                // a keyswitch changes the key, not the plaintext
+                Instruction::Keyswitch(k) => values[k.output] = values[k.input].clone(),
                 Instruction::Lookup(l) => {
                     let std = |e: usize| -> f64 {
                         match (noise, &coefs) {
                             (Some(params), Some(c)) => {
-                                let v = c[l.input][e].variance(params.bootstrap_variance(), params.fresh_variance())
-                                    + params.pre_rotation_variance();
-                                v.sqrt()
+                                params.lookup_input_variance(&self.lookup_input_coefs(c, l, e)).sqrt()
                             }
                             _ => 0.0,
                         }

@@ -13,17 +13,70 @@ use crate::noise;
 use crate::security::{self, key_variance, MIN_DIMENSION};
 use serde::{Deserialize, Serialize};
 
-/// What noise reaches a point of the circuit: Σw² over bootstrapped ciphertexts and over
-/// fresh encryptions feeding it through linear maps.
+/// What noise reaches a point of the circuit: Σw² over the ciphertexts feeding it through
+/// linear maps, by kind: bootstrap outputs and fresh encryptions under the large key,
+/// keyswitches to the small key, and fresh encryptions under the small key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct NoiseCoefs {
     pub bootstrapped: f64,
     pub fresh: f64,
+    #[serde(default)]
+    pub keyswitched: f64,
+    #[serde(default)]
+    pub small_fresh: f64,
 }
 
 impl NoiseCoefs {
+    /// Noise of a value under the large key.
     pub fn variance(&self, var_bootstrapped: f64, var_fresh: f64) -> f64 {
         self.bootstrapped * var_bootstrapped + self.fresh * var_fresh
+    }
+
+    /// Noise of any value, keyswitches and small-key encryptions included.
+    pub fn variance_all(&self, var_bootstrapped: f64, var_fresh: f64, var_ks: f64, var_small: f64) -> f64 {
+        self.variance(var_bootstrapped, var_fresh) + self.keyswitched * var_ks + self.small_fresh * var_small
+    }
+
+    /// The same value keyswitched to the small key.
+    pub fn keyswitch(self) -> NoiseCoefs {
+        NoiseCoefs { keyswitched: self.keyswitched + 1.0, ..self }
+    }
+
+    /// Every kind at least as large as in `o`.
+    pub fn dominates(&self, o: &NoiseCoefs) -> bool {
+        self.bootstrapped >= o.bootstrapped
+            && self.fresh >= o.fresh
+            && self.keyswitched >= o.keyswitched
+            && self.small_fresh >= o.small_fresh
+    }
+
+    /// The larger of each kind.
+    pub fn max(&self, o: &NoiseCoefs) -> NoiseCoefs {
+        NoiseCoefs {
+            bootstrapped: self.bootstrapped.max(o.bootstrapped),
+            fresh: self.fresh.max(o.fresh),
+            keyswitched: self.keyswitched.max(o.keyswitched),
+            small_fresh: self.small_fresh.max(o.small_fresh),
+        }
+    }
+
+    /// w² times these coefficients.
+    pub fn scaled(&self, w2: f64) -> NoiseCoefs {
+        NoiseCoefs {
+            bootstrapped: w2 * self.bootstrapped,
+            fresh: w2 * self.fresh,
+            keyswitched: w2 * self.keyswitched,
+            small_fresh: w2 * self.small_fresh,
+        }
+    }
+
+    pub fn plus(&self, o: &NoiseCoefs) -> NoiseCoefs {
+        NoiseCoefs {
+            bootstrapped: self.bootstrapped + o.bootstrapped,
+            fresh: self.fresh + o.fresh,
+            keyswitched: self.keyswitched + o.keyswitched,
+            small_fresh: self.small_fresh + o.small_fresh,
+        }
     }
 }
 
@@ -34,7 +87,12 @@ pub struct Requirements {
     pub precision: u32,
     /// Lookups per sample.
     pub lookups: usize,
-    /// Noise at each distinct lookup input.
+    /// Keyswitches per sample: one per lookup of a large-key value, one per element
+    /// keyswitched ahead for lookups that read small-key sums.
+    #[serde(default)]
+    pub keyswitches: usize,
+    /// Noise at each distinct lookup input, the keyswitch to the small key included (a
+    /// lookup reading a large-key value keyswitches it first).
     pub lookup_noise: Vec<NoiseCoefs>,
     /// Each decrypted output: its noise and the half-width (torus) it must stay under.
     pub outputs: Vec<(NoiseCoefs, f64)>,
@@ -99,8 +157,42 @@ impl Params {
         if !self.has_lookups() {
             return 0.0;
         }
+        self.keyswitch_variance() + self.modulus_switch_variance()
+    }
+
+    /// Variance one keyswitch from the large key to the small key adds.
+    pub fn keyswitch_variance(&self) -> f64 {
+        if !self.has_lookups() {
+            return 0.0;
+        }
         noise::keyswitch(self.big_dimension(), self.lwe_dimension, self.ks_base_log, self.ks_level)
-            + noise::centered_modulus_switch(self.lwe_dimension, self.polynomial_size)
+    }
+
+    /// Variance the (centred) modulus switch before a blind rotation adds.
+    pub fn modulus_switch_variance(&self) -> f64 {
+        if !self.has_lookups() {
+            return 0.0;
+        }
+        noise::centered_modulus_switch(self.lwe_dimension, self.polynomial_size)
+    }
+
+    /// Variance of a fresh encryption under the small key.
+    pub fn small_fresh_variance(&self) -> f64 {
+        if !self.has_lookups() {
+            return 0.0;
+        }
+        key_variance(self.lwe_dimension)
+    }
+
+    /// Variance a bootstrap sees for an input with coefficients `c` (keyswitch included in
+    /// `c`), modulus switch included.
+    pub fn lookup_input_variance(&self, c: &NoiseCoefs) -> f64 {
+        c.variance_all(
+            self.bootstrap_variance(),
+            self.fresh_variance(),
+            self.keyswitch_variance(),
+            self.small_fresh_variance(),
+        ) + self.modulus_switch_variance()
     }
 
     /// Both keys meet the 128-bit curve.
@@ -118,12 +210,26 @@ impl Params {
 /// N-coefficient polynomials in the Fourier domain; the keyswitch k·N·l_ks·(n+1)
 /// multiply-adds.
 pub fn lookup_cost_ms(n: u64, k: u64, poly: u64, pbs_level: u32, ks_level: u32) -> f64 {
+    rotation_cost_ms(n, k, poly, pbs_level) + keyswitch_cost_ms(n, k, poly, ks_level)
+}
+
+/// The blind rotation (and sample extraction) of [`lookup_cost_ms`].
+pub fn rotation_cost_ms(n: u64, k: u64, poly: u64, pbs_level: u32) -> f64 {
     let (n, k, big_n, l) = (n as f64, k as f64, poly as f64, pbs_level as f64);
     let ffts = (k + 1.0) * (l + 1.0) * big_n.log2();
     let products = (k + 1.0) * (k + 1.0) * l;
-    let rotation = n * big_n * (2.12e-7 * ffts + 6.5e-7 * products);
-    let keyswitch = k * big_n * ks_level as f64 * (n + 1.0);
-    rotation + 6.4e-7 * keyswitch
+    n * big_n * (2.12e-7 * ffts + 6.5e-7 * products)
+}
+
+/// The keyswitch of [`lookup_cost_ms`]: k·N·l_ks·(n+1) multiply-adds.
+pub fn keyswitch_cost_ms(n: u64, k: u64, poly: u64, ks_level: u32) -> f64 {
+    6.4e-7 * (k * poly) as f64 * ks_level as f64 * (n + 1) as f64
+}
+
+/// Modelled time of one sample's lookups and keyswitches: what the optimizer minimises.
+fn sample_cost(req: &Requirements, n: u64, k: u64, poly: u64, pbs_level: u32, ks_level: u32) -> f64 {
+    req.lookups.max(1) as f64 * rotation_cost_ms(n, k, poly, pbs_level)
+        + req.keyswitches as f64 * keyswitch_cost_ms(n, k, poly, ks_level)
 }
 
 /// A decomposition: base log, levels, and the variance it gives.
@@ -168,7 +274,7 @@ pub fn optimize(req: &Requirements) -> Result<Params> {
             for n in (MIN_DIMENSION..=1600).step_by(8) {
                 // Cost grows with n: once the cheapest decompositions cost more than the
                 // best candidate, no larger n can win for this (k, N).
-                if best.as_ref().is_some_and(|(c, _)| lookup_cost_ms(n, k, poly, 1, 1) >= *c) {
+                if best.as_ref().is_some_and(|(c, _)| sample_cost(req, n, k, poly, 1, 1) >= *c) {
                     break;
                 }
                 let var_ms = noise::centered_modulus_switch(n, poly);
@@ -184,18 +290,18 @@ pub fn optimize(req: &Requirements) -> Result<Params> {
                     if !out_ok(var_pbs) {
                         continue;
                     }
+                    let var_small = key_variance(n);
                     for &(kb, kl, var_ks) in &ks {
-                        let pre = var_ks + var_ms;
-                        let fits = req.lookup_noise.iter().all(|c| c.variance(var_pbs, var_fresh) + pre <= lookup_max);
+                        let at = |c: &NoiseCoefs| c.variance_all(var_pbs, var_fresh, var_ks, var_small) + var_ms;
+                        let fits = req.lookup_noise.iter().all(|c| at(c) <= lookup_max);
                         if !fits {
                             continue;
                         }
-                        let cost = lookup_cost_ms(n, k, poly, pl, kl);
+                        let cost = sample_cost(req, n, k, poly, pl, kl);
                         if best.as_ref().is_some_and(|(c, _)| *c <= cost) {
                             continue;
                         }
-                        let worst =
-                            req.lookup_noise.iter().map(|c| c.variance(var_pbs, var_fresh) + pre).fold(pre, f64::max);
+                        let worst = req.lookup_noise.iter().map(at).fold(var_ks + var_ms, f64::max);
                         let p_err = noise::p_error(worst, noise::lookup_half_width(p));
                         best = Some((
                             cost,
@@ -212,7 +318,7 @@ pub fn optimize(req: &Requirements) -> Result<Params> {
                                 precision: p,
                                 p_error: p_err,
                                 global_p_error: 1.0 - (1.0 - p_err).powf(req.lookups as f64),
-                                pbs_cost_ms: cost,
+                                pbs_cost_ms: lookup_cost_ms(n, k, poly, pl, kl),
                                 bootstrap_key_bytes: n * (k + 1) * (k + 1) * pl as u64 * poly * 8,
                                 keyswitch_key_bytes: big * kl as u64 * (n + 1) * 8,
                             },
@@ -271,11 +377,12 @@ mod tests {
         Requirements {
             precision,
             lookups: 48,
+            keyswitches: 48,
             lookup_noise: vec![
-                NoiseCoefs { bootstrapped: norm2, fresh: 0.0 },
-                NoiseCoefs { bootstrapped: 0.0, fresh: norm2 * 4.0 },
+                NoiseCoefs { bootstrapped: norm2, keyswitched: 1.0, ..Default::default() },
+                NoiseCoefs { fresh: norm2 * 4.0, keyswitched: 1.0, ..Default::default() },
             ],
-            outputs: vec![(NoiseCoefs { bootstrapped: norm2, fresh: 0.0 }, 2f64.powi(-16))],
+            outputs: vec![(NoiseCoefs { bootstrapped: norm2, ..Default::default() }, 2f64.powi(-16))],
             p_error: 2f64.powi(-40),
         }
     }
@@ -289,14 +396,7 @@ mod tests {
                 assert!(params.is_secure(), "{params:?}");
                 assert!(params.p_error <= r.p_error * 1.0001, "{params:?}");
                 // the worst lookup, recomputed from the parameters, stays within budget
-                let worst = r
-                    .lookup_noise
-                    .iter()
-                    .map(|c| {
-                        c.variance(params.bootstrap_variance(), params.fresh_variance())
-                            + params.pre_rotation_variance()
-                    })
-                    .fold(0.0, f64::max);
+                let worst = r.lookup_noise.iter().map(|c| params.lookup_input_variance(c)).fold(0.0, f64::max);
                 assert!(noise::p_error(worst, noise::lookup_half_width(p)) <= r.p_error * 1.0001);
             }
         }
@@ -330,7 +430,7 @@ mod tests {
     #[test]
     fn no_lookups_needs_only_a_plain_key() {
         let r = Requirements {
-            outputs: vec![(NoiseCoefs { bootstrapped: 0.0, fresh: 30.0 * 127.0 * 127.0 }, 2f64.powi(-24))],
+            outputs: vec![(NoiseCoefs { fresh: 30.0 * 127.0 * 127.0, ..Default::default() }, 2f64.powi(-24))],
             p_error: 2f64.powi(-40),
             ..Default::default()
         };

@@ -153,7 +153,12 @@ pub fn demo(models_dir: &Path, name: &str, samples: usize) -> Result<()> {
 /// The model folders to benchmark: those named, or every folder directly under models/.
 fn bench_dirs(models_dir: &Path, names: &[String]) -> Result<Vec<PathBuf>> {
     if !names.is_empty() {
-        return Ok(names.iter().map(|n| models_dir.join(n)).collect());
+        // training sets named here are benchmarked as such (see bench_train)
+        return Ok(names
+            .iter()
+            .map(|n| models_dir.join(n))
+            .filter(|p| !p.join("train_x.npy").exists() || p.join("model.onnx").exists())
+            .collect());
     }
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(models_dir)
         .with_context(|| format!("reading {}", models_dir.display()))?
@@ -165,7 +170,13 @@ fn bench_dirs(models_dir: &Path, names: &[String]) -> Result<Vec<PathBuf>> {
     Ok(dirs)
 }
 
-pub fn bench(models_dir: &Path, names: &[String], samples: usize, json_out: Option<&Path>) -> Result<()> {
+pub fn bench(
+    models_dir: &Path,
+    names: &[String],
+    samples: usize,
+    train_batches: usize,
+    json_out: Option<&Path>,
+) -> Result<()> {
     let mut rows = Vec::new();
     println!(
         "{:<32} {:>8} {:>8} {:>9} {:>7} {:>5} {:>11} {:>11} {:>7} {:>7} {:>7} {:>7} {:>9}",
@@ -211,9 +222,11 @@ pub fn bench(models_dir: &Path, names: &[String], samples: usize, json_out: Opti
         );
         rows.push(row);
     }
+    let training = crate::bench_train::bench(models_dir, names, train_batches)?;
     let report = json!({
         "machine_threads": rayon::current_num_threads(),
         "samples_encrypted": samples,
+        "training": training,
         "metric": "accuracy (classifiers) or R² (regressors) on the test set; execute on the first `samples` test samples, the others on all; execute_matches_clear: of those samples, how many predict what the clear run predicts",
         "models": rows,
     });
@@ -233,11 +246,11 @@ fn bench_one(d: &ModelData, samples: usize) -> Result<serde_json::Value> {
     let ev = Evaluator::new(&a.circuit, &a.params, sk, &a.fingerprint)?;
     // Latency: one sample alone (its lookups in parallel); throughput: a batch.
     let one = first_rows(&d.test_x, 1);
-    let cts = ck.encrypt(&a.client.encode(std::slice::from_ref(&one))?);
+    let cts = ck.encrypt_for(&a.circuit, &a.client.encode(std::slice::from_ref(&one))?);
     let (_, latency) = run_encrypted(&ev, &a, &cts, false)?;
     let x = first_rows(&d.test_x, samples);
     let n = x.shape()[0];
-    let cts = ck.encrypt(&a.client.encode(std::slice::from_ref(&x))?);
+    let cts = ck.encrypt_for(&a.circuit, &a.client.encode(std::slice::from_ref(&x))?);
     let (out, batch) = run_encrypted(&ev, &a, &cts, false)?;
     let ints = a.client.decode_integers(&ck.decrypt(&out)?);
     let exec = a.client.finish(&ints, std::slice::from_ref(&x))?;

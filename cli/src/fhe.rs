@@ -109,7 +109,7 @@ pub fn run_compiled_timed(a: &Artifact, x: &Tensor, mode: Mode, verbose: bool) -
             let (ck, sk) = veil_runtime::keygen(&a.params, &a.fingerprint)?;
             t.keygen = start.elapsed();
             let start = Instant::now();
-            let cts = ck.encrypt(&a.client.encode(xs)?);
+            let cts = ck.encrypt_for(&a.circuit, &a.client.encode(xs)?);
             t.encrypt = start.elapsed();
             let start = Instant::now();
             if let Some(sp) = &sp {
@@ -193,7 +193,7 @@ pub fn encrypt_cmd(model: &Path, client_key: &Path, input: &Path, output: &Path)
     let x = npy::read_f32(input)?;
     warn_overflows(&a, &x)?;
     let start = Instant::now();
-    let cts = ck.encrypt(&a.client.encode(std::slice::from_ref(&x))?);
+    let cts = ck.encrypt_for(&a.circuit, &a.client.encode(std::slice::from_ref(&x))?);
     files::write(output, &cts, CIPHERTEXT_LIMIT)?;
     eprintln!(
         "encrypted {} sample(s) in {:.1} ms → {}",

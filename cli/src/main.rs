@@ -1,6 +1,7 @@
 //! `veil`: compile ML models to FHE circuits and run them on encrypted data.
 
 mod bench;
+mod bench_train;
 mod fhe;
 mod history;
 mod model;
@@ -231,7 +232,8 @@ enum Command {
         models_dir: PathBuf,
     },
     /// Measure every model in models/: compile, keygen, key size, lookups, precision,
-    /// encrypted latency and accuracy (float / clear / simulate / execute).
+    /// encrypted latency and accuracy (float / clear / simulate / execute); and every
+    /// training set: lookups and seconds per batch, keys, accuracy per epoch vs float SGD.
     Bench {
         /// Model folders to run (default: the models directly under models/).
         #[arg(long, value_delimiter = ',')]
@@ -239,6 +241,9 @@ enum Command {
         /// Test samples run encrypted per model.
         #[arg(long, default_value_t = 10)]
         samples: usize,
+        /// Training batches run encrypted per training set (timing; accuracy is simulated).
+        #[arg(long, default_value_t = 3)]
+        train_batches: usize,
         #[arg(long)]
         json: Option<PathBuf>,
         #[arg(long, default_value_os_t = bench::default_models_dir())]
@@ -404,8 +409,8 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Demo { model, samples, models_dir } => bench::demo(&models_dir, &model, samples),
-        Command::Bench { models, samples, json, models_dir } => {
-            bench::bench(&models_dir, &models, samples, json.as_deref())
+        Command::Bench { models, samples, train_batches, json, models_dir } => {
+            bench::bench(&models_dir, &models, samples, train_batches, json.as_deref())
         }
     }
 }

@@ -618,6 +618,31 @@ mod tests {
     }
 
     #[test]
+    fn an_l2_penalty_shrinks_the_weights() {
+        let run = |l2: f64| {
+            let mut spec = TrainSpec::new(4, vec![0, 1]);
+            spec.l2 = l2;
+            let p = TrainingPlan::new(spec).unwrap();
+            let m = TrainingModel::new(p.clone()).unwrap();
+            let n = 64;
+            let x =
+                Array2::from_shape_fn((n, 4), |(i, f)| (((i * 7 + f * 3) % 11) as f32 / 5.0 - 1.0).clamp(-1.0, 1.0));
+            let labels: Vec<i64> = (0..n).map(|i| (x[[i, 0]] + 0.5 * x[[i, 1]] > 0.0) as i64).collect();
+            let (xq, t) = (p.quantize_features(&x, "x").unwrap(), p.targets(&labels, "y").unwrap());
+            let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+            let mut state = p.initial_state();
+            for _ in 0..4 {
+                for rows in batches(n, p.spec.batch) {
+                    state = m.step_clear(&p.step_inputs(&xq, &t, &rows, &mut rng), &state).unwrap();
+                }
+            }
+            state[0].iter().map(|&v| (v * v) as f64).sum::<f64>()
+        };
+        let (free, penalised) = (run(0.0), run(0.2));
+        assert!(penalised < 0.8 * free, "Σw² {penalised} with L2 vs {free} without");
+    }
+
+    #[test]
     fn batches_wrap_around() {
         assert_eq!(batches(5, 2), vec![vec![0, 1], vec![2, 3], vec![4, 0]]);
         assert_eq!(batches(4, 2).len(), 2);

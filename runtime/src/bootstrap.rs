@@ -38,6 +38,11 @@ impl Bootstrapper {
         keyswitch_lwe_ciphertext(ksk, input, &mut self.small);
     }
 
+    /// Take a ciphertext already under the small key as the bootstrap's input.
+    pub fn load_small(&mut self, input: &LweCiphertextView<'_, u64>) {
+        self.small.as_mut().copy_from_slice(input.as_ref());
+    }
+
     /// The keyswitched ciphertext (for noise measurements).
     pub fn small(&self) -> &LweCiphertextOwned<u64> {
         &self.small

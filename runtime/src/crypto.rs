@@ -51,12 +51,30 @@ impl Named for EncryptedOutputs {
 impl ClientKey {
     /// Encrypt plaintexts `[input][sample][element]` under the large key.
     pub fn encrypt(&self, plaintexts: &[Vec<Vec<u64>>]) -> EncryptedInputs {
+        let big = vec![false; plaintexts.len()];
+        self.encrypt_keys(plaintexts, &big)
+    }
+
+    /// Encrypt plaintexts `[circuit input][sample][element]` for `circuit`: each input
+    /// under the key the circuit reads it with (the small key for inputs only products read).
+    pub fn encrypt_for(&self, circuit: &Circuit, plaintexts: &[Vec<Vec<u64>>]) -> EncryptedInputs {
+        let small: Vec<bool> = circuit.inputs.iter().map(|&v| circuit.is_small(v)).collect();
+        self.encrypt_keys(plaintexts, &small)
+    }
+
+    pub(crate) fn encrypt_keys(&self, plaintexts: &[Vec<Vec<u64>>], small: &[bool]) -> EncryptedInputs {
         let mut seeder = new_seeder();
-        let size = LweSize(self.dimension() + 1);
         let samples = plaintexts.first().map_or(0, |v| v.len());
         let values = plaintexts
             .iter()
-            .map(|per_sample| {
+            .enumerate()
+            .map(|(k, per_sample)| {
+                let use_small = small.get(k).copied().unwrap_or(false) && self.small.is_some();
+                let (key, noise) = match (&self.small, use_small) {
+                    (Some(s), true) => (s, self.small_gaussian()),
+                    _ => (&self.big, self.gaussian()),
+                };
+                let size = key.lwe_dimension().to_lwe_size();
                 per_sample
                     .iter()
                     .map(|row| {
@@ -68,13 +86,7 @@ impl ClientKey {
                             CiphertextModulus::new_native(),
                         );
                         let pt = PlaintextList::from_container(row.as_slice());
-                        par_encrypt_seeded_lwe_ciphertext_list(
-                            &self.big,
-                            &mut list,
-                            &pt,
-                            self.gaussian(),
-                            seeder.as_mut(),
-                        );
+                        par_encrypt_seeded_lwe_ciphertext_list(key, &mut list, &pt, noise, seeder.as_mut());
                         list
                     })
                     .collect()
@@ -109,8 +121,9 @@ impl ClientKey {
 }
 
 impl EncryptedInputs {
-    /// Check the batch fits the circuit: inputs, element counts, ciphertext size.
-    pub fn check(&self, circuit: &Circuit, big_dimension: usize) -> Result<()> {
+    /// Check the batch fits the circuit: inputs, element counts, ciphertext size (the large
+    /// key's dimension, or the small key's for inputs under it).
+    pub fn check(&self, circuit: &Circuit, big_dimension: usize, small_dimension: usize) -> Result<()> {
         if self.values.len() != circuit.inputs.len() {
             return Err(RuntimeError::Invalid(format!(
                 "the ciphertexts hold {} input(s), the model takes {}",
@@ -134,9 +147,10 @@ impl EncryptedInputs {
                         circuit.value_len[v]
                     )));
                 }
-                if list.lwe_size().to_lwe_dimension().0 != big_dimension {
+                let want = if circuit.is_small(v) { small_dimension } else { big_dimension };
+                if list.lwe_size().to_lwe_dimension().0 != want {
                     return Err(RuntimeError::Invalid(format!(
-                        "input {k} is encrypted under a dimension-{} key, the model uses {big_dimension}",
+                        "input {k} is encrypted under a dimension-{} key, the model uses {want}",
                         list.lwe_size().to_lwe_dimension().0
                     )));
                 }

@@ -16,6 +16,8 @@ pub struct Evaluator<'a> {
     circuit: &'a Circuit,
     fingerprint: Vec<u8>,
     big: usize,
+    /// Dimension of the small key (0 without lookups).
+    small: usize,
     keyswitch: Option<LweKeyswitchKeyOwned<u64>>,
     bootstrap: Option<FourierLweBootstrapKeyOwned>,
     accumulators: Vec<GlweCiphertextOwned<u64>>,
@@ -62,13 +64,14 @@ impl<'a> Evaluator<'a> {
                 .collect::<Result<Vec<_>>>()?,
             None => Vec::new(),
         };
-        Ok(Evaluator { circuit, fingerprint: fingerprint.to_vec(), big, keyswitch, bootstrap, accumulators })
+        let small = keyswitch.as_ref().map_or(0, |k| k.output_key_lwe_dimension().0);
+        Ok(Evaluator { circuit, fingerprint: fingerprint.to_vec(), big, small, keyswitch, bootstrap, accumulators })
     }
 
     /// Run on a batch; `progress` is called with the number of lookups just finished.
     pub fn run(&self, inputs: &EncryptedInputs, progress: &(dyn Fn(usize) + Sync)) -> Result<EncryptedOutputs> {
         check_fingerprint("the encrypted inputs", &inputs.fingerprint, &self.fingerprint)?;
-        inputs.check(self.circuit, self.big)?;
+        inputs.check(self.circuit, self.big, self.small)?;
         let samples = inputs.samples;
         let outputs = self.run_expanded(inputs.expand(), samples, progress)?;
         Ok(EncryptedOutputs { fingerprint: self.fingerprint.clone(), samples, values: outputs })
@@ -90,6 +93,7 @@ impl<'a> Evaluator<'a> {
         for ins in &self.circuit.instructions {
             match ins {
                 Instruction::Linear(l) => values[l.output] = Some(self.linear(l, &values, samples)),
+                Instruction::Keyswitch(k) => values[k.output] = Some(self.keyswitch(k.input, &values)?),
                 Instruction::Lookup(l) => {
                     let (first, second) = self.lookup(l, &values, samples, progress)?;
                     values[l.output] = Some(first);
@@ -121,6 +125,39 @@ impl<'a> Evaluator<'a> {
         self.big
     }
 
+    /// Dimension of the small key (inputs under it, and lookups' inputs).
+    pub fn small_dimension(&self) -> usize {
+        self.small
+    }
+
+    /// LWE size of a value's ciphertexts.
+    fn size_of(&self, v: usize) -> LweSize {
+        LweSize(if self.circuit.is_small(v) { self.small } else { self.big } + 1)
+    }
+
+    /// Keyswitch every element of every sample of a large-key value to the small key.
+    fn keyswitch(&self, input: usize, values: &[Option<Vec<LweCiphertextListOwned<u64>>>]) -> Result<PerSample> {
+        let Some(ksk) = &self.keyswitch else {
+            return Err(RuntimeError::Invalid("the circuit keyswitches but no keyswitching key was loaded".into()));
+        };
+        let lists = Self::get(values, input);
+        Ok(lists
+            .iter()
+            .map(|list| {
+                let mut out = LweCiphertextList::new(
+                    0u64,
+                    ksk.output_key_lwe_dimension().to_lwe_size(),
+                    list.lwe_ciphertext_count(),
+                    CiphertextModulus::new_native(),
+                );
+                out.par_iter_mut()
+                    .zip(list.par_iter())
+                    .for_each(|(mut o, i)| keyswitch_lwe_ciphertext(ksk, &i, &mut o));
+                out
+            })
+            .collect())
+    }
+
     fn get(values: &[Option<Vec<LweCiphertextListOwned<u64>>>], v: usize) -> &[LweCiphertextListOwned<u64>] {
         values[v].as_deref().expect("instructions are in dependency order")
     }
@@ -133,7 +170,7 @@ impl<'a> Evaluator<'a> {
         samples: usize,
     ) -> Vec<LweCiphertextListOwned<u64>> {
         let ins: Vec<&[LweCiphertextListOwned<u64>]> = l.inputs.iter().map(|&v| Self::get(values, v)).collect();
-        let size = LweSize(self.big + 1);
+        let size = self.size_of(l.output);
         (0..samples)
             .into_par_iter()
             .map(|s| {
@@ -170,6 +207,7 @@ impl<'a> Evaluator<'a> {
             return Err(RuntimeError::Invalid("the circuit has lookups but no bootstrap keys were loaded".into()));
         };
         let input = Self::get(values, l.input);
+        let small_input = self.circuit.is_small(l.input);
         let n = l.table.len();
         let size = LweSize(self.big + 1);
         let new_ct = || LweCiphertext::new(0u64, size, CiphertextModulus::new_native());
@@ -179,7 +217,11 @@ impl<'a> Evaluator<'a> {
             .map_init(
                 || Bootstrapper::new(ksk, bsk),
                 |worker, &(s, e)| {
-                    worker.keyswitch(ksk, &input[s].get(e));
+                    if small_input {
+                        worker.load_small(&input[s].get(e));
+                    } else {
+                        worker.keyswitch(ksk, &input[s].get(e));
+                    }
                     let mut out = new_ct();
                     worker.bootstrap(bsk, &self.accumulators[l.table[e] as usize], &mut out);
                     let second = l.second.map(|_| {
@@ -220,4 +262,34 @@ fn gather<'r>(
             list
         })
         .collect()
+}
+
+impl Evaluator<'_> {
+    /// Median milliseconds of one keyswitch and one bootstrap with this evaluator's keys,
+    /// on a real encryption by `ck` (all-zero masks would skip work): what Σ lookup time
+    /// is made of.
+    pub fn time_lookup(&self, ck: &crate::ClientKey, runs: usize) -> Result<(f64, f64)> {
+        let cts = ck.encrypt(&[vec![vec![3u64 << 58]]]).expand();
+        let ct = cts[0][0].get(0);
+        let (Some(ksk), Some(bsk)) = (&self.keyswitch, &self.bootstrap) else {
+            return Err(RuntimeError::Invalid("the model has no lookups to time".into()));
+        };
+        let acc = self.accumulators.first().ok_or_else(|| RuntimeError::Invalid("no lookup tables".into()))?;
+        let mut worker = Bootstrapper::new(ksk, bsk);
+        let mut out = LweCiphertext::new(0u64, LweSize(self.big + 1), CiphertextModulus::new_native());
+        let (mut ks, mut br) = (Vec::new(), Vec::new());
+        for _ in 0..runs.max(1) {
+            let t = std::time::Instant::now();
+            worker.keyswitch(ksk, &ct);
+            ks.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = std::time::Instant::now();
+            worker.bootstrap(bsk, acc, &mut out);
+            br.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        Ok((median(ks), median(br)))
+    }
 }

@@ -141,6 +141,13 @@ impl ClientKey {
         gaussian(self.big_noise_std)
     }
 
+    /// Noise of fresh encryptions under the small key: the 128-bit minimum for its
+    /// dimension, as the parameters choose it.
+    pub(crate) fn small_gaussian(&self) -> DynamicDistribution<u64> {
+        let n = self.small.as_ref().map_or(0, |k| k.lwe_dimension().0);
+        gaussian(veil_backend::security::key_variance(n as u64).sqrt())
+    }
+
     /// The small key (for noise measurements in tests).
     pub fn small_key(&self) -> Option<&LweSecretKeyOwned<u64>> {
         self.small.as_ref()

@@ -234,7 +234,10 @@ fn lookup_time_tracks_the_cost_model() {
         params(914, 1, 2048, (15, 2), (3, 6), 5),
         params(874, 1, 2048, (12, 3), (2, 8), 5),
         params(914, 1, 2048, (23, 1), (3, 6), 5),
+        // the set encrypted training at 6 bits and p_error 2^-7 uses
+        params(850, 1, 2048, (23, 1), (2, 8), 6),
     ];
+    let mut ratios = Vec::new();
     for p in sets {
         let (ks, br) = lookup_time(&p);
         let model = veil_backend::params::lookup_cost_ms(
@@ -249,7 +252,12 @@ fn lookup_time_tracks_the_cost_model() {
             "n={} k={} N={} PBS 2^{}×{} KS 2^{}×{}: keyswitch {ks:.1} ms, bootstrap {br:.1} ms, total {total:.1} ms; model {model:.1} ms",
             p.lwe_dimension, p.glwe_dimension, p.polynomial_size, p.pbs_base_log, p.pbs_level, p.ks_base_log, p.ks_level
         );
-        // a shared, noisy machine: the model must stay within 2× either way
-        assert!(model / total < 2.0 && total / model < 2.0, "model {model:.1} ms vs measured {total:.1} ms");
+        ratios.push(total / model);
     }
+    // A shared machine runs faster or slower by the day, so the sets' ratios to the model
+    // must agree with each other (the model ranks sets right) within 1.5×, whatever the
+    // machine's speed today.
+    let (lo, hi) = ratios.iter().fold((f64::MAX, 0.0f64), |(a, b), &r| (a.min(r), b.max(r)));
+    eprintln!("measured / model: {lo:.2} to {hi:.2}");
+    assert!(hi / lo < 1.5, "the model misranks parameter sets: measured/model from {lo:.2} to {hi:.2}");
 }

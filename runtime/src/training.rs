@@ -80,8 +80,9 @@ impl EncryptedBatches {
         self.batches.get(i).map(|b| b.as_slice())
     }
 
-    /// Every batch holds the circuit's non-state inputs at the right sizes.
-    pub fn check(&self, circuit: &Circuit, big: usize) -> Result<()> {
+    /// Every batch holds the circuit's non-state inputs at the right sizes (dimension `big`,
+    /// or `small` for inputs under the small key).
+    pub fn check(&self, circuit: &Circuit, big: usize, small: usize) -> Result<()> {
         let want = batch_inputs(circuit);
         for (n, batch) in self.batches.iter().enumerate() {
             if batch.len() != want.len() {
@@ -94,7 +95,9 @@ impl EncryptedBatches {
             for (list, &k) in batch.iter().zip(&want) {
                 let what = format!("batch {n}, input {k}");
                 let dim = list.lwe_size().to_lwe_dimension().0;
-                check_list(&what, list.lwe_ciphertext_count().0, dim, circuit.value_len[circuit.inputs[k]], big)?;
+                let v = circuit.inputs[k];
+                let want = if circuit.is_small(v) { small } else { big };
+                check_list(&what, list.lwe_ciphertext_count().0, dim, circuit.value_len[v], want)?;
             }
         }
         Ok(())
@@ -151,7 +154,8 @@ impl ClientKey {
                     )));
                 }
                 let rows: Vec<Vec<Vec<u64>>> = keep.iter().map(|&k| vec![inputs[k].clone()]).collect();
-                let enc = self.encrypt(&rows);
+                let small: Vec<bool> = keep.iter().map(|&k| circuit.is_small(circuit.inputs[k])).collect();
+                let enc = self.encrypt_keys(&rows, &small);
                 Ok(enc.values.into_iter().map(|mut per_sample| per_sample.remove(0)).collect())
             })
             .collect::<Result<Vec<_>>>()?;
@@ -211,7 +215,7 @@ impl Evaluator<'_> {
         state.check(self.circuit(), self.big_dimension())?;
         for p in parts {
             check_fingerprint("the encrypted batches", &p.fingerprint, self.fingerprint())?;
-            p.check(self.circuit(), self.big_dimension())?;
+            p.check(self.circuit(), self.big_dimension(), self.small_dimension())?;
         }
         Ok(())
     }

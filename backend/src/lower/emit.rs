@@ -90,6 +90,11 @@ pub(super) struct Emitter<'a> {
     pub derived: Vec<DerivedInput>,
     /// Circuit values of the derived inputs, which follow the graph's inputs.
     pub derived_values: Vec<usize>,
+    /// Graph inputs only products read (through layout ops): the client encrypts them
+    /// under the small key, so their sums need no keyswitch.
+    small_inputs: std::collections::HashSet<NodeId>,
+    /// Small-key copies of large-key values, read exactly at the products' scale.
+    pub small_copies: HashMap<usize, usize>,
 }
 
 pub(super) fn lower_graph(g: &Graph, precision: u32, state: &[(usize, usize)]) -> Result<LoweredGraph> {
@@ -118,6 +123,7 @@ pub(super) fn lower_graph(g: &Graph, precision: u32, state: &[(usize, usize)]) -
             tables: Vec::new(),
             precision,
             state: state.to_vec(),
+            small: Vec::new(),
         },
         value: HashMap::new(),
         d: HashMap::new(),
@@ -128,6 +134,8 @@ pub(super) fn lower_graph(g: &Graph, precision: u32, state: &[(usize, usize)]) -
         slots_used: HashMap::new(),
         derived: Vec::new(),
         derived_values: Vec::new(),
+        small_inputs: super::products::product_only_inputs(g, state),
+        small_copies: HashMap::new(),
     };
     for &id in &order {
         let node = g.node(id);
@@ -205,9 +213,17 @@ impl Emitter<'_> {
 
     pub fn new_value(&mut self, len: usize, base: i64, scale: u32) -> usize {
         self.circuit.value_len.push(len);
+        self.circuit.small.push(false);
         let v = self.circuit.value_len.len() - 1;
         self.base.insert(v, base);
         self.scale.insert(v, scale);
+        v
+    }
+
+    /// A new value under the small key.
+    pub fn new_small_value(&mut self, len: usize, base: i64, scale: u32) -> usize {
+        let v = self.new_value(len, base, scale);
+        self.circuit.small[v] = true;
         v
     }
 
@@ -216,6 +232,9 @@ impl Emitter<'_> {
         let ops = self.g.operands(id);
         let d = self.d[&id];
         let v = match &op {
+            Op::Input { .. } if self.small_inputs.contains(&id) => {
+                self.new_small_value(sample_len(self.g, id), self.g.enc_range(id).lo, d)
+            }
             Op::Input { .. } => self.new_value(sample_len(self.g, id), self.g.enc_range(id).lo, d),
             // A narrower compiled range changes no ciphertext.
             Op::Assume { .. } => self.value[&ops[0]],
@@ -297,7 +316,11 @@ impl Emitter<'_> {
             }
             li.end_row(encode(c, d));
         }
-        let out = self.new_value(out_len, base_out, d);
+        let small = inputs.iter().any(|&v| self.circuit.is_small(v));
+        if small && !inputs.iter().all(|&v| self.circuit.is_small(v)) {
+            return Err(err(self.g, id, "mixes values under the large and the small key"));
+        }
+        let out = if small { self.new_small_value(out_len, base_out, d) } else { self.new_value(out_len, base_out, d) };
         li.output = out;
         self.circuit.instructions.push(Instruction::Linear(li));
         Ok(out)
@@ -333,7 +356,11 @@ impl Emitter<'_> {
             let half = if read.k > 0 { 1u64 << (target - 1) } else { 0 };
             li.end_row(encode(c, target).wrapping_add(half));
         }
-        let out = self.new_value(n, read.base, target);
+        let out = if self.circuit.is_small(terms[0].0) {
+            self.new_small_value(n, read.base, target)
+        } else {
+            self.new_value(n, read.base, target)
+        };
         li.output = out;
         self.circuit.instructions.push(Instruction::Linear(li));
         Ok(out)
@@ -537,11 +564,12 @@ impl Emitter<'_> {
         let mut lookup_noise: Vec<NoiseCoefs> = Vec::new();
         for ins in &self.circuit.instructions {
             if let Instruction::Lookup(l) = ins {
-                for c in &coefs[l.input] {
+                for e in 0..l.table.len() {
+                    let c = self.circuit.lookup_input_coefs(&coefs, l, e);
                     // keep only inputs no other one dominates
-                    if !lookup_noise.iter().any(|o| o.bootstrapped >= c.bootstrapped && o.fresh >= c.fresh) {
-                        lookup_noise.retain(|o| !(c.bootstrapped >= o.bootstrapped && c.fresh >= o.fresh));
-                        lookup_noise.push(*c);
+                    if !lookup_noise.iter().any(|o| o.dominates(&c)) {
+                        lookup_noise.retain(|o| !c.dominates(o));
+                        lookup_noise.push(c);
                     }
                 }
             }
@@ -550,16 +578,14 @@ impl Emitter<'_> {
             .iter()
             .zip(&self.circuit.outputs)
             .map(|(o, &v)| {
-                let worst = coefs[v].iter().fold(NoiseCoefs::default(), |a, c| NoiseCoefs {
-                    bootstrapped: a.bootstrapped.max(c.bootstrapped),
-                    fresh: a.fresh.max(c.fresh),
-                });
+                let worst = coefs[v].iter().fold(NoiseCoefs::default(), |a, c| a.max(c));
                 (worst, 2f64.powi(o.delta_log2 as i32 - 1 - 64))
             })
             .collect();
         Ok(Requirements {
             precision: if self.circuit.lookups_per_sample() > 0 { self.p } else { 0 },
             lookups: self.circuit.lookups_per_sample(),
+            keyswitches: self.circuit.keyswitches_per_sample(),
             lookup_noise,
             outputs: outs,
             p_error: 2f64.powi(-40),

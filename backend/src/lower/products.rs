@@ -17,13 +17,44 @@
 //! is 9 bits instead of 6, about 16× the bootstrap cost in the cost model, for half the
 //! lookups, so it is not used.
 
-use super::emit::{read_of, sample_dims, Emitter};
+use super::emit::{read_of, sample_dims, Emitter, Read};
 use super::{encode, err, DerivedInput};
-use crate::circuit::{Instruction, LinearInstr};
+use crate::circuit::{Instruction, KeyswitchInstr, LinearInstr};
 use crate::error::Result;
 use ndarray::ArrayD;
+use std::collections::HashSet;
 use veil_ir::{Graph, NodeId, Op, Range};
 use veil_passes::bitwidth::entries;
+
+/// Graph inputs (not state) that only products read, possibly through layout ops: the
+/// client encrypts those under the small key, and their sums with the other operand are
+/// formed there, with no keyswitch per product.
+pub(super) fn product_only_inputs(g: &Graph, state: &[(usize, usize)]) -> HashSet<NodeId> {
+    let outputs: HashSet<NodeId> = g.outputs().iter().map(|o| o.node).collect();
+    let only_products = |start: NodeId| {
+        let mut stack = vec![start];
+        while let Some(n) = stack.pop() {
+            if outputs.contains(&n) {
+                return false;
+            }
+            for u in g.users(n) {
+                match g.node(u).op {
+                    Op::MatMulEnc => {}
+                    Op::Reshape { .. } | Op::Transpose { .. } | Op::Gather { .. } => stack.push(u),
+                    _ => return false,
+                }
+            }
+        }
+        true
+    };
+    g.inputs()
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !state.iter().any(|(s, _)| s == i))
+        .map(|(_, &id)| id)
+        .filter(|&id| !g.users(id).is_empty() && only_products(id))
+        .collect()
+}
 
 /// The graph input an operand is a rearrangement of, and for each of the operand's
 /// elements (per sample) the input element it is.
@@ -89,7 +120,28 @@ impl Emitter<'_> {
         }
     }
 
-    /// Lookups of (a_ik + s·b_kj)² for every term, at scale `scale`.
+    /// An operand under the small key, read exactly at the products' scale: itself when the
+    /// client encrypted it so, else a keyswitched copy (made once, shared by every product
+    /// and square reading it).
+    fn small_copy(&mut self, x: NodeId) -> Result<usize> {
+        let v = self.value[&x];
+        if self.circuit.is_small(v) {
+            return Ok(v);
+        }
+        if let Some(&c) = self.small_copies.get(&v) {
+            return Ok(c);
+        }
+        let read = read_of(self.g.enc_range(x), 0, 1 << self.p, true);
+        let copy = self.read_copy(&[(v, 1)], &read)?;
+        let target = 63 - self.p;
+        let small = self.new_small_value(self.circuit.value_len[v], read.base, target);
+        self.circuit.instructions.push(Instruction::Keyswitch(KeyswitchInstr { output: small, input: copy }));
+        self.small_copies.insert(v, small);
+        Ok(small)
+    }
+
+    /// Lookups of (a_ik + s·b_kj)² for every term, at scale `scale`, the sums formed under
+    /// the small key.
     fn term_squares(
         &mut self,
         a: NodeId,
@@ -99,7 +151,7 @@ impl Emitter<'_> {
         s: i64,
         scale: u32,
     ) -> Result<usize> {
-        let (va, vb) = (self.value[&a], self.value[&b]);
+        let (va, vb) = (self.small_copy(a)?, self.small_copy(b)?);
         let read = read_of(r, 0, 1 << self.p, true);
         let target = 63 - self.p;
         let wa = 1i64 << (target - self.scale[&va]);
@@ -115,7 +167,7 @@ impl Emitter<'_> {
                 }
             }
         }
-        let sums = self.new_value(m * k * l, read.base, target);
+        let sums = self.new_small_value(m * k * l, read.base, target);
         li.output = sums;
         self.circuit.instructions.push(Instruction::Linear(li));
         let table = self.table(&read, r, 0, scale, |v| (v as i128) * (v as i128));
@@ -189,12 +241,11 @@ impl Emitter<'_> {
             self.derived.push(DerivedInput { from, groups, delta_log2: scale, base: 0 });
             return Ok(SquareSums::Derived(v));
         }
-        let vx = self.value[&x];
         let r = self.g.enc_range(x);
-        let read = read_of(r, 0, 1 << self.p, true);
-        let copy = self.read_copy(&[(vx, 1)], &read)?;
+        let copy = self.small_copy(x)?;
+        let read = Read { k: 0, base: self.base[&copy] };
         let table = self.table(&read, r, 0, scale, |v| (v as i128) * (v as i128));
-        let n = self.circuit.value_len[vx];
+        let n = self.circuit.value_len[copy];
         let used = Self::slots_of(r, &read);
         Ok(SquareSums::Lookups(self.push_lookup(copy, vec![table; n], 0, scale, used)))
     }
