@@ -13,8 +13,15 @@ For each dataset this writes models/<name>/:
                              completed from the first samples, one-vs-rest for 3+ classes),
                              and LogisticRegression (the converged optimum)
 
+Each folder also holds export_check/: a model veil trained and exported (model.onnx,
+weights.npy, bias.npy, from `veil train --mode clear --epochs 1 -o
+models/<name>/export_check/model.onnx --weights-dir models/<name>/export_check`) and
+onnxruntime's outputs on test_x (ort_label.npy, ort_probabilities.npy): a test checks that
+veil reads its own ONNX export as onnxruntime does.
+
 Run from the repository root:  python models/generate_training.py
-Needs: scikit-learn, numpy. veil itself never runs Python.
+Needs: scikit-learn, numpy (and onnxruntime for export_check). veil itself never runs
+Python.
 """
 
 import json
@@ -106,11 +113,29 @@ def dataset(name, X, y, source):
           f"LogisticRegression {meta['logistic_regression_test_accuracy']:.4f}")
 
 
+def export_check(name):
+    """onnxruntime's outputs for the model veil exported into models/<name>/export_check."""
+    d = os.path.join(ROOT, name, "export_check")
+    if not os.path.exists(os.path.join(d, "model.onnx")):
+        print(f"{name}: no export_check/model.onnx (make it with veil train, see above)")
+        return
+    import onnxruntime as ort
+    sess = ort.InferenceSession(os.path.join(d, "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.load(os.path.join(ROOT, name, "test_x.npy"))
+    label, prob = sess.run(["label", "probabilities"], {"X": x})
+    np.save(os.path.join(d, "ort_label.npy"), label.astype(np.int64))
+    np.save(os.path.join(d, "ort_probabilities.npy"), prob.astype(np.float32))
+    y = np.load(os.path.join(ROOT, name, "test_y.npy"))
+    print(f"{name}: onnxruntime runs veil's export, test accuracy {float((label == y).mean()):.4f}")
+
+
 def main():
     X, y = load_breast_cancer(return_X_y=True)
     dataset("train_breast_cancer", X, y, "sklearn.datasets.load_breast_cancer (binary, 30 features)")
     X, y = load_wine(return_X_y=True)
     dataset("train_wine", X, y, "sklearn.datasets.load_wine (3 classes, 13 features)")
+    for name in ("train_breast_cancer", "train_wine"):
+        export_check(name)
 
 
 if __name__ == "__main__":

@@ -126,3 +126,26 @@ fn simulation_predicts_how_often_encrypted_steps_go_wrong() {
     assert!(p_sim > 0.1, "the loose p_error should make steps go wrong often (simulated {p_sim:.3})");
     assert!((p_exec - p_sim).abs() <= 4.0 * sd, "encrypted {p_exec:.3} vs simulated {p_sim:.3} (sd {sd:.3})");
 }
+
+#[test]
+fn exported_models_are_read_as_onnxruntime_reads_them() {
+    // models/<set>/export_check: a model veil trained and exported, with onnxruntime's
+    // outputs on the test set (models/generate_training.py). The exporter must write the
+    // same bytes from the same weights, and veil must read them as onnxruntime does.
+    for set in ["train_breast_cancer", "train_wine"] {
+        let dir = veil_tests::models_dir().join(set);
+        let d = dir.join("export_check");
+        let w = veil_tests::read_npy(&d.join("weights.npy")).to_f32().into_dimensionality::<ndarray::Ix2>().unwrap();
+        let b = veil_tests::read_npy(&d.join("bias.npy")).to_f32().into_dimensionality::<ndarray::Ix1>().unwrap();
+        let classes: Vec<i64> =
+            veil_tests::meta(&dir)["classes"].as_array().unwrap().iter().map(|c| c.as_i64().unwrap()).collect();
+        let bytes = veil_frontend::onnx::export::linear_classifier(&w, &b, &classes, "veil_logistic_regression").unwrap();
+        assert_eq!(bytes, std::fs::read(d.join("model.onnx")).unwrap(), "{set}: the export changed");
+        let g = veil_frontend::onnx::import_file(d.join("model.onnx")).unwrap();
+        let x = veil_tests::read_npy(&dir.join("test_x.npy"));
+        let out = veil_ir::interp::run(&g, &[x]).unwrap();
+        assert_eq!(out[0], veil_tests::read_npy(&d.join("ort_label.npy")), "{set}: labels");
+        let err = veil_tests::relative_error(&out[1], &veil_tests::read_npy(&d.join("ort_probabilities.npy")));
+        assert!(err < 1e-5, "{set}: probabilities differ from onnxruntime's by {err}");
+    }
+}

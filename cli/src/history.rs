@@ -88,6 +88,7 @@ impl History {
             chart
                 .configure_mesh()
                 .x_desc(format!("step ({} per epoch)", self.batches_per_epoch))
+                .x_label_formatter(&|x| format!("{x:.0}"))
                 .y_desc("accuracy")
                 .draw()
                 .map_err(plot_err)?;
