@@ -13,9 +13,9 @@ For each dataset this writes models/<name>/:
                              completed from the first samples, one-vs-rest for 3+ classes),
                              and LogisticRegression (the converged optimum)
 
-Each folder also holds export_check/: a model veil trained and exported (model.onnx,
+Each folder also holds export_check/: a model veil trained and exported (veil_export.onnx,
 weights.npy, bias.npy, from `veil train --mode clear --epochs 1 -o
-models/<name>/export_check/model.onnx --weights-dir models/<name>/export_check`) and
+models/<name>/export_check/veil_export.onnx --weights-dir models/<name>/export_check`) and
 onnxruntime's outputs on test_x (ort_label.npy, ort_probabilities.npy): a test checks that
 veil reads its own ONNX export as onnxruntime does.
 
@@ -116,11 +116,11 @@ def dataset(name, X, y, source):
 def export_check(name):
     """onnxruntime's outputs for the model veil exported into models/<name>/export_check."""
     d = os.path.join(ROOT, name, "export_check")
-    if not os.path.exists(os.path.join(d, "model.onnx")):
-        print(f"{name}: no export_check/model.onnx (make it with veil train, see above)")
+    if not os.path.exists(os.path.join(d, "veil_export.onnx")):
+        print(f"{name}: no export_check/veil_export.onnx (make it with veil train, see above)")
         return
     import onnxruntime as ort
-    sess = ort.InferenceSession(os.path.join(d, "model.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(os.path.join(d, "veil_export.onnx"), providers=["CPUExecutionProvider"])
     x = np.load(os.path.join(ROOT, name, "test_x.npy"))
     label, prob = sess.run(["label", "probabilities"], {"X": x})
     np.save(os.path.join(d, "ort_label.npy"), label.astype(np.int64))

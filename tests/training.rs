@@ -139,9 +139,10 @@ fn exported_models_are_read_as_onnxruntime_reads_them() {
         let b = veil_tests::read_npy(&d.join("bias.npy")).to_f32().into_dimensionality::<ndarray::Ix1>().unwrap();
         let classes: Vec<i64> =
             veil_tests::meta(&dir)["classes"].as_array().unwrap().iter().map(|c| c.as_i64().unwrap()).collect();
-        let bytes = veil_frontend::onnx::export::linear_classifier(&w, &b, &classes, "veil_logistic_regression").unwrap();
-        assert_eq!(bytes, std::fs::read(d.join("model.onnx")).unwrap(), "{set}: the export changed");
-        let g = veil_frontend::onnx::import_file(d.join("model.onnx")).unwrap();
+        let bytes =
+            veil_frontend::onnx::export::linear_classifier(&w, &b, &classes, "veil_logistic_regression").unwrap();
+        assert_eq!(bytes, std::fs::read(d.join("veil_export.onnx")).unwrap(), "{set}: the export changed");
+        let g = veil_frontend::onnx::import_file(d.join("veil_export.onnx")).unwrap();
         let x = veil_tests::read_npy(&dir.join("test_x.npy"));
         let out = veil_ir::interp::run(&g, &[x]).unwrap();
         assert_eq!(out[0], veil_tests::read_npy(&d.join("ort_label.npy")), "{set}: labels");

@@ -96,16 +96,9 @@ impl Artifact {
 
     /// Write atomically (temporary file, then rename).
     pub fn write(&self, path: &Path) -> Result<()> {
-        let shown = path.display().to_string();
         let bytes = self.to_proto().encode_to_vec();
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let name = path.file_name().ok_or_else(|| bad(&shown, "not a file path"))?;
-        let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
-        std::fs::write(&tmp, bytes).map_err(|e| bad(&shown, e.to_string()))?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            bad(&shown, e.to_string())
-        })
+        crate::files::write_atomic(path, |w| std::io::Write::write_all(w, &bytes))
+            .map_err(|e| bad(&path.display().to_string(), format!("cannot write: {e}")))
     }
 
     pub fn read(path: &Path) -> Result<Artifact> {

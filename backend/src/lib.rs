@@ -8,6 +8,7 @@
 pub mod artifact;
 pub mod circuit;
 pub mod error;
+pub mod files;
 pub mod lower;
 pub mod noise;
 pub mod params;

@@ -2,15 +2,13 @@
 //! `train_x.npy`), compiled with the default settings, timed encrypted for a few batches,
 //! and trained in simulation for two epochs beside float SGD on the same batches.
 
-use crate::npy;
 use anyhow::{Context, Result};
 use rand::SeedableRng;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use veil_backend::training::{compile_training, TrainingClient, TRAINING_P_ERROR};
-use veil_ir::Tensor;
-use veil_passes::training::{accuracy, batches, TrainSpec};
+use veil_passes::training::{accuracy, batches, FloatSgd, TrainSpec};
 
 /// Training sets under `models_dir` (folders holding train_x.npy), those named or all.
 pub fn training_dirs(models_dir: &Path, names: &[String]) -> Result<Vec<PathBuf>> {
@@ -26,17 +24,6 @@ pub fn training_dirs(models_dir: &Path, names: &[String]) -> Result<Vec<PathBuf>
     dirs.retain(|p| p.join("train_x.npy").exists());
     dirs.sort();
     Ok(dirs)
-}
-
-fn labels(path: &Path) -> Result<Vec<i64>> {
-    Ok(match npy::read(path)? {
-        Tensor::I64(a) => a.iter().copied().collect(),
-        Tensor::F32(a) => a.iter().map(|&v| v as i64).collect(),
-    })
-}
-
-fn matrix(path: &Path) -> Result<ndarray::Array2<f32>> {
-    Ok(npy::read_f32(path)?.to_f32().into_dimensionality()?)
 }
 
 pub fn bench(models_dir: &Path, names: &[String], exec_batches: usize) -> Result<Vec<serde_json::Value>> {
@@ -98,10 +85,9 @@ pub fn bench(models_dir: &Path, names: &[String], exec_batches: usize) -> Result
 }
 
 fn bench_one(dir: &Path, exec_batches: usize) -> Result<serde_json::Value> {
-    let x = matrix(&dir.join("train_x.npy"))?;
-    let y = labels(&dir.join("train_y.npy"))?;
-    let xt = matrix(&dir.join("test_x.npy"))?;
-    let yt = labels(&dir.join("test_y.npy"))?;
+    let train = crate::train::load_data(&dir.join("train_x.npy"), &dir.join("train_y.npy"))?;
+    let test = crate::train::load_data(&dir.join("test_x.npy"), &dir.join("test_y.npy"))?;
+    let (x, y, xt, yt) = (train.x, train.labels, test.x, test.labels);
     let classes = crate::train::classes_of(&y);
     let spec = TrainSpec::new(x.ncols(), classes.clone());
     let start = Instant::now();
@@ -116,34 +102,18 @@ fn bench_one(dir: &Path, exec_batches: usize) -> Result<serde_json::Value> {
     let inputs: Vec<_> = steps.iter().map(|rows| plan.step_inputs(&xq, &t, rows, &mut rng)).collect();
 
     // two epochs simulated, the float step on the same batches beside them
-    let (lo, hi) = plan.spec.feature_range;
-    let (mid, half) = ((lo + hi) / 2.0, (hi - lo) / 2.0);
-    let xn = x.mapv(|v| ((v as f64 - mid) / half) as f32).into_dyn();
-    let yn = t.mapv(|v| v as f32).into_dyn();
-    let (f, s) = (plan.spec.features, plan.scores());
-    let mut fw = ndarray::ArrayD::<f32>::zeros(vec![1, f, s]);
-    let mut fb = ndarray::ArrayD::<f32>::zeros(vec![1, 1, s]);
+    let mut float = FloatSgd::new(&model, &x, &y)?;
     let mut plain = tc.state_plaintexts(&plan.initial_state());
     let (mut sim_acc, mut float_acc) = (Vec::new(), Vec::new());
     for _ in 0..2 {
         for (rows, inp) in steps.iter().zip(&inputs) {
             plain = tc.simulate_step(&tc.step_plaintexts(inp)?, &plain, Some(&a.params), &mut rng);
-            let take = |m: &ndarray::ArrayD<f32>| {
-                let cols = m.shape()[1];
-                ndarray::ArrayD::from_shape_fn(vec![1, rows.len(), cols], |ix| m[[rows[ix[1]], ix[2]]])
-            };
-            let out =
-                veil_ir::interp::run(&model.float, &[take(&xn), take(&yn), fw.clone(), fb.clone()].map(Tensor::F32))?;
-            fw = out[0].to_f32();
-            fb = out[1].to_f32();
+            float.step(rows)?;
         }
         let st = tc.decode_state(&plain);
         let (w, b) = plan.decode(&st[0], &st[1])?;
         sim_acc.push(accuracy(&classes, &w, &b, &xt, &yt));
-        let w = ndarray::Array2::from_shape_fn((f, s), |(i, c)| (fw[[0, i, c]] as f64 / half) as f32);
-        let b = ndarray::Array1::from_shape_fn(s, |c| {
-            (fb[[0, 0, c]] as f64 - (0..f).map(|i| fw[[0, i, c]] as f64 * mid / half).sum::<f64>()) as f32
-        });
+        let (w, b) = float.weights();
         float_acc.push(accuracy(&classes, &w, &b, &xt, &yt));
     }
 

@@ -47,6 +47,9 @@ pub fn text(a: &Artifact, trials: bool) -> String {
             let _ = writeln!(s, "calibration: {:.4} {}", r.calibration_score, r.metric);
         }
     }
+    if !r.accuracy_warning.is_empty() {
+        let _ = writeln!(s, "warning: {}", r.accuracy_warning);
+    }
     if r.output_bits > 0 {
         let _ = write!(s, "outputs read to {} significant bits", r.output_bits);
         if r.output_digits > 1 {
@@ -66,9 +69,15 @@ pub fn text(a: &Artifact, trials: bool) -> String {
         }
     }
     if p.has_lookups() {
+        let per_sample = if a.training.is_some() {
+            // training tolerates failed lookups: say how many to expect, not a probability ≈ 1
+            format!("≈{:.1} failed lookups expected per step", p.p_error * r.lookups_per_sample as f64)
+        } else {
+            format!("2^{:.1} per sample", p.global_p_error.log2())
+        };
         let _ = writeln!(
             s,
-            "crypto: n={} k={} N={} PBS 2^{}×{} KS 2^{}×{}; p_error 2^{:.1} per lookup, 2^{:.1} per sample",
+            "crypto: n={} k={} N={} PBS 2^{}×{} KS 2^{}×{}; p_error 2^{:.1} per lookup, {per_sample}",
             p.lwe_dimension,
             p.glwe_dimension,
             p.polynomial_size,
@@ -77,7 +86,6 @@ pub fn text(a: &Artifact, trials: bool) -> String {
             p.ks_base_log,
             p.ks_level,
             p.p_error.log2(),
-            p.global_p_error.log2()
         );
         let _ = writeln!(
             s,
@@ -149,6 +157,7 @@ pub fn json(a: &Artifact) -> Value {
         "output_digits": r.output_digits,
         "metric": r.metric,
         "calibration_score": r.calibration_score,
+        "accuracy_warning": r.accuracy_warning,
         "compile_seconds": r.compile_seconds,
         "layers": r.layers.iter().map(|l| json!({
             "name": l.name, "op": l.op, "lo": l.lo, "hi": l.hi,
@@ -160,6 +169,7 @@ pub fn json(a: &Artifact) -> Value {
             "lookups": t.lookups, "score": t.score, "accepted": t.accepted,
         })).collect::<Vec<_>>(),
         "params": p,
+        "training": a.training,
         "fingerprint": a.fingerprint.iter().map(|b| format!("{b:02x}")).collect::<String>(),
     })
 }

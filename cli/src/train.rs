@@ -4,7 +4,6 @@
 
 use crate::history::{History, StepRecord};
 use crate::npy;
-use crate::Mode;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{Array1, Array2, ArrayD, Ix1, Ix2};
@@ -14,7 +13,7 @@ use std::time::Instant;
 use veil_backend::artifact::Artifact;
 use veil_backend::training::{compile_training, TrainingClient, TRAINING_P_ERROR};
 use veil_ir::Tensor;
-use veil_passes::training::{accuracy, batches, TrainSpec, TrainingModel, TrainingPlan};
+use veil_passes::training::{accuracy, batches, FloatSgd, TrainSpec, TrainingModel, TrainingPlan};
 
 /// What a training compile takes besides the data's shape.
 #[derive(clap::Args, Clone, Debug)]
@@ -79,9 +78,10 @@ pub fn load_data(x_path: &Path, y_path: &Path) -> Result<Data> {
         Tensor::F32(a) => a,
         Tensor::I64(_) => unreachable!("read_f32 gives floats"),
     };
-    let x = x
-        .into_dimensionality::<Ix2>()
-        .map_err(|e| anyhow::anyhow!("{} must be a [samples, features] array ({e})", x_path.display()))?;
+    let shape = x.shape().to_vec();
+    let x = x.into_dimensionality::<Ix2>().map_err(|_| {
+        anyhow::anyhow!("{} must be a [samples, features] array, got shape {shape:?}", x_path.display())
+    })?;
     if x.nrows() == 0 || x.ncols() == 0 {
         bail!("{} holds no samples or no features (shape {:?})", x_path.display(), x.dim());
     }
@@ -128,10 +128,35 @@ pub fn classes_of(labels: &[i64]) -> Vec<i64> {
     c
 }
 
+/// The classes to train on: at least two, else an error naming the labels file.
+pub fn training_classes(labels: &[i64], path: &Path) -> Result<Vec<i64>> {
+    let c = classes_of(labels);
+    if c.len() < 2 {
+        bail!(
+            "{} holds only class {}: training a classifier needs at least two classes",
+            path.display(),
+            c.first().map_or("(none)".to_string(), |v| v.to_string())
+        );
+    }
+    Ok(c)
+}
+
+/// How `veil train` runs the step.
+#[derive(Clone, Copy, Debug, clap::ValueEnum, PartialEq)]
+pub enum TrainMode {
+    /// The circuit's integers, unencrypted (fast; exactly what encryption computes, up to
+    /// the bootstrap's approximate rounding).
+    Clear,
+    /// The circuit on plaintexts with the noise encryption adds.
+    Simulate,
+    /// Really encrypted (keys made in memory).
+    Execute,
+}
+
 pub struct TrainCmd {
     pub data: PathBuf,
     pub labels: PathBuf,
-    pub mode: Mode,
+    pub mode: TrainMode,
     pub output: PathBuf,
     pub epochs: usize,
     pub max_batches: Option<usize>,
@@ -164,8 +189,22 @@ pub fn train(cmd: &TrainCmd) -> Result<()> {
     if cmd.epochs == 0 {
         bail!("--epochs must be at least 1");
     }
+    if cmd.max_batches == Some(0) {
+        bail!("--max-batches must be at least 1");
+    }
+    npy::check_writable(&cmd.output, "the model")?;
+    for (p, what) in [(&cmd.history, "the history"), (&cmd.plot, "the plot")] {
+        if let Some(p) = p {
+            npy::check_writable(p, what)?;
+        }
+    }
+    if let Some(d) = &cmd.weights_dir {
+        npy::check_writable(&d.join("weights.npy"), "the weights")
+            .or_else(|_| npy::check_writable(d, "the weights directory"))?;
+    }
     let data = load_data(&cmd.data, &cmd.labels)?;
-    let classes = classes_of(&data.labels);
+    let classes = training_classes(&data.labels, &cmd.labels)?;
+    check_batch(cmd.spec.batch_size, data.x.nrows(), &cmd.data)?;
     let spec = cmd.spec.spec(data.x.ncols(), classes.clone())?;
     let test = match &cmd.test {
         Some((x, y)) => {
@@ -215,7 +254,7 @@ pub fn train(cmd: &TrainCmd) -> Result<()> {
         server_key_mb: key_mb,
         steps: Vec::new(),
     };
-    let mut float = FloatSgd::new(&model, &plan, &data)?;
+    let mut float = FloatSgd::new(&model, &data.x, &data.labels)?;
     let bar = step_bar(cmd.epochs * steps.len());
     let mut state = plan.initial_state();
     for epoch in 0..cmd.epochs {
@@ -225,7 +264,9 @@ pub fn train(cmd: &TrainCmd) -> Result<()> {
             let seconds = t.elapsed().as_secs_f64();
             let (w, b) = plan.decode(&state[0], &state[1])?;
             let acc = accuracy(&classes, &w, &b, &eval.x, &eval.labels);
-            let facc = float.step(rows, &eval.x, &eval.labels)?;
+            float.step(rows)?;
+            let (fw, fb) = float.weights();
+            let facc = accuracy(&classes, &fw, &fb, &eval.x, &eval.labels);
             history.steps.push(StepRecord {
                 epoch: epoch + 1,
                 batch: i + 1,
@@ -245,6 +286,14 @@ pub fn train(cmd: &TrainCmd) -> Result<()> {
     }
     bar.finish_and_clear();
     finish(&plan, &state, &history, cmd)
+}
+
+/// A batch larger than the data would repeat samples within one step: refuse it.
+pub fn check_batch(batch: usize, samples: usize, path: &Path) -> Result<()> {
+    if batch > samples {
+        bail!("--batch-size {batch} is larger than the {samples} samples in {}", path.display());
+    }
+    Ok(())
 }
 
 fn step_bar(total: usize) -> ProgressBar {
@@ -284,17 +333,16 @@ fn start_runner<'a>(
     tc: &TrainingClient,
     plan: &TrainingPlan,
     inputs: &[[ArrayD<i64>; 4]],
-    mode: Mode,
+    mode: TrainMode,
     seed: u64,
 ) -> Result<(Runner<'a>, f64, f64)> {
     Ok(match mode {
-        Mode::Float => bail!("training modes are clear, simulate and execute (float SGD is always run beside them)"),
-        Mode::Clear => (Runner::Clear { state: plan.initial_state() }, 0.0, 0.0),
-        Mode::Simulate => {
+        TrainMode::Clear => (Runner::Clear { state: plan.initial_state() }, 0.0, 0.0),
+        TrainMode::Simulate => {
             let plain = tc.state_plaintexts(&plan.initial_state());
             (Runner::Simulate { plain, rng: rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed) }, 0.0, 0.0)
         }
-        Mode::Execute => {
+        TrainMode::Execute => {
             let t = Instant::now();
             let sp = spinner("generating keys");
             let (ck, sk) = veil_runtime::keygen(&a.params, &a.fingerprint)?;
@@ -351,49 +399,6 @@ impl Runner<'_> {
                 tc.decode_state(&ck.decrypt_state(state)?)
             }
         })
-    }
-}
-
-/// Float SGD on the same batches, features mapped to [−1, 1] as the encrypted step sees
-/// them (without their quantization): the reference curve.
-struct FloatSgd<'a> {
-    model: &'a TrainingModel,
-    plan: &'a TrainingPlan,
-    x: ArrayD<f32>,
-    y: ArrayD<f32>,
-    w: ArrayD<f32>,
-    b: ArrayD<f32>,
-}
-
-impl<'a> FloatSgd<'a> {
-    fn new(model: &'a TrainingModel, plan: &'a TrainingPlan, data: &Data) -> Result<FloatSgd<'a>> {
-        let (lo, hi) = plan.spec.feature_range;
-        let (mid, half) = ((lo + hi) / 2.0, (hi - lo) / 2.0);
-        let x = data.x.mapv(|v| ((v as f64 - mid) / half).clamp(-1.0, 1.0) as f32).into_dyn();
-        let y = plan.targets(&data.labels, "labels")?.mapv(|v| v as f32).into_dyn();
-        let s = plan.scores();
-        let f = plan.spec.features;
-        Ok(FloatSgd { model, plan, x, y, w: ArrayD::zeros(vec![1, f, s]), b: ArrayD::zeros(vec![1, 1, s]) })
-    }
-
-    /// One float step on `rows`; the accuracy after it.
-    fn step(&mut self, rows: &[usize], eval_x: &Array2<f32>, eval_labels: &[i64]) -> Result<f64> {
-        let take = |a: &ArrayD<f32>| {
-            let cols = a.shape()[1];
-            ArrayD::from_shape_fn(vec![1, rows.len(), cols], |ix| a[[rows[ix[1]], ix[2]]])
-        };
-        let args = [take(&self.x), take(&self.y), self.w.clone(), self.b.clone()].map(Tensor::F32);
-        let out = veil_ir::interp::run(&self.model.float, &args)?;
-        self.w = out[0].as_f32().context("float weights")?.clone();
-        self.b = out[1].as_f32().context("float bias")?.clone();
-        let (f, s) = (self.plan.spec.features, self.plan.scores());
-        let (lo, hi) = self.plan.spec.feature_range;
-        let (mid, half) = ((lo + hi) / 2.0, (hi - lo) / 2.0);
-        let w = Array2::from_shape_fn((f, s), |(i, c)| (self.w[[0, i, c]] as f64 / half) as f32);
-        let b = Array1::from_shape_fn(s, |c| {
-            (self.b[[0, 0, c]] as f64 - (0..f).map(|i| self.w[[0, i, c]] as f64 * mid / half).sum::<f64>()) as f32
-        });
-        Ok(accuracy(&self.plan.spec.classes, &w, &b, eval_x, eval_labels))
     }
 }
 

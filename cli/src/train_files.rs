@@ -3,7 +3,8 @@
 //! only), `train-decrypt` (data owner).
 
 use crate::model::load_compiled;
-use crate::train::{classes_of, load_data, write_model, SpecArgs};
+use crate::npy;
+use crate::train::{check_batch, load_data, training_classes, write_model, SpecArgs};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
@@ -44,7 +45,8 @@ pub fn compile_cmd(shape: &Shape, args: &SpecArgs, output: &Path) -> Result<()> 
     let (features, classes) = match (shape, &shape.data) {
         (_, Some((x, y))) => {
             let d = load_data(x, y)?;
-            (d.x.ncols(), classes_of(&d.labels))
+            check_batch(args.batch_size, d.x.nrows(), x)?;
+            (d.x.ncols(), training_classes(&d.labels, y)?)
         }
         (Shape { features: Some(f), classes: Some(c), .. }, None) => {
             let mut c = c.clone();
@@ -54,6 +56,7 @@ pub fn compile_cmd(shape: &Shape, args: &SpecArgs, output: &Path) -> Result<()> 
         }
         _ => bail!("give the data (--data X.npy --labels y.npy) or its shape (--features F --classes 0,1,…)"),
     };
+    npy::check_writable(output, "the training model")?;
     let start = Instant::now();
     let (a, _) = compile_training(args.spec(features, classes)?, args.p_error)?;
     a.write(output)?;
@@ -73,11 +76,16 @@ pub struct EncryptCmd {
 }
 
 pub fn encrypt_cmd(c: &EncryptCmd) -> Result<()> {
+    npy::check_writable(&c.output, "the batches")?;
+    if let Some(w) = &c.initial_weights {
+        npy::check_writable(w, "the starting weights")?;
+    }
     let a = load_training(&c.model)?;
     let ck = load_client_key(&c.client_key, &a)?;
     let tc = TrainingClient::new(&a)?;
     let plan = tc.plan;
     let d = load_data(&c.data, &c.labels)?;
+    check_batch(plan.spec.batch, d.x.nrows(), &c.data)?;
     let xq = plan.quantize_features(&d.x, &c.data.display().to_string())?;
     let t = plan.targets(&d.labels, &c.labels.display().to_string())?;
     let start = Instant::now();
@@ -125,6 +133,7 @@ pub fn run_cmd(c: &RunCmd) -> Result<()> {
     if c.batches.is_empty() {
         bail!("give at least one batches file (--batches BATCHES.ct)");
     }
+    npy::check_writable(&c.output, "the trained weights")?;
     let a = load_training(&c.model)?;
     let sk: ServerKey = files::read(&c.server_key, SERVER_KEY_LIMIT)?;
     let parts: Vec<EncryptedBatches> = c
@@ -193,19 +202,30 @@ pub struct DecryptCmd {
 }
 
 pub fn decrypt_cmd(c: &DecryptCmd) -> Result<()> {
+    npy::check_writable(&c.output, "the model")?;
     let a = load_training(&c.model)?;
     let ck = load_client_key(&c.client_key, &a)?;
     let tc = TrainingClient::new(&a)?;
+    // everything that can fail is read and checked before anything is written
+    let test = match &c.test {
+        Some((x, y)) => {
+            let d = load_data(x, y)?;
+            if d.x.ncols() != tc.plan.spec.features {
+                bail!("{} has {} features, the model {}", x.display(), d.x.ncols(), tc.plan.spec.features);
+            }
+            Some((x, d))
+        }
+        None => None,
+    };
     let state: EncryptedState = files::read(&c.weights, CIPHERTEXT_LIMIT)
         .with_context(|| format!("reading weights {}", c.weights.display()))?;
     state.check(&a.circuit, ck.dimension())?;
     let ints =
         tc.decode_state(&ck.decrypt_state(&state).with_context(|| format!("decrypting {}", c.weights.display()))?);
-    let (w, b) = tc.plan.decode(&ints[0], &ints[1])?;
+    let (w, b) = tc.plan.decode(&ints[0], &ints[1]).with_context(|| format!("decoding {}", c.weights.display()))?;
     write_model(tc.plan, &w, &b, &c.output, c.weights_dir.as_deref())?;
     let mut msg = format!("decrypted the weights after {} steps → {}", state.steps, c.output.display());
-    if let Some((x, y)) = &c.test {
-        let d = load_data(x, y)?;
+    if let Some((x, d)) = test {
         let acc = accuracy(&tc.plan.spec.classes, &w, &b, &d.x, &d.labels);
         msg += &format!("; accuracy on {}: {acc:.4}", x.display());
     }

@@ -179,7 +179,8 @@ fn bad_training_input_is_a_clear_error_and_writes_nothing() {
     // one class only
     let same = dir.join("same.npy");
     write_npy(&same, &Array1::from_elem(8, 2i64));
-    assert!(compile(&x, &same).contains("at least two classes, the labels hold only class 2"));
+    let e = compile(&x, &same);
+    assert!(e.contains("same.npy holds only class 2") && e.contains("at least two classes"), "{e}");
     // a label that is not an integer
     let frac = dir.join("frac.npy");
     write_npy(&frac, &Array1::from_vec(vec![0.0f32, 1.0, 0.5, 1.0, 0.0, 1.0, 0.0, 1.0]));
@@ -262,6 +263,53 @@ fn bad_training_input_is_a_clear_error_and_writes_nothing() {
     ]);
     assert!(e.contains("cut.ct") && e.contains("truncated"), "{e}");
     assert!(!result.exists(), "nothing is written when training fails");
+
+    // batches encrypted under another key pair of the same model: refused, not garbage
+    let kc = dir.join("kc");
+    ok(&["keygen", s(&model_a), "--out-dir", s(&kc)]);
+    let bc = dir.join("bc.ct");
+    ok(&[
+        "train-encrypt",
+        s(&model_a),
+        "--client-key",
+        s(&kc.join("client.key")),
+        "--data",
+        s(&x),
+        "--labels",
+        s(&y),
+        "-o",
+        s(&bc),
+    ]);
+    let e = fails(&[
+        "train-run",
+        s(&model_a),
+        "--server-key",
+        s(&server_a),
+        "--batches",
+        s(&bc),
+        "--weights",
+        s(&wa),
+        "-o",
+        s(&result),
+    ]);
+    assert!(e.contains("another key pair"), "{e}");
+    // an output directory that does not exist is refused before any work
+    let e = fails(&[
+        "train-run",
+        s(&model_a),
+        "--server-key",
+        s(&server_a),
+        "--batches",
+        s(&ba),
+        "--weights",
+        s(&wa),
+        "-o",
+        s(&dir.join("missing/w.ct")),
+    ]);
+    assert!(e.contains("does not exist"), "{e}");
+    // a batch larger than the data
+    let e = fails(&["train-compile", "--data", s(&x), "--labels", s(&y), "-o", s(&out), "--batch-size", "20"]);
+    assert!(e.contains("--batch-size 20 is larger than the 8 samples"), "{e}");
 
     // inference and training artifacts are not interchangeable
     let e = fails(&["predict", s(&model_a), "-i", s(&x), "-o", s(&dir.join("p.npy"))]);

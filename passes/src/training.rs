@@ -114,8 +114,11 @@ impl TrainSpec {
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
             return bad(format!("the learning rate must be positive, got {}", self.learning_rate));
         }
-        if !(self.l2.is_finite() && self.l2 >= 0.0) {
-            return bad(format!("the L2 penalty must be ≥ 0, got {}", self.l2));
+        if !(self.l2.is_finite() && self.l2 >= 0.0 && self.l2 * self.learning_rate < 1.0) {
+            return bad(format!(
+                "the L2 penalty must be ≥ 0 and below 1/learning rate (each step shrinks the weights by lr·l2), got {}",
+                self.l2
+            ));
         }
         if !(lo.is_finite() && hi.is_finite() && lo < hi) {
             return bad(format!("the feature range [{lo}, {hi}] is empty"));
@@ -123,8 +126,8 @@ impl TrainSpec {
         if !(self.weight_range.is_finite() && self.weight_range > 0.0) {
             return bad(format!("the weight range must be positive, got {}", self.weight_range));
         }
-        if !(3..=7).contains(&self.precision) {
-            return bad(format!("the precision must be 3 to 7 bits, got {}", self.precision));
+        if !(4..=7).contains(&self.precision) {
+            return bad(format!("the precision must be 4 to 7 bits, got {}", self.precision));
         }
         if self.x_levels < 1 || self.error_levels < 1 || self.logit_bound.is_nan() || self.logit_bound <= 0.0 {
             return bad("feature levels, error levels and the logit bound must be positive".into());
@@ -177,8 +180,8 @@ impl TrainingPlan {
         }
         let (_, qw, j, sw) = best.ok_or_else(|| {
             PassError::Training(format!(
-                "no weight scale fits {p}-bit lookups for learning rate {} and batch {}",
-                spec.learning_rate, spec.batch
+                "no weight scale fits {p}-bit lookups for learning rate {}, batch {} and weight range {}: a step can move a weight by up to the learning rate, which must fit beside the weights' range (raise the weight range or the precision, or lower the learning rate)",
+                spec.learning_rate, spec.batch, spec.weight_range
             ))
         })?;
         let logit_levels = ((spec.logit_bound * qx as f64 / sw).round() as i64).max(1);
@@ -193,8 +196,6 @@ impl TrainingPlan {
     /// [−1, 1] features, x' = (x − mid)/half, is rewritten for x.
     pub fn decode(&self, w: &ArrayD<i64>, b: &ArrayD<i64>) -> Result<(Array2<f32>, Array1<f32>)> {
         let (f, s) = (self.spec.features, self.scores());
-        let w = w.iter().map(|&v| v as f64 * self.weight_scale).collect::<Vec<_>>();
-        let b = b.iter().map(|&v| v as f64 * self.weight_scale).collect::<Vec<_>>();
         if w.len() != f * s || b.len() != s {
             return Err(PassError::Training(format!(
                 "weights hold {} and {} values, the model has {f}×{s} and {s}",
@@ -202,11 +203,38 @@ impl TrainingPlan {
                 b.len()
             )));
         }
+        let qw = self.weight_levels;
+        if w.iter().chain(b.iter()).any(|v| v.abs() > qw) {
+            return Err(PassError::Training(format!(
+                "decrypted weights fall outside their range ±{qw}: the weights were not encrypted with this client key, or the file is corrupted"
+            )));
+        }
+        let real = |a: &ArrayD<i64>, dims: &[usize]| {
+            ArrayD::from_shape_vec(dims.to_vec(), a.iter().map(|&v| (v as f64 * self.weight_scale) as f32).collect())
+                .expect("sizes checked")
+        };
+        Ok(self.to_original_units(&real(w, &[1, f, s]), &real(b, &[1, 1, s])))
+    }
+
+    /// Real weights `[1, F, S]` and bias `[1, 1, S]` on the [−1, 1] features (the float
+    /// step's state) in the units of the original features.
+    pub fn to_original_units(&self, w: &ArrayD<f32>, b: &ArrayD<f32>) -> (Array2<f32>, Array1<f32>) {
+        let (f, s) = (self.spec.features, self.scores());
         let (lo, hi) = self.spec.feature_range;
         let (mid, half) = ((lo + hi) / 2.0, (hi - lo) / 2.0);
-        let wo = Array2::from_shape_fn((f, s), |(i, c)| (w[i * s + c] / half) as f32);
-        let bo = Array1::from_shape_fn(s, |c| (b[c] - (0..f).map(|i| w[i * s + c] * mid / half).sum::<f64>()) as f32);
-        Ok((wo, bo))
+        let wo = Array2::from_shape_fn((f, s), |(i, c)| (w[[0, i, c]] as f64 / half) as f32);
+        let bo = Array1::from_shape_fn(s, |c| {
+            (b[[0, 0, c]] as f64 - (0..f).map(|i| w[[0, i, c]] as f64 * mid / half).sum::<f64>()) as f32
+        });
+        (wo, bo)
+    }
+
+    /// Features mapped onto [−1, 1] as the step sees them, without quantization (for the
+    /// float reference).
+    pub fn normalize_features(&self, x: &Array2<f32>) -> Array2<f32> {
+        let (lo, hi) = self.spec.feature_range;
+        let (mid, half) = ((lo + hi) / 2.0, (hi - lo) / 2.0);
+        x.mapv(|v| ((v as f64 - mid) / half).clamp(-1.0, 1.0) as f32)
     }
 
     /// Integer weights for real ones (on the original features): the inverse of
@@ -309,11 +337,16 @@ impl TrainingPlan {
 /// Does the update read of 2^j·W − G + D − 2^(j−1) (minus the L2 decay) fit the
 /// precision with at most j bits dropped?
 fn update_fits(spec: &TrainSpec, qw: i64, j: u32) -> bool {
-    let g = spec.batch as i64 * spec.x_levels * spec.error_levels;
+    let g = (spec.batch as i64).saturating_mul(spec.x_levels).saturating_mul(spec.error_levels);
     let step = 1i64 << j;
     let offset = step / 2;
+    // lr·l2 < 1 (checked), so the decay is below one weight step per weight level
     let decay = (spec.learning_rate * spec.l2 * step as f64 * qw as f64).round() as i64;
-    let v = Range::new(-step * qw - offset - g - decay, step * qw - offset + g + decay + step - 1);
+    let reach = step.saturating_mul(qw).saturating_add(offset).saturating_add(g).saturating_add(decay);
+    if reach > 1 << 40 {
+        return false;
+    }
+    let v = Range::new(-reach, step * qw - offset + g + decay + step - 1);
     rounding_for(v, spec.precision).is_some_and(|r| r <= j)
 }
 
@@ -370,6 +403,45 @@ impl TrainingModel {
         let [x, y, dw, db] = inputs.clone();
         let [w, b] = state.clone();
         [x, y, w, b, dw, db].into_iter().map(Tensor::I64).collect()
+    }
+}
+
+/// Float SGD with the step's float graph, on the same batches: the reference curve
+/// encrypted training is compared with. Features mapped to [−1, 1] as the encrypted step
+/// sees them, without their quantization.
+pub struct FloatSgd<'a> {
+    model: &'a TrainingModel,
+    x: ArrayD<f32>,
+    y: ArrayD<f32>,
+    w: ArrayD<f32>,
+    b: ArrayD<f32>,
+}
+
+impl<'a> FloatSgd<'a> {
+    pub fn new(model: &'a TrainingModel, x: &Array2<f32>, labels: &[i64]) -> Result<FloatSgd<'a>> {
+        let plan = &model.plan;
+        let x = plan.normalize_features(x).into_dyn();
+        let y = plan.targets(labels, "labels")?.mapv(|v| v as f32).into_dyn();
+        let (f, s) = (plan.spec.features, plan.scores());
+        Ok(FloatSgd { model, x, y, w: ArrayD::zeros(vec![1, f, s]), b: ArrayD::zeros(vec![1, 1, s]) })
+    }
+
+    /// One float step on `rows`.
+    pub fn step(&mut self, rows: &[usize]) -> Result<()> {
+        let take = |a: &ArrayD<f32>| {
+            let cols = a.shape()[1];
+            ArrayD::from_shape_fn(vec![1, rows.len(), cols], |ix| a[[rows[ix[1]], ix[2]]])
+        };
+        let args = [take(&self.x), take(&self.y), self.w.clone(), self.b.clone()].map(Tensor::F32);
+        let out = veil_ir::interp::run(&self.model.float, &args)?;
+        self.w = out[0].to_f32();
+        self.b = out[1].to_f32();
+        Ok(())
+    }
+
+    /// The current weights and bias in the original feature units.
+    pub fn weights(&self) -> (Array2<f32>, Array1<f32>) {
+        self.model.plan.to_original_units(&self.w, &self.b)
     }
 }
 

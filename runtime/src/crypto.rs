@@ -99,6 +99,7 @@ impl ClientKey {
     /// rounds them).
     pub fn decrypt(&self, cts: &EncryptedOutputs) -> Result<Vec<Vec<Vec<u64>>>> {
         check_fingerprint("the encrypted outputs", &cts.fingerprint, &self.fingerprint)?;
+        crate::keys::check_key_pair("the encrypted outputs", &cts.fingerprint, &self.fingerprint)?;
         cts.values
             .iter()
             .map(|per_sample| {

@@ -5,6 +5,9 @@ pub enum RuntimeError {
     /// A key or ciphertext made for another compiled model.
     #[error("{what} was made for a different compiled model (fingerprint {found}, the model has {expected}); regenerate it from this model")]
     Mismatch { what: String, found: String, expected: String },
+    /// A ciphertext encrypted under another key pair than the key given.
+    #[error("{what} was made with another key pair than the key given (from another `veil keygen`): use the client.key and server.key of one keygen")]
+    KeyPair { what: String },
     #[error("{0}")]
     Invalid(String),
     #[error("{path}: {msg}")]

@@ -15,6 +15,8 @@ use veil_backend::params::Params;
 pub struct Evaluator<'a> {
     circuit: &'a Circuit,
     fingerprint: Vec<u8>,
+    /// The server key's stamp: model fingerprint and key-pair id.
+    key_stamp: Vec<u8>,
     big: usize,
     /// Dimension of the small key (0 without lookups).
     small: usize,
@@ -26,6 +28,7 @@ pub struct Evaluator<'a> {
 impl<'a> Evaluator<'a> {
     pub fn new(circuit: &'a Circuit, params: &Params, key: ServerKey, fingerprint: &[u8]) -> Result<Evaluator<'a>> {
         check_fingerprint("the server key", &key.fingerprint, fingerprint)?;
+        let key_stamp = key.fingerprint.clone();
         let big = params.big_dimension() as usize;
         let has_lookups = circuit.lookups_per_sample() > 0;
         let (keyswitch, bootstrap) = match key.expand() {
@@ -65,16 +68,31 @@ impl<'a> Evaluator<'a> {
             None => Vec::new(),
         };
         let small = keyswitch.as_ref().map_or(0, |k| k.output_key_lwe_dimension().0);
-        Ok(Evaluator { circuit, fingerprint: fingerprint.to_vec(), big, small, keyswitch, bootstrap, accumulators })
+        Ok(Evaluator {
+            circuit,
+            fingerprint: fingerprint.to_vec(),
+            key_stamp,
+            big,
+            small,
+            keyswitch,
+            bootstrap,
+            accumulators,
+        })
     }
 
     /// Run on a batch; `progress` is called with the number of lookups just finished.
     pub fn run(&self, inputs: &EncryptedInputs, progress: &(dyn Fn(usize) + Sync)) -> Result<EncryptedOutputs> {
         check_fingerprint("the encrypted inputs", &inputs.fingerprint, &self.fingerprint)?;
+        self.check_key_pair("the encrypted inputs", &inputs.fingerprint)?;
         inputs.check(self.circuit, self.big, self.small)?;
         let samples = inputs.samples;
         let outputs = self.run_expanded(inputs.expand(), samples, progress)?;
-        Ok(EncryptedOutputs { fingerprint: self.fingerprint.clone(), samples, values: outputs })
+        Ok(EncryptedOutputs { fingerprint: inputs.fingerprint.clone(), samples, values: outputs })
+    }
+
+    /// Ciphertexts stamped `stamp` were encrypted for this evaluator's key pair.
+    pub fn check_key_pair(&self, what: &str, stamp: &[u8]) -> Result<()> {
+        crate::keys::check_key_pair(what, stamp, &self.key_stamp)
     }
 
     /// Run on ciphertexts already expanded and checked: `[circuit input][sample]` in,

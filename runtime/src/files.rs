@@ -8,7 +8,7 @@ use crate::error::{Result, RuntimeError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use std::io::{BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
 use tfhe::named::Named;
 use tfhe::safe_serialization::{safe_deserialize, safe_serialize};
@@ -32,25 +32,13 @@ fn file_err(path: &Path, msg: impl Into<String>) -> RuntimeError {
 pub fn write<T: Serialize + Versionize + Named>(path: &Path, value: &T, limit: u64) -> Result<()> {
     let mut payload = Vec::new();
     safe_serialize(value, &mut payload, limit).map_err(|e| file_err(path, e.to_string()))?;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| file_err(path, "not a file path"))?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
-    let result = (|| -> Result<()> {
-        let f = std::fs::File::create(&tmp).map_err(|e| file_err(&tmp, e.to_string()))?;
-        let mut w = BufWriter::new(f);
-        let io = |e: std::io::Error| file_err(path, e.to_string());
-        w.write_all(MAGIC).map_err(io)?;
-        w.write_all(&VERSION.to_le_bytes()).map_err(io)?;
-        w.write_all(&Sha256::digest(&payload)).map_err(io)?;
-        w.write_all(&payload).map_err(io)?;
-        w.flush().map_err(io)?;
-        w.get_ref().sync_all().map_err(io)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, path).map_err(|e| file_err(path, e.to_string()))
+    veil_backend::files::write_atomic(path, |w| {
+        w.write_all(MAGIC)?;
+        w.write_all(&VERSION.to_le_bytes())?;
+        w.write_all(&Sha256::digest(&payload))?;
+        w.write_all(&payload)
+    })
+    .map_err(|e| file_err(path, format!("cannot write: {e}")))
 }
 
 /// Read a file of type `T`, refusing more than `limit` bytes.

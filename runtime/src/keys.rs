@@ -52,12 +52,49 @@ pub(crate) fn hex(f: &[u8]) -> String {
     f.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
-/// Check that an object made for `found` belongs to the model with `expected`.
+/// Keys and ciphertexts carry a *stamp*: the model's fingerprint, then a marker and the
+/// id of the key pair they belong to (random, drawn at keygen), so that a mismatch of
+/// either is an error rather than garbage. Files written before key ids existed carry the
+/// fingerprint alone.
+const KEY_MARK: &[u8; 4] = b"#key";
+const KEY_ID_BYTES: usize = 16;
+
+/// (model fingerprint, key-pair id if any) of a stamp.
+fn split_stamp(stamp: &[u8]) -> (&[u8], &[u8]) {
+    let n = stamp.len();
+    if n >= KEY_MARK.len() + KEY_ID_BYTES && &stamp[n - KEY_ID_BYTES - KEY_MARK.len()..n - KEY_ID_BYTES] == KEY_MARK {
+        (&stamp[..n - KEY_ID_BYTES - KEY_MARK.len()], &stamp[n - KEY_ID_BYTES..])
+    } else {
+        (stamp, &[])
+    }
+}
+
+/// Check that an object stamped `found` belongs to the model with fingerprint (or stamp)
+/// `expected`.
 pub fn check_fingerprint(what: &str, found: &[u8], expected: &[u8]) -> Result<()> {
-    if found != expected {
-        return Err(RuntimeError::Mismatch { what: what.into(), found: hex(found), expected: hex(expected) });
+    let (a, b) = (split_stamp(found).0, split_stamp(expected).0);
+    if a != b {
+        return Err(RuntimeError::Mismatch { what: what.into(), found: hex(a), expected: hex(b) });
     }
     Ok(())
+}
+
+/// Check that an object stamped `found` was made with the key pair of stamp `key` (when
+/// both say which).
+pub fn check_key_pair(what: &str, found: &[u8], key: &[u8]) -> Result<()> {
+    let (a, b) = (split_stamp(found).1, split_stamp(key).1);
+    if !a.is_empty() && !b.is_empty() && a != b {
+        return Err(RuntimeError::KeyPair { what: what.into() });
+    }
+    Ok(())
+}
+
+/// A stamp for a new key pair of the model `fingerprint`.
+fn new_stamp(fingerprint: &[u8], seeder: &mut dyn Seeder) -> Vec<u8> {
+    let mut s = split_stamp(fingerprint).0.to_vec();
+    s.extend_from_slice(KEY_MARK);
+    s.extend_from_slice(&seeder.seed().0.to_le_bytes());
+    s
 }
 
 fn gaussian(std: f64) -> DynamicDistribution<u64> {
@@ -71,6 +108,8 @@ pub fn keygen(params: &Params, fingerprint: &[u8]) -> Result<(ClientKey, ServerK
     }
     let mut boxed_seeder = new_seeder();
     let seeder = boxed_seeder.as_mut();
+    let stamp = new_stamp(fingerprint, seeder);
+    let fingerprint = stamp.as_slice();
     let mut secret = SecretRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
     let modulus = CiphertextModulus::new_native();
     if !params.has_lookups() {
@@ -155,5 +194,24 @@ impl ClientKey {
 
     pub fn big_key(&self) -> &LweSecretKeyOwned<u64> {
         &self.big
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_tell_the_model_and_the_key_pair() {
+        let mut seeder = new_seeder();
+        let (a, b) = (new_stamp(b"model-1", seeder.as_mut()), new_stamp(b"model-1", seeder.as_mut()));
+        // same model, other key pair
+        assert!(check_fingerprint("x", &a, b"model-1").is_ok());
+        assert!(check_fingerprint("x", &a, &b).is_ok());
+        assert!(matches!(check_key_pair("x", &a, &b), Err(RuntimeError::KeyPair { .. })));
+        assert!(check_key_pair("x", &a, &a).is_ok());
+        // a stamp without a key id (older files) is checked for its model only
+        assert!(check_key_pair("x", b"model-1", &a).is_ok());
+        assert!(matches!(check_fingerprint("x", &a, b"model-2"), Err(RuntimeError::Mismatch { .. })));
     }
 }

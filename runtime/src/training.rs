@@ -179,6 +179,7 @@ impl ClientKey {
     /// Decrypt a state: plaintexts per state input (decoding rounds them).
     pub fn decrypt_state(&self, state: &EncryptedState) -> Result<Vec<Vec<u64>>> {
         check_fingerprint("the encrypted weights", &state.fingerprint, &self.fingerprint)?;
+        crate::keys::check_key_pair("the encrypted weights", &state.fingerprint, &self.fingerprint)?;
         state
             .values
             .iter()
@@ -212,9 +213,11 @@ impl Evaluator<'_> {
             ));
         }
         check_fingerprint("the encrypted weights", &state.fingerprint, self.fingerprint())?;
+        self.check_key_pair("the encrypted weights", &state.fingerprint)?;
         state.check(self.circuit(), self.big_dimension())?;
         for p in parts {
             check_fingerprint("the encrypted batches", &p.fingerprint, self.fingerprint())?;
+            self.check_key_pair("the encrypted batches", &p.fingerprint)?;
             p.check(self.circuit(), self.big_dimension(), self.small_dimension())?;
         }
         Ok(())

@@ -252,6 +252,9 @@ impl Emitter<'_> {
     /// Probe an affine op: its matrix (per output, terms (operand, element, weight)) and
     /// its constant, per sample.
     fn probe(&self, id: NodeId, op: &Op, ops: &[NodeId]) -> Result<Probe> {
+        if matches!(op, Op::Reshape { .. } | Op::Transpose { .. } | Op::Gather { .. } | Op::Concat { .. }) {
+            return self.probe_layout(id, op, ops);
+        }
         let out_len = sample_len(self.g, id);
         let eval = |args: Vec<ArrayD<i64>>| -> Result<ArrayD<i64>> {
             let ts: Vec<Tensor> = args.into_iter().map(Tensor::I64).collect();
@@ -286,6 +289,40 @@ impl Emitter<'_> {
             }
         }
         Ok(Probe { rows, constant })
+    }
+
+    /// A layout op moves elements without computing: evaluate it on the elements' ids (one
+    /// sample; operand k's element e is id offset_k + e) and read off which input element
+    /// each output is. Linear in the size, where probing with unit inputs is quadratic.
+    fn probe_layout(&self, id: NodeId, op: &Op, ops: &[NodeId]) -> Result<Probe> {
+        let mut offset = 0i64;
+        let mut owner = Vec::new();
+        let mut args = Vec::new();
+        for (k, &o) in ops.iter().enumerate() {
+            let n = sample_len(self.g, o);
+            let mut dims = vec![1];
+            dims.extend(sample_dims(self.g, o));
+            let ids: Vec<i64> = (offset..offset + n as i64).collect();
+            args.push(Tensor::I64(
+                ArrayD::from_shape_vec(IxDyn(&dims), ids).map_err(|e| err(self.g, id, e.to_string()))?,
+            ));
+            owner.push((k, offset, n as i64));
+            offset += n as i64;
+        }
+        let refs: Vec<&Tensor> = args.iter().collect();
+        let out = veil_ir::interp::eval_op(op, &refs).map_err(|e| err(self.g, id, e))?;
+        let out = out.as_i64().ok_or_else(|| err(self.g, id, "not an integer op"))?;
+        let rows = out
+            .iter()
+            .map(|&v| {
+                let &(k, start, _) = owner
+                    .iter()
+                    .find(|(_, start, n)| v >= *start && v < start + n)
+                    .expect("ids come from the operands");
+                vec![(k, (v - start) as usize, 1)]
+            })
+            .collect::<Vec<Terms>>();
+        Ok(Probe { constant: vec![0; rows.len()], rows })
     }
 
     /// The ciphertext weight that puts `w` times a value at scale `d_in` into a result at
@@ -503,19 +540,27 @@ impl Emitter<'_> {
         let n = sample_len(self.g, id);
         let used = Self::slots_of(dr, &read);
         let relu = self.push_lookup(diff_v, vec![t; n], 0, d, used);
-        // out = b + relu, re-based to the output's range
+        // out = b + relu
+        Ok(self.plus_lookup(id, vb, relu, 1))
+    }
+
+    /// Node `id`'s value as `x + sign·l` element-wise, with `l` a lookup's output (base 0)
+    /// at the result's scale, re-based to the result's range.
+    fn plus_lookup(&mut self, id: NodeId, vx: usize, l: usize, sign: i64) -> usize {
+        let d = self.d[&id];
+        let n = self.circuit.value_len[l];
         let base_out = self.encoded_range(id).lo;
-        let wb = Self::weight(1, self.scale[&vb], d);
-        let mut li = LinearInstr::new(0, vec![vb, relu]);
+        let wx = Self::weight(1, self.scale[&vx], d);
+        let mut li = LinearInstr::new(0, vec![vx, l]);
         for e in 0..n {
-            li.push_term(0, e, wb);
-            li.push_term(1, e, 1);
-            li.end_row(encode(self.base[&vb] as i128 - base_out as i128, d));
+            li.push_term(0, e, wx);
+            li.push_term(1, e, sign);
+            li.end_row(encode(self.base[&vx] as i128 - base_out as i128, d));
         }
         let out = self.new_value(n, base_out, d);
         li.output = out;
         self.circuit.instructions.push(Instruction::Linear(li));
-        Ok(out)
+        out
     }
 
     /// Saturation: x − excess(read of x), one lookup for the excess (see `Op::SatEnc`).
@@ -531,18 +576,7 @@ impl Emitter<'_> {
         let n = sample_len(self.g, id);
         let used = Self::slots_of(r, &read);
         let excess = self.push_lookup(copy, vec![t; n], 0, d, used);
-        let base_out = self.encoded_range(id).lo;
-        let wx = Self::weight(1, self.scale[&vx], d);
-        let mut li = LinearInstr::new(0, vec![vx, excess]);
-        for e in 0..n {
-            li.push_term(0, e, wx);
-            li.push_term(1, e, -1);
-            li.end_row(encode(self.base[&vx] as i128 - base_out as i128, d));
-        }
-        let out = self.new_value(n, base_out, d);
-        li.output = out;
-        self.circuit.instructions.push(Instruction::Linear(li));
-        Ok(out)
+        Ok(self.plus_lookup(id, vx, excess, -1))
     }
 
     /// What the parameters must satisfy: the noise at every lookup input, and exact
