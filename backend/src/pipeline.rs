@@ -37,6 +37,7 @@ pub fn compile(float: &Graph, calibration: &[Tensor], opts: &CompileOptions) -> 
     let lookups = lowered.circuit.lookups_per_sample();
     let mut report = report(&compiled, lookups, start.elapsed().as_secs_f64());
     report.output_digits = digits;
+    report.accuracy_warning = compiled.below_tolerance.clone().unwrap_or_default();
     let stages = proto::Stages {
         float_json: graph_to_json(float),
         quantized_json: graph_to_json(&compiled.unfused),
@@ -126,8 +127,8 @@ fn report(c: &Compiled, lookups: usize, seconds: f64) -> proto::Report {
         max_precision: c.precision,
         lookups_per_sample: lookups as u32,
         metric: match c.metric {
-            Metric::ArgmaxAgreement => "argmax agreement with the float model".into(),
-            Metric::R2 => "R² against the float model".into(),
+            Metric::ArgmaxAgreement => format!("argmax agreement with the float model ({})", c.metric_source),
+            Metric::R2 => format!("R² against the float model, worst output ({})", c.metric_source),
         },
         calibration_score: c.score,
         compile_seconds: seconds,
@@ -135,6 +136,7 @@ fn report(c: &Compiled, lookups: usize, seconds: f64) -> proto::Report {
         lookups_before_fusion: c.fuse.lookups_before as u32,
         output_bits: c.output_bits,
         output_digits: 1,
+        accuracy_warning: String::new(),
         trials: c
             .trials
             .iter()

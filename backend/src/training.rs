@@ -221,6 +221,7 @@ fn report(model: &TrainingModel, low: &LoweredGraph, seconds: f64) -> proto::Rep
         output_bits: 0,
         output_digits: 1,
         trials: Vec::new(),
+        accuracy_warning: String::new(),
     }
 }
 

@@ -117,7 +117,7 @@ pub fn demo(models_dir: &Path, name: &str, samples: usize) -> Result<()> {
     let x = first_rows(&d.test_x, samples);
     let n = x.shape()[0];
     let clear = a.quantized_model()?.run_clear(std::slice::from_ref(&x))?;
-    let (fhe, t) = run_compiled_timed(&a, &x, Mode::Execute, true)?;
+    let (fhe, t) = run_compiled_timed(&a, std::slice::from_ref(&x), Mode::Execute, true)?;
     let (c, f) = (primary(&clear)?, primary(&fhe)?);
     let labels = d.test_y.values_f64();
     let mut agree = 0;
@@ -147,6 +147,9 @@ pub fn demo(models_dir: &Path, name: &str, samples: usize) -> Result<()> {
         rayon::current_num_threads(),
         t.keygen.as_secs_f64()
     );
+    if agree < n {
+        bail!("{} of {n} encrypted predictions differ from the clear ones", n - agree);
+    }
     Ok(())
 }
 
@@ -256,7 +259,7 @@ fn bench_one(d: &ModelData, samples: usize) -> Result<serde_json::Value> {
     let exec = a.client.finish(&ints, std::slice::from_ref(&x))?;
     let float = veil_ir::interp::run(&d.graph, std::slice::from_ref(&d.test_x))?;
     let clear = a.quantized_model()?.run_clear(std::slice::from_ref(&d.test_x))?;
-    let (sim, _) = run_compiled_timed(&a, &d.test_x, Mode::Simulate, false)?;
+    let (sim, _) = run_compiled_timed(&a, std::slice::from_ref(&d.test_x), Mode::Simulate, false)?;
     Ok(json!({
         "model": d.name,
         "compile_s": compile_s,

@@ -56,40 +56,86 @@ fn lookup_bar(total: usize) -> ProgressBar {
     pb
 }
 
-/// Warn about samples that would overflow a compiled range (the encrypted result would be
-/// wrong for them). Returns the flagged samples.
-pub fn warn_overflows(a: &Artifact, x: &Tensor) -> Result<Vec<usize>> {
+/// Report every value beyond what the model was compiled for, per sample: inputs clipped
+/// to their calibrated range, lookups saturating, accumulators overflowing (whose
+/// encrypted results are garbage). A warning, or with `strict` an error. Returns the
+/// samples whose encrypted results would be wrong.
+pub fn check_ranges(a: &Artifact, xs: &[Tensor], strict: bool) -> Result<Vec<usize>> {
     let q = a.quantized_model()?;
-    let (_, overflows) = q.run_clear_checked(std::slice::from_ref(x))?;
-    let mut samples: Vec<usize> = overflows.iter().flat_map(|o| o.samples.clone()).collect();
-    samples.sort_unstable();
-    samples.dedup();
-    if !samples.is_empty() {
-        let shown: Vec<String> = samples.iter().take(10).map(|s| s.to_string()).collect();
-        eprintln!(
-            "warning: {} sample(s) reach values beyond the ranges the model was compiled for (samples {}{}): their encrypted results will be wrong. Calibrate with data covering such inputs.",
-            samples.len(),
-            shown.join(", "),
-            if samples.len() > 10 { ", …" } else { "" }
-        );
+    let clips = q.input_clips(xs)?;
+    let (_, overflows) = q.run_clear_checked(xs)?;
+    let shown = |samples: &[usize]| {
+        let list: Vec<String> = samples.iter().take(10).map(|s| s.to_string()).collect();
+        format!("{}{}", list.join(", "), if samples.len() > 10 { ", …" } else { "" })
+    };
+    let mut lines = Vec::new();
+    for c in &clips {
+        lines.push(format!(
+            "input '{}': {} value(s) beyond the calibrated range are clipped to it (samples {})",
+            c.input,
+            c.count,
+            shown(&c.samples)
+        ));
     }
-    Ok(samples)
+    let g = &q.graph;
+    let mut wrong: Vec<usize> = Vec::new();
+    for o in &overflows {
+        let n = g.node(o.node);
+        let r = g.enc_range(o.node);
+        match o.kind {
+            veil_ir::interp::OverflowKind::Activation => lines.push(format!(
+                "{} '{}' saturates: {} value(s) reach {}..{} beyond its range {} (samples {})",
+                n.op.mnemonic(),
+                n.name,
+                o.count,
+                o.min,
+                o.max,
+                r,
+                shown(&o.samples)
+            )),
+            veil_ir::interp::OverflowKind::Accumulator => {
+                wrong.extend(&o.samples);
+                lines.push(format!(
+                    "{} '{}' overflows its compiled range {}: {} value(s) reach {}..{}, so the encrypted result is wrong (samples {})",
+                    n.op.mnemonic(),
+                    n.name,
+                    r,
+                    o.count,
+                    o.min,
+                    o.max,
+                    shown(&o.samples)
+                ))
+            }
+        }
+    }
+    wrong.sort_unstable();
+    wrong.dedup();
+    if lines.is_empty() {
+        return Ok(wrong);
+    }
+    let text = format!(
+        "these inputs leave the ranges the model was compiled for:\n  {}\n(calibrate with data covering such inputs)",
+        lines.join("\n  ")
+    );
+    if strict {
+        bail!("{text}");
+    }
+    eprintln!("warning: {text}");
+    Ok(wrong)
 }
 
-/// Run a compiled model in clear, simulated or encrypted mode; returns the model outputs.
-pub fn run_compiled(a: &Artifact, x: &Tensor, mode: Mode, verbose: bool) -> Result<Vec<Tensor>> {
-    Ok(run_compiled_timed(a, x, mode, verbose)?.0)
+/// Run a compiled model in clear, simulated or encrypted mode, after reporting values
+/// beyond the compiled ranges (an error with `strict`); returns the model outputs.
+pub fn run_checked(a: &Artifact, xs: &[Tensor], mode: Mode, strict: bool) -> Result<Vec<Tensor>> {
+    check_ranges(a, xs, strict)?;
+    Ok(run_compiled_timed(a, xs, mode, true)?.0)
 }
 
-pub fn run_compiled_timed(a: &Artifact, x: &Tensor, mode: Mode, verbose: bool) -> Result<(Vec<Tensor>, Timings)> {
-    let xs = std::slice::from_ref(x);
+pub fn run_compiled_timed(a: &Artifact, xs: &[Tensor], mode: Mode, verbose: bool) -> Result<(Vec<Tensor>, Timings)> {
     match mode {
         Mode::Float => bail!("float mode runs the float graph"),
         Mode::Clear => {
             let q = a.quantized_model()?;
-            if verbose {
-                warn_overflows(a, x)?;
-            }
             Ok((q.run_clear(xs)?, Timings::default()))
         }
         Mode::Simulate => {
@@ -100,9 +146,6 @@ pub fn run_compiled_timed(a: &Artifact, x: &Tensor, mode: Mode, verbose: bool) -
             Ok((a.client.finish(&ints, xs)?, Timings::default()))
         }
         Mode::Execute => {
-            if verbose {
-                warn_overflows(a, x)?;
-            }
             let mut t = Timings::default();
             let start = Instant::now();
             let sp = verbose.then(|| spinner("generating keys"));
@@ -187,13 +230,13 @@ fn load_client_key(path: &Path, a: &Artifact) -> Result<ClientKey> {
     Ok(ck)
 }
 
-pub fn encrypt_cmd(model: &Path, client_key: &Path, input: &Path, output: &Path) -> Result<()> {
+pub fn encrypt_cmd(model: &Path, client_key: &Path, input: &Path, output: &Path, strict: bool) -> Result<()> {
     let a = load_inference(model)?;
     let ck = load_client_key(client_key, &a)?;
-    let x = npy::read_f32(input)?;
-    warn_overflows(&a, &x)?;
+    let xs = npy::read_model_inputs(input, &a.client.model_inputs)?;
+    check_ranges(&a, &xs, strict)?;
     let start = Instant::now();
-    let cts = ck.encrypt_for(&a.circuit, &a.client.encode(std::slice::from_ref(&x))?);
+    let cts = ck.encrypt_for(&a.circuit, &a.client.encode(&xs)?);
     files::write(output, &cts, CIPHERTEXT_LIMIT)?;
     eprintln!(
         "encrypted {} sample(s) in {:.1} ms → {}",

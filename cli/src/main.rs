@@ -31,7 +31,8 @@ enum Command {
     /// crypto parameters).
     Compile {
         model: PathBuf,
-        /// Representative float inputs [batch, features...] (a few hundred samples or more).
+        /// Representative float inputs [batch, features...] (a few hundred samples or more):
+        /// an .npy, or for a model with several inputs an .npz with one array per input name.
         #[arg(long)]
         calib: PathBuf,
         #[arg(long, short)]
@@ -55,7 +56,8 @@ enum Command {
     Predict {
         /// An ONNX model (float mode) or a compiled .veil model (any mode).
         model: PathBuf,
-        /// Inputs: float32 [batch, features...].
+        /// Inputs: float32 [batch, features...] as .npy, or an .npz with one array per input
+        /// name for a model with several inputs.
         #[arg(long, short)]
         input: PathBuf,
         /// The model's first floating-point output (e.g. probabilities) goes here.
@@ -70,6 +72,10 @@ enum Command {
         /// Also write every output as DIR/NAME.npy.
         #[arg(long)]
         outputs_dir: Option<PathBuf>,
+        /// Make inputs that leave the compiled ranges (clipped inputs, saturated lookups,
+        /// overflowing accumulators) an error instead of a warning.
+        #[arg(long)]
+        strict_ranges: bool,
     },
     /// Generate keys for a compiled model: client.key (secret) and server.key.
     Keygen {
@@ -82,10 +88,14 @@ enum Command {
         model: PathBuf,
         #[arg(long)]
         client_key: PathBuf,
+        /// Inputs as .npy (or .npz, one array per input name).
         #[arg(long, short)]
         input: PathBuf,
         #[arg(long, short)]
         output: PathBuf,
+        /// Refuse inputs that leave the compiled ranges instead of warning.
+        #[arg(long)]
+        strict_ranges: bool,
     },
     /// Evaluate the model on encrypted inputs with the server key (no secret needed).
     Run {
@@ -109,9 +119,9 @@ enum Command {
         #[arg(long)]
         outputs_dir: Option<PathBuf>,
     },
-    /// Train a logistic regression (one-vs-rest for 3+ classes) by SGD on encrypted data,
-    /// every role in this process: clear (the circuit's integers), simulate (with the
-    /// noise encryption adds) or execute (really encrypted). Writes the model as ONNX.
+    /// Train a logistic regression by SGD on encrypted data, all roles in this process.
+    ///
+    /// One-vs-rest for 3+ classes; clear, simulate or execute; writes the model as ONNX.
     Train {
         /// Features: float32 [samples, features], within --feature-range.
         #[arg(long)]
@@ -119,11 +129,14 @@ enum Command {
         /// Class labels: integers [samples] (two or more classes).
         #[arg(long)]
         labels: PathBuf,
-        #[arg(long, value_enum, default_value_t = Mode::Simulate)]
-        mode: Mode,
+        /// clear: the circuit's integers unencrypted; simulate: with the noise encryption
+        /// adds; execute: really encrypted (keys made in memory).
+        #[arg(long, value_enum, default_value_t = train::TrainMode::Simulate)]
+        mode: train::TrainMode,
         /// The trained model (ONNX: ai.onnx.ml LinearClassifier).
         #[arg(long, short)]
         output: PathBuf,
+        /// Passes over the data.
         #[arg(long, default_value_t = 1)]
         epochs: usize,
         /// Use only the first K batches of each epoch.
@@ -132,6 +145,7 @@ enum Command {
         /// Test data for the accuracy curve (else accuracy is on the training data).
         #[arg(long, requires = "test_labels")]
         test_data: Option<PathBuf>,
+        /// Class labels of the test data.
         #[arg(long, requires = "test_data")]
         test_labels: Option<PathBuf>,
         /// Accuracy after every step, timings and settings, as JSON.
@@ -168,11 +182,15 @@ enum Command {
     },
     /// Data owner: encrypt the training data into batches, and optionally zero starting weights.
     TrainEncrypt {
+        /// The training model (from train-compile).
         model: PathBuf,
+        /// The secret key (from keygen).
         #[arg(long)]
         client_key: PathBuf,
+        /// Features: float32 [samples, features].
         #[arg(long)]
         data: PathBuf,
+        /// Class labels: integers [samples].
         #[arg(long)]
         labels: PathBuf,
         /// Encrypted batches (for the server).
@@ -188,7 +206,9 @@ enum Command {
     /// Server: run training epochs on encrypted batches, from encrypted weights to new
     /// ones, with the server key only.
     TrainRun {
+        /// The training model (from train-compile).
         model: PathBuf,
+        /// The evaluation keys (from keygen; no secret).
         #[arg(long)]
         server_key: PathBuf,
         /// Encrypted batches; several files are one epoch in order (data in parts).
@@ -205,13 +225,18 @@ enum Command {
     },
     /// Data owner: decrypt trained weights into an ONNX model (and .npy weights).
     TrainDecrypt {
+        /// The training model (from train-compile).
         model: PathBuf,
+        /// The secret key (from keygen).
         #[arg(long)]
         client_key: PathBuf,
+        /// Encrypted weights (from train-run).
         #[arg(long)]
         weights: PathBuf,
+        /// The trained model (ONNX: ai.onnx.ml LinearClassifier).
         #[arg(long, short)]
         output: PathBuf,
+        /// Also write DIR/weights.npy [features, scores] and DIR/bias.npy [scores].
         #[arg(long)]
         weights_dir: Option<PathBuf>,
         /// Print the accuracy on test data.
@@ -270,6 +295,26 @@ struct CompileArgs {
     /// Widest lookup precision allowed (bits).
     #[arg(long, default_value_t = veil_passes::bitwidth::MAX_PRECISION)]
     max_precision: u32,
+    /// What the outputs are, which decides how faithfulness is scored: classification
+    /// (argmax agreement) or regression (R² per output; also for element-wise maps).
+    /// Default: from the model, else from its output's shape.
+    #[arg(long, value_enum)]
+    task: Option<TaskArg>,
+    /// Refuse to compile when no quantization meets the tolerance (by default the best one
+    /// found is compiled, with a warning saying how far it is).
+    #[arg(long)]
+    strict_tolerance: bool,
+    /// Keep trailing non-linear ops (activations, sigmoid) on the server as lookups, so
+    /// the client never sees pre-activation values (costs lookups). Softmax, argmax and
+    /// label mapping always run on the client.
+    #[arg(long)]
+    server_activations: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TaskArg {
+    Classification,
+    Regression,
 }
 
 impl CompileArgs {
@@ -297,6 +342,12 @@ impl CompileArgs {
                 n_bits: self.n_bits,
                 tolerance: self.accuracy_tolerance,
                 max_precision: self.max_precision,
+                strict: self.strict_tolerance,
+                server_tail: self.server_activations,
+                task: self.task.map(|t| match t {
+                    TaskArg::Classification => veil_ir::Task::Classification,
+                    TaskArg::Regression => veil_ir::Task::Regression,
+                }),
                 ..SearchOptions::default()
             },
             p_error: self.p_error,
@@ -344,11 +395,13 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Compile { model, calib, output, opts } => compile(&model, &calib, &output, &opts),
         Command::Inspect { model, stage, format, output } => inspect(&model, stage, format, output.as_deref()),
-        Command::Predict { model, input, output, mode, outputs_dir } => {
-            predict(&model, &input, &output, mode, outputs_dir.as_deref())
+        Command::Predict { model, input, output, mode, outputs_dir, strict_ranges } => {
+            predict(&model, &input, &output, mode, outputs_dir.as_deref(), strict_ranges)
         }
         Command::Keygen { model, out_dir } => fhe::keygen_cmd(&model, &out_dir),
-        Command::Encrypt { model, client_key, input, output } => fhe::encrypt_cmd(&model, &client_key, &input, &output),
+        Command::Encrypt { model, client_key, input, output, strict_ranges } => {
+            fhe::encrypt_cmd(&model, &client_key, &input, &output, strict_ranges)
+        }
         Command::Run { model, server_key, input, output } => fhe::run_cmd(&model, &server_key, &input, &output),
         Command::Decrypt { model, client_key, input, output, outputs_dir } => {
             fhe::decrypt_cmd(&model, &client_key, &input, &output, outputs_dir.as_deref())
@@ -421,14 +474,20 @@ fn compile(model: &Path, calib: &Path, output: &Path, args: &CompileArgs) -> Res
         model::Model::Onnx(g) => g,
         model::Model::Compiled(_) => bail!("{} is already compiled", model.display()),
     };
-    let x = npy::read_f32(calib)?;
+    let names = input_names(&g);
+    let xs = npy::read_model_inputs(calib, &names)?;
     let start = Instant::now();
-    let (artifact, _) = veil_backend::pipeline::compile(&g, &[x], &opts)
+    let (artifact, _) = veil_backend::pipeline::compile(&g, &xs, &opts)
         .with_context(|| format!("compiling {} with calibration data {}", model.display(), calib.display()))?;
     artifact.write(output)?;
     eprint!("{}", report::text(&artifact, false));
     eprintln!("compiled {} in {:.2} s → {}", model.display(), start.elapsed().as_secs_f64(), output.display());
     Ok(())
+}
+
+/// A float graph's input names, in order.
+pub fn input_names(g: &veil_ir::Graph) -> Vec<String> {
+    g.inputs().iter().map(|&i| g.node(i).name.clone()).collect()
 }
 
 fn inspect(path: &Path, stage: Stage, format: Format, output: Option<&Path>) -> Result<()> {
@@ -468,9 +527,28 @@ fn inspect(path: &Path, stage: Stage, format: Format, output: Option<&Path>) -> 
     }
 }
 
-fn predict(path: &Path, input: &Path, output: &Path, mode: Option<Mode>, outputs_dir: Option<&Path>) -> Result<()> {
+fn predict(
+    path: &Path,
+    input: &Path,
+    output: &Path,
+    mode: Option<Mode>,
+    outputs_dir: Option<&Path>,
+    strict_ranges: bool,
+) -> Result<()> {
     let m = model::load(path)?;
-    let x = npy::read_f32(input)?;
+    if let model::Model::Compiled(a) = &m {
+        if a.training.is_some() {
+            bail!(
+                "{} is a training model; it has no predictions (train it: veil train-encrypt, train-run, train-decrypt)",
+                path.display()
+            );
+        }
+    }
+    let names = match &m {
+        model::Model::Onnx(g) => input_names(g),
+        model::Model::Compiled(a) => a.client.model_inputs.clone(),
+    };
+    let xs = npy::read_model_inputs(input, &names)?;
     let mode = mode.unwrap_or(match m {
         model::Model::Onnx(_) => Mode::Float,
         model::Model::Compiled(_) => Mode::Clear,
@@ -479,7 +557,7 @@ fn predict(path: &Path, input: &Path, output: &Path, mode: Option<Mode>, outputs
     let (names, outs) = match (&m, mode) {
         (m, Mode::Float) => {
             let g = m.float_graph()?;
-            let outs = veil_ir::interp::run(&g, std::slice::from_ref(&x))
+            let outs = veil_ir::interp::run(&g, &xs)
                 .with_context(|| format!("running {} on {}", path.display(), input.display()))?;
             (g.outputs().iter().map(|o| o.name.clone()).collect::<Vec<_>>(), outs)
         }
@@ -487,12 +565,8 @@ fn predict(path: &Path, input: &Path, output: &Path, mode: Option<Mode>, outputs
             "{} is an ONNX model: only --mode float runs it; compile it for clear, simulate and execute",
             path.display()
         ),
-        (model::Model::Compiled(a), _) if a.training.is_some() => bail!(
-            "{} is a training model; it has no predictions (train it: veil train-encrypt, train-run, train-decrypt)",
-            path.display()
-        ),
         (model::Model::Compiled(a), mode) => {
-            let outs = fhe::run_compiled(a, &x, mode, true)
+            let outs = fhe::run_checked(a, &xs, mode, strict_ranges)
                 .with_context(|| format!("running {} on {}", path.display(), input.display()))?;
             (a.client.model_outputs.clone(), outs)
         }
@@ -500,7 +574,7 @@ fn predict(path: &Path, input: &Path, output: &Path, mode: Option<Mode>, outputs
     write_outputs(output, outputs_dir, &names, &outs)?;
     eprintln!(
         "{mode:?} run of {} sample(s) in {:.3} s → {}",
-        x.shape()[0],
+        xs.first().map_or(0, |x| x.shape()[0]),
         start.elapsed().as_secs_f64(),
         output.display()
     );

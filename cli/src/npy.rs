@@ -5,8 +5,8 @@ use anyhow::{bail, Context, Result};
 use ndarray::ArrayD;
 use ndarray_npy::{ReadNpyExt, WriteNpyExt};
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::io::{BufReader, BufWriter};
+use std::path::Path;
 use veil_ir::Tensor;
 
 /// Largest .npy file read (a guard against pointing veil at the wrong file).
@@ -46,6 +46,82 @@ pub fn read_f32(path: &Path) -> Result<Tensor> {
     })
 }
 
+/// Every input of a model, by name: an `.npz` holds one array per input name (numpy's
+/// `np.savez(path, **{name: array})`); an `.npy` serves a model with a single input. Each
+/// is read as model inputs are (float, finite).
+pub fn read_model_inputs(path: &Path, names: &[String]) -> Result<Vec<Tensor>> {
+    let is_npz = path.extension().is_some_and(|e| e == "npz");
+    if !is_npz {
+        if names.len() > 1 {
+            bail!(
+                "the model takes {} inputs ({}): give them as one .npz holding an array per input name (numpy: np.savez(\"x.npz\", {}))",
+                names.len(),
+                names.join(", "),
+                names.iter().map(|n| format!("{n}=…")).collect::<Vec<_>>().join(", ")
+            );
+        }
+        return Ok(vec![read_inputs(path)?]);
+    }
+    let len = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
+    if len > MAX_NPY_BYTES {
+        bail!("{} is {len} bytes, more than the {MAX_NPY_BYTES}-byte limit", path.display());
+    }
+    let open = || -> Result<ndarray_npy::NpzReader<BufReader<File>>> {
+        let f = BufReader::new(File::open(path).with_context(|| format!("cannot read {}", path.display()))?);
+        ndarray_npy::NpzReader::new(f).with_context(|| format!("{} is not an .npz archive", path.display()))
+    };
+    let present = open()?.names().with_context(|| format!("reading {}", path.display()))?;
+    names
+        .iter()
+        .map(|name| {
+            if !present.contains(name) {
+                bail!("{} has no array named '{name}' (it holds: {})", path.display(), present.join(", "));
+            }
+            let mut z = open()?;
+            let t = if let Ok(a) = z.by_name::<ndarray::OwnedRepr<f32>, ndarray::IxDyn>(name) {
+                a
+            } else if let Ok(a) = open()?.by_name::<ndarray::OwnedRepr<f64>, ndarray::IxDyn>(name) {
+                a.mapv(|v| v as f32)
+            } else if let Ok(a) = open()?.by_name::<ndarray::OwnedRepr<i64>, ndarray::IxDyn>(name) {
+                a.mapv(|v| v as f32)
+            } else if let Ok(a) = open()?.by_name::<ndarray::OwnedRepr<i32>, ndarray::IxDyn>(name) {
+                a.mapv(|v| v as f32)
+            } else {
+                bail!("{}: array '{name}' is not a numeric array veil can read (float32/64, int32/64)", path.display())
+            };
+            let per = t.len() / t.shape().first().copied().unwrap_or(1).max(1);
+            if let Some((i, v)) = t.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                bail!(
+                    "{} ({name}): sample {}, element {} is {v}; inputs must be finite numbers",
+                    path.display(),
+                    i / per.max(1),
+                    i % per.max(1)
+                );
+            }
+            Ok(Tensor::F32(t))
+        })
+        .collect()
+}
+
+/// Read model inputs: float, every value finite. A NaN or an infinity would be quantized
+/// to an arbitrary integer and give a wrong result, so it is an error naming the sample
+/// and the element (its index within the sample).
+pub fn read_inputs(path: &Path) -> Result<Tensor> {
+    let t = read_f32(path)?;
+    if let Tensor::F32(a) = &t {
+        let per = a.len() / a.shape().first().copied().unwrap_or(1).max(1);
+        if let Some((i, v)) = a.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            bail!(
+                "{}: sample {}, element {} is {v}; inputs must be finite numbers",
+                path.display(),
+                i / per.max(1),
+                i % per.max(1)
+            );
+        }
+    }
+    Ok(t)
+}
+
 /// Write a tensor as .npy (float32 or int64), atomically.
 pub fn write(path: &Path, t: &Tensor) -> Result<()> {
     write_atomic(path, |w| {
@@ -57,23 +133,35 @@ pub fn write(path: &Path, t: &Tensor) -> Result<()> {
     })
 }
 
-/// Write through a temporary file in the same directory, then rename into place.
-pub fn write_atomic(path: &Path, fill: impl FnOnce(&mut BufWriter<File>) -> Result<()>) -> Result<()> {
+/// Check, before any work, that `path` can be written: its directory exists and it is not
+/// a directory itself. Long runs (training) then never fail only at the end.
+pub fn check_writable(path: &Path, what: &str) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
-    let tmp: PathBuf = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
-    let result = (|| -> Result<()> {
-        let mut w = BufWriter::new(File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?);
-        fill(&mut w)?;
-        w.flush()?;
-        w.get_ref().sync_all()?;
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.context(format!("writing {}", path.display())));
+    if !dir.is_dir() {
+        bail!("cannot write {what} {}: the directory {} does not exist", path.display(), dir.display());
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
+    if path.is_dir() {
+        bail!("cannot write {what} {}: it is a directory", path.display());
+    }
+    Ok(())
+}
+
+/// Write through a temporary file in the same directory, then rename into place (the one
+/// helper for every file veil writes: `veil_backend::files::write_atomic`).
+pub fn write_atomic(path: &Path, fill: impl FnOnce(&mut BufWriter<File>) -> Result<()>) -> Result<()> {
+    let mut failure: Option<anyhow::Error> = None;
+    let result = veil_backend::files::write_atomic(path, |w| {
+        fill(w).map_err(|e| {
+            let io = std::io::Error::other(format!("{e:#}"));
+            failure = Some(e);
+            io
+        })
+    });
+    match (result, failure) {
+        (Ok(()), _) => Ok(()),
+        (Err(_), Some(e)) => Err(e.context(format!("writing {}", path.display()))),
+        (Err(e), None) => Err(anyhow::anyhow!("cannot write {}: {e}", path.display())),
+    }
 }
 
 /// A tensor name made safe as a file name.

@@ -77,7 +77,7 @@ fn bad_calibration_data_is_a_clear_error() {
     let mut nan = ndarray::Array2::<f32>::zeros((20, 64));
     nan[[7, 3]] = f32::NAN;
     let cases = [
-        (write("nan.npy", nan), "sample 7 has NaN at element [3]"),
+        (write("nan.npy", nan), "sample 7, element 3 is NaN"),
         (write("empty.npy", ndarray::Array2::zeros((0, 64))), "no calibration samples"),
         (write("shape.npy", ndarray::Array2::zeros((20, 60))), "expects shape [N,64], got [20, 60]"),
     ];
@@ -202,6 +202,34 @@ fn inspect_shows_every_stage_of_a_compiled_model() {
     assert!(text.contains("bit-width search (") && text.contains("lookup→max"), "{text}");
     let err = fails(&["inspect", s(&models().join("cnn_digits/model.onnx")), "--stage", "fused"]);
     assert!(err.contains("compile it"), "{err}");
+}
+
+#[test]
+fn file_workflow_on_a_model_with_lookups_decrypts_the_clear_predictions() {
+    // keygen → encrypt → run (server key only) → decrypt through files, on the digits MLP
+    // (48 lookups per sample): the decrypted labels are the clear run's
+    let dir = scratch("lookups-workflow");
+    let m = compile(&dir, "mlp_digits", &[]);
+    use ndarray_npy::{ReadNpyExt, WriteNpyExt};
+    let all =
+        ndarray::Array2::<f32>::read_npy(std::fs::File::open(models().join("mlp_digits/test_x.npy")).unwrap()).unwrap();
+    let x = dir.join("x.npy");
+    all.slice(ndarray::s![..4, ..]).to_owned().write_npy(std::fs::File::create(&x).unwrap()).unwrap();
+    let keys = dir.join("keys");
+    ok(&["keygen", s(&m), "--out-dir", s(&keys)]);
+    let (ct, yct, y, yc) = (dir.join("x.ct"), dir.join("y.ct"), dir.join("y.npy"), dir.join("yc.npy"));
+    ok(&["encrypt", s(&m), "--client-key", s(&keys.join("client.key")), "-i", s(&x), "-o", s(&ct)]);
+    ok(&["run", s(&m), "--server-key", s(&keys.join("server.key")), "-i", s(&ct), "-o", s(&yct)]);
+    ok(&["decrypt", s(&m), "--client-key", s(&keys.join("client.key")), "-i", s(&yct), "-o", s(&y)]);
+    ok(&["predict", s(&m), "-i", s(&x), "-o", s(&yc), "--mode", "clear"]);
+    let read = |p: &Path| ndarray::Array2::<f32>::read_npy(std::fs::File::open(p).unwrap()).unwrap();
+    let top = |a: &ndarray::Array2<f32>| {
+        a.rows()
+            .into_iter()
+            .map(|r| r.iter().enumerate().fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(top(&read(&y)), top(&read(&yc)));
 }
 
 #[test]

@@ -27,17 +27,30 @@ pub struct Output {
     pub node: NodeId,
 }
 
+/// What a model's outputs are, when the model says so (e.g. a scikit-learn regressor or
+/// classifier op): it decides how faithfulness to the float model is scored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Task {
+    /// Class scores: judged by argmax agreement.
+    Classification,
+    /// Values (regression targets, element-wise maps): judged by R² per output.
+    Regression,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Graph {
     pub name: String,
     g: StableDiGraph<Node, usize>,
     inputs: Vec<NodeId>,
     outputs: Vec<Output>,
+    /// The task, when the source model tells it.
+    #[serde(default)]
+    pub task: Option<Task>,
 }
 
 impl Graph {
     pub fn new(name: impl Into<String>) -> Graph {
-        Graph { name: name.into(), g: StableDiGraph::new(), inputs: Vec::new(), outputs: Vec::new() }
+        Graph { name: name.into(), g: StableDiGraph::new(), inputs: Vec::new(), outputs: Vec::new(), task: None }
     }
 
     pub fn add_input(&mut self, name: impl Into<String>, ty: TensorType) -> NodeId {
@@ -167,6 +180,7 @@ impl Graph {
             .topo_order()
             .ok_or_else(|| IrError::Verify { node: self.name.clone(), msg: "the graph has a cycle".into() })?;
         let mut out = Graph::new(self.name.clone());
+        out.task = self.task;
         let mut map: HashMap<NodeId, NodeId> = HashMap::new();
         for id in order {
             let node = &self.g[id];

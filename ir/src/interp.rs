@@ -109,10 +109,21 @@ pub fn run_noisy(g: &Graph, inputs: &[Tensor], slot_std: f64, seed: u64) -> Resu
     Ok(g.outputs().iter().map(|o| values[&o.node].clone()).collect())
 }
 
-/// Values that fell outside an `assume`d range: the circuit would have overflowed there.
+/// What left the range the circuit was compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverflowKind {
+    /// An accumulator (or a max's difference) beyond its compiled range: the encrypted
+    /// result would be garbage there.
+    Accumulator,
+    /// A lookup's result beyond its output range: it saturates at the range's edge.
+    Activation,
+}
+
+/// Values that fell outside a compiled range.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Overflow {
     pub node: NodeId,
+    pub kind: OverflowKind,
     /// How many values were out of range, and how far they reached.
     pub count: usize,
     pub min: i64,
@@ -121,22 +132,27 @@ pub struct Overflow {
     pub samples: Vec<usize>,
 }
 
-/// As [`run`], also reporting every value outside an `assume`d range (the interpreter
-/// saturates those; the encrypted circuit would compute garbage for those samples).
+/// As [`run`], also reporting every value outside a compiled range: an `assume`d
+/// accumulator range (the interpreter saturates those; the encrypted circuit would
+/// compute garbage for those samples) and a lookup whose result saturates at its output
+/// range.
 pub fn run_checked(g: &Graph, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Vec<Overflow>)> {
     let mut found: HashMap<NodeId, Overflow> = HashMap::new();
     let outs = run_observed(g, inputs, &mut |id, _, args| {
-        // The values a compiled range constrains: an assume's operand, a max's a − b.
-        let (range, vals): (crate::types::Range, Vec<i64>) = match (&g.node(id).op, args) {
+        let (kind, range, vals): (OverflowKind, crate::types::Range, Vec<i64>) = match (&g.node(id).op, args) {
             (Op::Assume { range }, [x]) => match x.as_i64() {
-                Some(a) => (*range, a.iter().copied().collect()),
+                Some(a) => (OverflowKind::Accumulator, *range, a.iter().copied().collect()),
                 None => return,
             },
             (Op::MaxEnc { diff: Some(r), .. }, [a, b]) => match (a.as_i64(), b.as_i64()) {
                 (Some(a), Some(b)) => match zip_broadcast(a, b, |x, y| x - y) {
-                    Ok(d) => (*r, d.iter().copied().collect()),
+                    Ok(d) => (OverflowKind::Accumulator, *r, d.iter().copied().collect()),
                     Err(_) => return,
                 },
+                _ => return,
+            },
+            (Op::Tlu(t), [x]) => match (x.as_i64(), unclamped(t, x)) {
+                (Some(_), Some((range, vals))) => (OverflowKind::Activation, range, vals),
                 _ => return,
             },
             _ => return,
@@ -145,7 +161,14 @@ pub fn run_checked(g: &Graph, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Vec<Ove
         let per_row = (vals.len() / rows).max(1);
         for (i, &v) in vals.iter().enumerate() {
             if !range.contains(v) {
-                let o = found.entry(id).or_insert(Overflow { node: id, count: 0, min: v, max: v, samples: Vec::new() });
+                let o = found.entry(id).or_insert(Overflow {
+                    node: id,
+                    kind,
+                    count: 0,
+                    min: v,
+                    max: v,
+                    samples: Vec::new(),
+                });
                 o.count += 1;
                 o.min = o.min.min(v);
                 o.max = o.max.max(v);
@@ -158,6 +181,31 @@ pub fn run_checked(g: &Graph, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Vec<Ove
     let mut list: Vec<Overflow> = found.into_values().collect();
     list.sort_by_key(|o| o.node);
     Ok((outs, list))
+}
+
+/// A lookup whose function ends by clamping to its output range (a requantization):
+/// that range, and each element's value before the clamp.
+fn unclamped(t: &crate::tlu::Tlu, x: &Tensor) -> Option<(crate::types::Range, Vec<i64>)> {
+    let crate::tlu::Expr::Clamp(inner, lo, hi) = &t.expr else { return None };
+    let a = x.as_i64()?;
+    let sample: Vec<usize> = a.shape().iter().skip(1).copied().collect();
+    let per = sample.iter().product::<usize>().max(1);
+    let params = t.element_params(&sample).ok()?;
+    let vals = a
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let r = inner.eval(t.representative(v.clamp(t.input.lo, t.input.hi)) as f64, &params[i % per]);
+            if r.is_finite() {
+                r.round() as i64
+            } else if r > 0.0 {
+                i64::MAX
+            } else {
+                i64::MIN
+            }
+        })
+        .collect();
+    Some((crate::types::Range::new(lo.ceil() as i64, hi.floor() as i64), vals))
 }
 
 /// Check count, element type and shape of each input; all must share one batch size.

@@ -18,7 +18,7 @@ pub mod types;
 pub mod verify;
 
 pub use error::{IrError, Result};
-pub use graph::{Graph, Node, NodeId, Output};
+pub use graph::{Graph, Node, NodeId, Output, Task};
 pub use linear::{Linear, LinearKind};
 pub use op::{BinaryFn, Op, UnaryFn};
 pub use tensor::Tensor;

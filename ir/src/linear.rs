@@ -171,7 +171,9 @@ impl Linear {
                 let k = *x.shape().last().ok_or("dense on a scalar")?;
                 let rows = x.len() / k.max(1);
                 let x2 = x.to_shape((rows, k)).map_err(|e| e.to_string())?;
-                let y = x2.dot(&weights.t());
+                // a product with one inner term may come back column-major: reshape a
+                // standard-layout copy
+                let y = x2.dot(&weights.t()).as_standard_layout().into_owned();
                 let mut shape = x.shape().to_vec();
                 *shape.last_mut().expect("non-empty") = weights.nrows();
                 y.into_shape_with_order(IxDyn(&shape)).map_err(|e| e.to_string())?
@@ -201,7 +203,7 @@ impl Linear {
             LinearKind::Matrix { weights, out_dims } => {
                 let n = x.shape()[0];
                 let x2 = x.to_shape((n, weights.ncols())).map_err(|e| e.to_string())?;
-                let y = x2.dot(&weights.t());
+                let y = x2.dot(&weights.t()).as_standard_layout().into_owned();
                 let mut shape = vec![n];
                 shape.extend_from_slice(out_dims);
                 y.into_shape_with_order(IxDyn(&shape)).map_err(|e| e.to_string())?

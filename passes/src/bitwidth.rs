@@ -23,6 +23,10 @@ use veil_ir::{Graph, NodeId, Op, Range, Tensor};
 /// Largest lookup precision the search considers: 8-bit bootstraps need ~11 GB keys here.
 pub const MAX_PRECISION: u32 = 7;
 
+/// Input and weight bits of circuits without lookups (outputs decrypt exactly, so bits
+/// cost only key size; 12 keeps a 500-feature dot product well inside 64 bits).
+pub const EXACT_BITS: u32 = 12;
+
 #[derive(Clone, Debug)]
 pub struct SearchOptions {
     /// Fix input, weight and activation bits instead of searching them.
@@ -36,6 +40,13 @@ pub struct SearchOptions {
     /// Failure probability per lookup the circuit will be built for: it fixes how noisy
     /// rounded reads are, which the search simulates when scoring.
     pub p_error: f64,
+    /// How to score faithfulness; `None`: from the model (see [`choose_metric`]).
+    pub task: Option<veil_ir::Task>,
+    /// Refuse to compile when no configuration meets the tolerance (otherwise the best one
+    /// found is compiled, and the report says how far it is).
+    pub strict: bool,
+    /// Run trailing non-linear ops on the server (see `quantize::quantize_with`).
+    pub server_tail: bool,
 }
 
 impl Default for SearchOptions {
@@ -46,6 +57,9 @@ impl Default for SearchOptions {
             max_precision: MAX_PRECISION,
             range_margin: crate::ranges::DEFAULT_MARGIN,
             p_error: 2f64.powi(-40),
+            task: None,
+            strict: false,
+            server_tail: false,
         }
     }
 }
@@ -55,7 +69,8 @@ impl Default for SearchOptions {
 pub enum Metric {
     /// Fraction of samples whose argmax matches the float model's.
     ArgmaxAgreement,
-    /// R² of the outputs against the float model's outputs.
+    /// R² against the float model's outputs, per output (the worst one), so that a
+    /// target on a small scale counts as much as one on a large scale.
     R2,
 }
 
@@ -81,6 +96,8 @@ pub struct Compiled {
     /// Widest lookup precision in the circuit, in bits.
     pub precision: u32,
     pub metric: Metric,
+    /// Why that metric (see [`choose_metric`]).
+    pub metric_source: &'static str,
     pub score: f64,
     pub fuse: FuseReport,
     pub trials: Vec<Trial>,
@@ -89,6 +106,9 @@ pub struct Compiled {
     pub unfused: Graph,
     /// Bits of each output the client reads; 0 when outputs decrypt exactly (no lookups).
     pub output_bits: u32,
+    /// Set when no configuration met the tolerance and the best one found was compiled:
+    /// what to tell the user.
+    pub below_tolerance: Option<String>,
 }
 
 /// The number of standard deviations `z` with P(|N(0,1)| > z) = p.
@@ -216,10 +236,34 @@ fn first_float(outs: &[Tensor]) -> Option<usize> {
     outs.iter().position(|t| matches!(t, Tensor::F32(_)))
 }
 
-fn metric_for(reference: &Tensor) -> Metric {
+/// The metric for a model, and where it came from: the user's `--task`; else what the
+/// model says (a scikit-learn regressor or classifier op; a softmax, argmax or class-label
+/// op, which only classifiers end with; a graph of element-wise ops only, which maps
+/// values); else the output's shape (several columns are class scores).
+pub fn choose_metric(g: &Graph, reference: &Tensor, task: Option<veil_ir::Task>) -> (Metric, &'static str) {
+    use veil_ir::Task;
+    let metric = |t: Task| match t {
+        Task::Classification => Metric::ArgmaxAgreement,
+        Task::Regression => Metric::R2,
+    };
+    if let Some(t) = task {
+        return (metric(t), "set by --task");
+    }
+    if let Some(t) = g.task {
+        return (metric(t), "from the model's scikit-learn op");
+    }
+    let ops = || g.node_ids().map(|n| &g.node(n).op);
+    if ops().any(|op| matches!(op, Op::Softmax { .. } | Op::ArgMax { .. } | Op::ClassLabel { .. })) {
+        return (Metric::ArgmaxAgreement, "the model ends like a classifier");
+    }
+    let elementwise =
+        ops().all(|op| matches!(op, Op::Input { .. } | Op::Const(_) | Op::Unary(_) | Op::Binary(_) | Op::Cast { .. }));
+    if elementwise {
+        return (Metric::R2, "the model maps values element-wise");
+    }
     match reference.shape() {
-        [_, k, ..] if *k >= 2 => Metric::ArgmaxAgreement,
-        _ => Metric::R2,
+        [_, k, ..] if *k >= 2 => (Metric::ArgmaxAgreement, "several output columns (set --task regression otherwise)"),
+        _ => (Metric::R2, "one output column"),
     }
 }
 
@@ -240,18 +284,28 @@ pub fn score(metric: Metric, ours: &Tensor, reference: &Tensor) -> f64 {
             pa.iter().zip(pb.iter()).filter(|(x, y)| x == y).count() as f64 / pa.len().max(1) as f64
         }
         Metric::R2 => {
-            let mean = b.iter().map(|&v| v as f64).sum::<f64>() / b.len().max(1) as f64;
-            let res: f64 = a.iter().zip(b.iter()).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
-            let tot: f64 = b.iter().map(|&y| (y as f64 - mean).powi(2)).sum();
-            if tot == 0.0 {
-                if res == 0.0 {
-                    1.0
-                } else {
-                    0.0
-                }
-            } else {
-                1.0 - res / tot
-            }
+            // per output column (everything after the batch axis), the worst one
+            let n = b.shape().first().copied().unwrap_or(1).max(1);
+            let cols = b.len() / n;
+            let (a, b) = (a.as_standard_layout(), b.as_standard_layout());
+            let (a, b) = (a.as_slice().expect("standard"), b.as_slice().expect("standard"));
+            (0..cols.max(1))
+                .map(|c| {
+                    let at = |x: &[f32], r: usize| x[r * cols + c] as f64;
+                    let mean = (0..n).map(|r| at(b, r)).sum::<f64>() / n as f64;
+                    let res: f64 = (0..n).map(|r| (at(a, r) - at(b, r)).powi(2)).sum();
+                    let tot: f64 = (0..n).map(|r| (at(b, r) - mean).powi(2)).sum();
+                    if tot == 0.0 {
+                        if res == 0.0 {
+                            1.0
+                        } else {
+                            0.0
+                        }
+                    } else {
+                        1.0 - res / tot
+                    }
+                })
+                .fold(f64::INFINITY, f64::min)
         }
     }
 }
@@ -271,6 +325,7 @@ struct Search<'a> {
     rules: Rules,
     /// Noise of a rounded read, in slots.
     slot_std: f64,
+    server_tail: bool,
     /// Bits of each output the client reads (circuits with lookups).
     output_bits: u32,
 }
@@ -282,7 +337,7 @@ impl Search<'_> {
         if let Some(m) = self.cache.get(&(cfg, self.rules)) {
             return Ok(m.clone());
         }
-        let mut q = crate::quantize::quantize_with_margin(self.g, &self.calib, &cfg, self.margin)?;
+        let mut q = crate::quantize::quantize_with(self.g, &self.calib, &cfg, self.margin, self.server_tail)?;
         let unfused = q.graph.clone();
         let (graph, report) = fuse_with(&q.graph, self.rules)?;
         let enc = q.encode_inputs(self.inputs)?;
@@ -328,7 +383,7 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
     let out_index = first_float(&float)
         .ok_or_else(|| PassError::Search("the model has no floating-point output to compare".into()))?;
     let reference = float[out_index].clone();
-    let metric = metric_for(&reference);
+    let (metric, metric_source) = choose_metric(g, &reference, opts.task);
     let mut s = Search {
         g,
         inputs,
@@ -343,6 +398,7 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
         rules: Rules::default(),
         slot_std: 0.5 / z_for(opts.p_error),
         output_bits: OUTPUT_BITS,
+        server_tail: opts.server_tail,
     };
 
     let top = opts.n_bits.unwrap_or(8);
@@ -355,7 +411,7 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
         variants.push(Rules { max_commute: false });
     }
     let mut chosen: Option<(QuantizedModel, FuseReport, f64, u32, Rules, QuantConfig, f64)> = None;
-    let mut best_rejected: Option<(f64, u32)> = None;
+    let mut best_rejected: Option<(f64, u32, Rules, QuantConfig)> = None;
     for rules in variants {
         s.rules = rules;
         'precision: for p in 2..=opts.max_precision {
@@ -373,8 +429,9 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
                     }
                     break 'precision;
                 }
-                if best_rejected.is_none_or(|(b, _)| score > b) {
-                    best_rejected = Some((score, p));
+                let fits = count_lookups(&q.graph) > 0 || max_precision(&q.graph) == 0;
+                if fits && best_rejected.is_none_or(|(b, ..)| score > b) {
+                    best_rejected = Some((score, p, rules, cfg));
                 }
                 if count_lookups(&q.graph) == 0 {
                     break 'precision; // precision does not matter without lookups
@@ -382,17 +439,53 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
             }
         }
     }
-    let Some((mut model, mut report, mut best_score, p, rules, start, _)) = chosen else {
-        let (b, bp) = best_rejected.unwrap_or((0.0, 0));
-        return Err(PassError::Search(format!(
-            "no quantization with lookups of at most {} bits keeps the model within tolerance {} of the float model (best: {:.4} at {bp} bits); allow more error with --accuracy-tolerance or fix widths with --n-bits",
-            opts.max_precision, opts.tolerance, b
-        )));
+    let mut below_tolerance = None;
+    let chosen = match chosen {
+        Some(c) => c,
+        None => {
+            let (b, bp, rules, cfg) = best_rejected.unwrap_or((0.0, opts.max_precision, s.rules, full));
+            let hint = if opts.n_bits.is_some() {
+                format!("give more bits with --n-bits (now {top}) or allow more error with --accuracy-tolerance")
+            } else if opts.max_precision < MAX_PRECISION {
+                format!(
+                    "allow wider lookups with --max-precision (now {}; each bit is about twice the time) or more error with --accuracy-tolerance",
+                    opts.max_precision
+                )
+            } else {
+                "allow more error with --accuracy-tolerance, or calibrate with more representative data".to_string()
+            };
+            let msg = format!(
+                "no quantization with lookups of at most {} bits keeps the model within tolerance {} of the float model: the best found scores {:.4} ({:.4} short) at {bp} bits; {hint}",
+                opts.max_precision,
+                opts.tolerance,
+                b,
+                (1.0 - opts.tolerance - b).max(0.0)
+            );
+            if opts.strict || b <= 0.0 {
+                return Err(PassError::Search(msg));
+            }
+            s.rules = rules;
+            let (q, rep, score, _) = s.trial(cfg, bp)?;
+            below_tolerance = Some(msg);
+            (q, rep, score, bp, rules, cfg, 0.0)
+        }
     };
+    let (mut model, mut report, mut best_score, p, rules, start, _) = chosen;
     s.rules = rules;
     let mut cfg = start;
     let floor = best_score;
-    if opts.n_bits.is_none() {
+    // Without lookups the outputs decrypt exactly and wider inputs and weights cost only a
+    // slightly larger key: take the widest, which follow the float model closest.
+    let mut widened = false;
+    if opts.n_bits.is_none() && count_lookups(&model.graph) == 0 && below_tolerance.is_none() {
+        let wide = QuantConfig { input_bits: EXACT_BITS, weight_bits: EXACT_BITS, act_bits: cfg.act_bits };
+        let (q, rep, score, ok) = s.trial(wide, p)?;
+        if ok && count_lookups(&q.graph) == 0 && score >= best_score {
+            (cfg, model, report, best_score) = (wide, q, rep, score);
+            widened = true;
+        }
+    }
+    if opts.n_bits.is_none() && !widened {
         // Narrow each width while the model stays within tolerance.
         for field in 0..3 {
             loop {
@@ -449,11 +542,13 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
         config: cfg,
         precision,
         metric,
+        metric_source,
         score: best_score,
         fuse: report,
         trials: s.trials,
         calibration: s.calib,
         unfused,
         output_bits: if exact { 0 } else { s.output_bits },
+        below_tolerance,
     })
 }

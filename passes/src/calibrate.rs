@@ -15,6 +15,9 @@ pub struct Calibration {
     pub input_elements: Vec<(ArrayD<f64>, ArrayD<f64>)>,
     /// Per-channel (axis 1) min and max of every float tensor of rank ≥ 2.
     pub channels: HashMap<NodeId, Vec<(f64, f64)>>,
+    /// Min and max per index of the last axis of every float tensor of rank ≥ 2: the output
+    /// features of a dense layer, whatever the rank ([N, M] or [N, 1, M]).
+    pub features: HashMap<NodeId, Vec<(f64, f64)>>,
     /// Number of calibration samples.
     pub samples: usize,
 }
@@ -32,6 +35,7 @@ pub fn calibrate(graph: &Graph, inputs: &[Tensor]) -> Result<Calibration> {
     let samples = veil_ir::interp::check_inputs(graph, inputs)?;
     let mut ranges = HashMap::new();
     let mut channels = HashMap::new();
+    let mut features = HashMap::new();
     let mut bad: Option<NodeId> = None;
     veil_ir::interp::run_observed(graph, inputs, &mut |id, t, _| {
         if let Tensor::F32(a) = t {
@@ -45,14 +49,17 @@ pub fn calibrate(graph: &Graph, inputs: &[Tensor]) -> Result<Calibration> {
             }
             ranges.insert(id, (lo, hi));
             if a.ndim() >= 2 {
-                let per: Vec<(f64, f64)> = a
-                    .axis_iter(ndarray::Axis(1))
-                    .map(|c| {
-                        c.iter()
-                            .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| (l.min(v as f64), h.max(v as f64)))
-                    })
-                    .collect();
-                channels.insert(id, per);
+                let per_index = |axis: usize| -> Vec<(f64, f64)> {
+                    a.axis_iter(ndarray::Axis(axis))
+                        .map(|c| {
+                            c.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| {
+                                (l.min(v as f64), h.max(v as f64))
+                            })
+                        })
+                        .collect()
+                };
+                channels.insert(id, per_index(1));
+                features.insert(id, per_index(a.ndim() - 1));
             }
         }
     })?;
@@ -65,7 +72,7 @@ pub fn calibrate(graph: &Graph, inputs: &[Tensor]) -> Result<Calibration> {
         )));
     }
     let input_elements = inputs.iter().map(per_element_range).collect();
-    Ok(Calibration { ranges, input_elements, channels, samples })
+    Ok(Calibration { ranges, input_elements, channels, features, samples })
 }
 
 /// Calibration data must hold samples, all finite: a NaN would poison every range, and an

@@ -35,6 +35,38 @@ impl InputQuant {
     }
 }
 
+/// Input values beyond the range an input was calibrated for: they are clipped to it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InputClip {
+    pub input: String,
+    pub count: usize,
+    /// Which samples (batch rows) had a clipped value.
+    pub samples: Vec<usize>,
+}
+
+impl InputQuant {
+    /// The values of a batch that quantization clips (beyond half a step outside the
+    /// calibrated range), if any.
+    pub fn clipped(&self, x: &ArrayD<f32>) -> Result<Option<InputClip>> {
+        let dims = x.shape().to_vec();
+        let s = broadcast_sample(&self.scale, &dims, &self.name)?;
+        let o = broadcast_sample(&self.offset, &dims, &self.name)?;
+        let per = x.len() / dims.first().copied().unwrap_or(1).max(1);
+        let (lo, hi) = (self.range.lo as f64 - 0.5, self.range.hi as f64 + 0.5);
+        let mut clip = InputClip { input: self.name.clone(), count: 0, samples: Vec::new() };
+        for (i, ((&v, &s), &o)) in x.iter().zip(s.iter()).zip(o.iter()).enumerate() {
+            let q = (v as f64 - o) / s;
+            if q < lo || q > hi {
+                clip.count += 1;
+                if clip.samples.last() != Some(&(i / per.max(1))) {
+                    clip.samples.push(i / per.max(1));
+                }
+            }
+        }
+        Ok((clip.count > 0).then_some(clip))
+    }
+}
+
 /// Bits spanned by a range.
 pub fn bits_of(r: Range) -> u32 {
     64 - ((r.hi - r.lo).max(0) as u64).leading_zeros()
@@ -187,10 +219,21 @@ impl QuantizedModel {
     }
 
     /// As [`QuantizedModel::run_clear`], also reporting values beyond the compiled ranges
-    /// (where the encrypted circuit would overflow).
+    /// (where the encrypted circuit would overflow, or a lookup saturates).
     pub fn run_clear_checked(&self, xs: &[Tensor]) -> Result<(Vec<Tensor>, Vec<veil_ir::interp::Overflow>)> {
         let enc = self.encode_inputs(xs)?;
         let (server, overflows) = veil_ir::interp::run_checked(&self.graph, &enc)?;
         Ok((self.decode_outputs(&server, xs)?, overflows))
+    }
+
+    /// Inputs whose values lie beyond the calibrated ranges (quantization clips them).
+    pub fn input_clips(&self, xs: &[Tensor]) -> Result<Vec<InputClip>> {
+        let mut out = Vec::new();
+        for (q, &m) in self.inputs.iter().zip(&self.input_of) {
+            if let Some(x) = xs.get(m) {
+                out.extend(q.clipped(&x.to_f32())?);
+            }
+        }
+        Ok(out)
     }
 }

@@ -75,7 +75,21 @@ pub fn quantize(g: &Graph, calib: &Calibration, cfg: &QuantConfig) -> Result<Qua
 /// [`quantize`], sizing accumulators for compiled ranges with headroom `margin` (see
 /// [`crate::ranges`]).
 pub fn quantize_with_margin(g: &Graph, calib: &Calibration, cfg: &QuantConfig, margin: f64) -> Result<QuantizedModel> {
-    let tail = client_tail(g)?;
+    quantize_with(g, calib, cfg, margin, false)
+}
+
+/// [`quantize_with_margin`]; with `server_tail`, trailing non-linear ops (an activation,
+/// a sigmoid) run on the server as lookups instead of on the client after decryption, so
+/// the client never sees pre-activation values. Only ops that cannot run encrypted
+/// (softmax, argmax, label mapping) are left to the client.
+pub fn quantize_with(
+    g: &Graph,
+    calib: &Calibration,
+    cfg: &QuantConfig,
+    margin: f64,
+    server_tail: bool,
+) -> Result<QuantizedModel> {
+    let tail = client_tail(g, server_tail)?;
     let mut q = Quantizer {
         g,
         calib,
@@ -100,10 +114,12 @@ pub fn quantize_with_margin(g: &Graph, calib: &Calibration, cfg: &QuantConfig, m
 }
 
 /// Nodes the client computes after decryption: everything downstream of an op that only
-/// the client can run (softmax, argmax, …), plus trailing non-linear ops whose users are
-/// all client-side. Linear ops otherwise stay on the server (they are free there and
-/// shrink what is decrypted).
-fn client_tail(g: &Graph) -> Result<HashSet<NodeId>> {
+/// the client can run (softmax, argmax, …), plus (unless `server_tail`) trailing
+/// non-linear ops whose users are all client-side. Linear ops otherwise stay on the server
+/// (they are free there and shrink what is decrypted). A non-linear op reading a model
+/// input directly stays on the server (as lookups): the client finishing it would compute
+/// the whole model in the clear.
+fn client_tail(g: &Graph, server_tail: bool) -> Result<HashSet<NodeId>> {
     let order = g.topo_order().ok_or_else(|| PassError::Quantize { node: g.name.clone(), msg: "cycle".into() })?;
     let outputs: HashSet<NodeId> = g.outputs().iter().map(|o| o.node).collect();
     let mut forced = HashSet::new();
@@ -112,27 +128,30 @@ fn client_tail(g: &Graph) -> Result<HashSet<NodeId>> {
             forced.insert(id);
         }
     }
+    let reads_input = |id: NodeId| g.operands(id).iter().any(|&o| matches!(g.node(o).op, Op::Input { .. }));
     let mut tail = HashSet::new();
     for &id in order.iter().rev() {
         let node = g.node(id);
         let users = g.users(id);
-        let movable = !matches!(node.op, Op::Input { .. } | Op::Const(_)) && !is_linear(g, id);
+        let movable = !server_tail
+            && !matches!(node.op, Op::Input { .. } | Op::Const(_))
+            && !is_linear(g, id)
+            && !reads_input(id);
         if forced.contains(&id)
             || (movable && users.iter().all(|u| tail.contains(u)) && (!users.is_empty() || outputs.contains(&id)))
         {
             tail.insert(id);
         }
     }
-    // The client may only finish what the server computed: a client op reading a model
-    // input directly would mean the client does the whole job in the clear.
+    // The client may only finish what the server computed: a client-only op reading a
+    // model input directly would mean the client does the whole job in the clear.
     for &id in &order {
         let n = g.node(id);
-        let reads_input = g.operands(id).iter().any(|&o| matches!(g.node(o).op, Op::Input { .. }));
-        if tail.contains(&id) && reads_input {
+        if tail.contains(&id) && reads_input(id) {
             let msg = if matches!(n.op, Op::TreeEnsemble(_)) {
                 "tree ensembles run in the clear only (float mode); their FHE form is not implemented yet".to_string()
             } else {
-                "it reads the model input directly but can only run after decryption, so nothing would be computed on encrypted data".to_string()
+                "it reads the model input directly and can only run after decryption, so nothing would be computed on encrypted data".to_string()
             };
             return Err(PassError::Unsupported { node: format!("{} '{}'", n.op.mnemonic(), n.name), msg });
         }
@@ -328,7 +347,9 @@ impl<'a> Quantizer<'a> {
         // Per-feature scales help tabular data whose features have very different ranges;
         // features of one kind (pixels) share a scale, which also avoids clipping test
         // values beyond a small calibration set's per-feature extremes.
-        let per_feature = dims.len() == 1 && heterogeneous(lo, hi);
+        // A sample is a feature vector when one axis holds all its elements ([F], [1, F]).
+        let vector = dims.iter().filter(|&&d| d > 1).count() <= 1;
+        let per_feature = vector && heterogeneous(lo, hi);
         let (lo, hi) = if per_feature {
             (lo.clone(), hi.clone())
         } else {
@@ -395,14 +416,18 @@ impl<'a> Quantizer<'a> {
         if let Some(q) = self.tables.get(&id) {
             return Ok(q.clone());
         }
+        // The output is requantized over its calibrated range: headroom there would cost
+        // every value resolution (a 25% margin each side lost one sample in 100 on a small
+        // classifier). Values beyond it saturate, and `veil predict`/`encrypt` report the
+        // samples that reach them.
         let (lo, hi) = self.calib.range(id).ok_or_else(|| self.err(id, "no calibration range"))?;
-        let levels = ((1u64 << self.cfg.act_bits) - 1) as f64;
-        let s = if hi > lo { (hi - lo) / levels } else { lo.abs().max(1.0) };
-        let range = Range::new((lo / s).round() as i64, (hi / s).round() as i64);
         let input = match self.out.node(p.src).ty.elem {
             Elem::Enc(r) => r,
             _ => return Err(self.err(id, "lookup source is not encrypted")),
         };
+        let levels = ((1u64 << self.cfg.act_bits) - 1) as f64;
+        let s = if hi > lo { (hi - lo) / levels } else { lo.abs().max(1.0) };
+        let range = Range::new((lo / s).round() as i64, (hi / s).round() as i64);
         let label = if p.label.is_empty() { "requant".to_string() } else { p.label.clone() };
         let tlu =
             Tlu { expr: Expr::quantize(p.expr, Expr::Const(s), range), input, params: p.params, rounding: 0, label };
@@ -604,15 +629,31 @@ impl<'a> Quantizer<'a> {
         self.calib.channels.get(&id).map(|c| c.iter().map(|(l, h)| h - l).collect())
     }
 
+    /// Calibrated span of each output feature (last axis) of a dense layer, any rank.
+    fn feature_spans(&self, id: NodeId) -> Option<Vec<f64>> {
+        self.calib.features.get(&id).map(|c| c.iter().map(|(l, h)| h - l).collect())
+    }
+
     /// Centre each output channel's accumulator on zero with a clear integer bias, moving
-    /// the shift into the real-valued offset: channels then share one narrow range.
-    fn center(&self, id: NodeId, s_out: &[f64], offset: ArrayD<f64>, out_dims: &[usize]) -> (ArrayD<i64>, ArrayD<f64>) {
-        let Some(chans) =
-            self.calib.channels.get(&id).filter(|c| c.len() == s_out.len() && out_dims.first() == Some(&c.len()))
-        else {
+    /// the shift into the real-valued offset: channels then share one narrow range. The
+    /// channel is axis 0 of the sample for convolutions, the last axis for dense layers.
+    fn center(
+        &self,
+        id: NodeId,
+        s_out: &[f64],
+        offset: ArrayD<f64>,
+        out_dims: &[usize],
+        last_axis: bool,
+    ) -> (ArrayD<i64>, ArrayD<f64>) {
+        let (ranges, axis) = if last_axis {
+            (self.calib.features.get(&id), out_dims.len().saturating_sub(1))
+        } else {
+            (self.calib.channels.get(&id), 0)
+        };
+        let Some(chans) = ranges.filter(|c| c.len() == s_out.len() && out_dims.get(axis) == Some(&c.len())) else {
             return (ArrayD::zeros(vec![]), offset);
         };
-        let per_chan_offset: Vec<f64> = offset.outer_iter().map(|o| o.mean().unwrap_or(0.0)).collect();
+        let per_chan_offset: Vec<f64> = offset.axis_iter(Axis(axis)).map(|o| o.mean().unwrap_or(0.0)).collect();
         let c: Vec<i64> = chans
             .iter()
             .zip(s_out)
@@ -620,7 +661,7 @@ impl<'a> Quantizer<'a> {
             .map(|((&(lo, hi), &s), &o)| if hi >= lo { (((lo + hi) / 2.0 - o) / s).round() as i64 } else { 0 })
             .collect();
         let mut shape = vec![1; out_dims.len()];
-        shape[0] = c.len();
+        shape[axis] = c.len();
         let bias = ArrayD::from_shape_vec(shape.clone(), c.iter().map(|&v| -v).collect()).expect("channel vector");
         let shift = ArrayD::from_shape_vec(shape, c.iter().zip(s_out).map(|(&v, &s)| v as f64 * s).collect())
             .expect("channel vector");
@@ -639,7 +680,8 @@ impl<'a> Quantizer<'a> {
         // Fold input scales into the weights, then quantize each output row.
         let eff = Array2::from_shape_fn((w.ncols(), k), |(j, kk)| w[[kk, j]] * s_in[kk]);
         let (q, s_out) = self.quantize_rows(&eff);
-        let spans = if in_dims.len() == 1 { self.channel_spans(id) } else { None };
+        // per output feature, whatever the rank: a leading size-1 axis must not cost accuracy
+        let spans = self.feature_spans(id);
         let (q, s_out) = equalize(&eff, q, s_out, spans.as_deref());
         let (q, s_out) =
             if self.read_by_lookups(id) { fill(&eff, q, s_out, spans.as_deref(), self.margin) } else { (q, s_out) };
@@ -649,8 +691,12 @@ impl<'a> Quantizer<'a> {
         let out_off = off2.dot(&w) + &Array2::from_shape_fn((1, w.ncols()), |(_, j)| bias[j]);
         let mut out_dims = in_dims.clone();
         *out_dims.last_mut().expect("non-empty") = w.ncols();
-        let offset = out_off.into_shape_with_order(IxDyn(&out_dims)).map_err(|e| self.err(id, e.to_string()))?;
-        let (bias, offset) = self.center(id, &s_out, offset, &out_dims);
+        let offset = out_off
+            .as_standard_layout()
+            .into_owned()
+            .into_shape_with_order(IxDyn(&out_dims))
+            .map_err(|e| self.err(id, e.to_string()))?;
+        let (bias, offset) = self.center(id, &s_out, offset, &out_dims, true);
         let scale = ArrayD::from_shape_vec(vec![w.ncols()], s_out)
             .expect("one per row")
             .broadcast(IxDyn(&out_dims))
@@ -700,7 +746,7 @@ impl<'a> Quantizer<'a> {
         let off = eval_op(&Op::Conv(c.clone()), &refs).map_err(|e| self.err(id, e))?;
         let offset = off.to_f32().index_axis(Axis(0), 0).mapv(|v| v as f64);
         let out_dims = offset.shape().to_vec();
-        let (bias, offset) = self.center(id, &s_out, offset, &out_dims);
+        let (bias, offset) = self.center(id, &s_out, offset, &out_dims, false);
         let scale = per_channel(&s_out, &out_dims);
         let lin = Linear::new(LinearKind::Conv { weights: q4, conv: c.clone() }, bias, "conv");
         let node = self.out.add(Op::Linear(Box::new(lin)), &[x.node], self.g.node(id).name.clone())?;
@@ -1014,10 +1060,14 @@ fn fill(
 }
 
 /// Are some features' calibrated ranges over 8 times wider than the typical one?
+/// Do the features' calibrated spans differ enough to deserve a scale each? The widest
+/// against the lower median (so that with two features, one narrow one counts): features
+/// of one kind (pixels) share a scale, a [0, 1] feature beside a [0, 100] one does not.
 fn heterogeneous(lo: &ArrayD<f64>, hi: &ArrayD<f64>) -> bool {
-    let spans = lo.iter().zip(hi.iter()).map(|(l, h)| h - l).filter(|s| *s > 0.0);
-    let max = spans.clone().fold(0.0, f64::max);
-    median(spans).is_some_and(|m| max > 8.0 * m)
+    let mut spans: Vec<f64> = lo.iter().zip(hi.iter()).map(|(l, h)| h - l).filter(|s| *s > 0.0).collect();
+    spans.sort_by(f64::total_cmp);
+    let max = spans.last().copied().unwrap_or(0.0);
+    spans.get(spans.len().saturating_sub(1) / 2).is_some_and(|&m| max > 8.0 * m)
 }
 
 fn median(values: impl Iterator<Item = f64>) -> Option<f64> {

@@ -78,6 +78,7 @@ fn post_transform(c: &mut Ctx, n: &NodeView, scores: Value, name: &str, out: &st
 }
 
 fn linear_regressor(c: &mut Ctx, n: &NodeView) -> Result<Vec<Value>> {
+    c.g.task = Some(veil_ir::Task::Regression);
     let targets = n.int("targets", 1)?;
     let out = n.output_name(0);
     let raw = format!("{out}_scores");
@@ -115,6 +116,7 @@ fn concat_pair(c: &mut Ctx, n: &NodeView, a: (Value, String), b: (Value, String)
 }
 
 fn linear_classifier(c: &mut Ctx, n: &NodeView) -> Result<Vec<Value>> {
+    c.g.task = Some(veil_ir::Task::Classification);
     let labels = class_labels(n, "classlabels_ints", "classlabels_strings")?;
     let targets = n.floats("intercepts")?.map(|b| b.len()).unwrap_or(labels.len());
     let probs_name = n.output_name(1);
@@ -342,6 +344,7 @@ fn parse_trees(c: &Ctx, n: &NodeView, prefix: &str, n_targets: usize) -> Result<
 }
 
 fn tree_regressor(c: &mut Ctx, n: &NodeView) -> Result<Vec<Value>> {
+    c.g.task = Some(veil_ir::Task::Regression);
     let n_targets = n.int("n_targets", 1)?.max(1) as usize;
     let mut t = parse_trees(c, n, "target", n_targets)?;
     t.ensemble.aggregate = match n.string("aggregate_function", "SUM")?.as_str() {
@@ -363,6 +366,7 @@ fn tree_regressor(c: &mut Ctx, n: &NodeView) -> Result<Vec<Value>> {
 }
 
 fn tree_classifier(c: &mut Ctx, n: &NodeView) -> Result<Vec<Value>> {
+    c.g.task = Some(veil_ir::Task::Classification);
     let labels = class_labels(n, "classlabels_int64s", "classlabels_strings")?;
     let n_classes = labels.len();
     let mut t = parse_trees(c, n, "class", n_classes)?;

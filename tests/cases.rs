@@ -1,0 +1,127 @@
+//! Models shaped like the ones users report, each once giving a wrong value, a refusal or
+//! an internal error (tests/cases/*/CASE.md says which). Each test checks the right value:
+//! onnxruntime's output (`expected*.npy`), or the float model's.
+
+use ndarray::Axis;
+use veil_backend::pipeline::{compile, CompileOptions};
+use veil_ir::Tensor;
+use veil_tests::read_npy;
+
+fn case(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cases").join(name)
+}
+
+fn import(path: std::path::PathBuf) -> veil_ir::Graph {
+    veil_frontend::onnx::import_file(path).unwrap()
+}
+
+/// R² of `ours` against `want`, per output column, the worst one.
+fn worst_r2(ours: &Tensor, want: &Tensor) -> f64 {
+    veil_passes::bitwidth::score(veil_passes::bitwidth::Metric::R2, ours, want)
+}
+
+fn max_abs(ours: &Tensor, want: &Tensor) -> f64 {
+    ours.values_f64().iter().zip(want.values_f64()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max)
+}
+
+fn argmax_rows(t: &Tensor) -> Vec<usize> {
+    t.to_f32()
+        .map_axis(Axis(1), |r| {
+            r.iter().enumerate().fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0
+        })
+        .into_iter()
+        .collect()
+}
+
+/// Compile with the default options and run the integer circuit in the clear.
+fn compile_and_run(
+    model: &str,
+    calib: &[&str],
+    test: &[&str],
+    case_name: &str,
+) -> (veil_backend::artifact::Artifact, Vec<Tensor>) {
+    let d = case(case_name);
+    let g = import(d.join(model));
+    let calib: Vec<Tensor> = calib.iter().map(|f| read_npy(&d.join(f))).collect();
+    let test: Vec<Tensor> = test.iter().map(|f| read_npy(&d.join(f))).collect();
+    let (a, _) = compile(&g, &calib, &CompileOptions::default()).unwrap_or_else(|e| panic!("{case_name}: {e}"));
+    let out = a.quantized_model().unwrap().run_clear(&test).unwrap();
+    (a, out)
+}
+
+#[test]
+fn two_features_of_different_ranges_get_a_scale_each() {
+    let (_, out) = compile_and_run("model.onnx", &["calib.npy"], &["test_x.npy"], "two-feature-input-scales");
+    let want = read_npy(&case("two-feature-input-scales").join("expected.npy"));
+    let probs = out.iter().find(|t| t.shape() == want.shape()).expect("probabilities");
+    assert!(max_abs(probs, &want) < 0.05, "probabilities off by {}", max_abs(probs, &want));
+    assert_eq!(argmax_rows(probs), argmax_rows(&want));
+}
+
+#[test]
+fn values_beyond_the_calibrated_ranges_are_reported_per_sample() {
+    // Test rows (t, t): the hidden unit x0 + x1 reaches 2t, past its calibrated maximum 1
+    // from t = 0.5 on, where the activation saturates. Those samples, and only those, are
+    // reported; the others are right.
+    let (a, out) = compile_and_run("model.onnx", &["calib.npy"], &["test_x.npy"], "activation-beyond-calibration");
+    let d = case("activation-beyond-calibration");
+    let want = read_npy(&d.join("expected.npy"));
+    let x = read_npy(&d.join("test_x.npy"));
+    let q = a.quantized_model().unwrap();
+    let (_, overflows) = q.run_clear_checked(std::slice::from_ref(&x)).unwrap();
+    let mut flagged: Vec<usize> = overflows.iter().flat_map(|o| o.samples.clone()).collect();
+    flagged.sort_unstable();
+    flagged.dedup();
+    let t: Vec<f64> = x.values_f64().chunks(2).map(|r| r[0]).collect();
+    let (o, w) = (out[0].values_f64(), want.values_f64());
+    for (i, &ti) in t.iter().enumerate() {
+        if flagged.contains(&i) {
+            continue;
+        }
+        assert!((o[i] - w[i]).abs() < 0.06, "sample {i} (t = {ti}) is not reported but off: {} vs {}", o[i], w[i]);
+    }
+    for (i, &ti) in t.iter().enumerate() {
+        if ti > 0.52 {
+            assert!(flagged.contains(&i), "sample {i} (t = {ti}) saturates but is not reported: {flagged:?}");
+        }
+    }
+}
+
+#[test]
+fn a_leading_size_one_axis_costs_no_accuracy() {
+    let d = case("rank3-matmul");
+    for (model, calib) in [("model.onnx", "calib.npy"), ("rank2_control.onnx", "rank2_calib.npy")] {
+        let g = import(d.join(model));
+        let x = read_npy(&d.join(calib));
+        let (a, c) = compile(&g, std::slice::from_ref(&x), &CompileOptions::default()).unwrap();
+        assert!(a.report.accuracy_warning.is_empty(), "{model}: {}", a.report.accuracy_warning);
+        assert!(c.score >= 0.99, "{model}: agreement {}", c.score);
+    }
+}
+
+#[test]
+fn several_regression_targets_are_scored_by_r2_per_target() {
+    let (a, out) = compile_and_run("model.onnx", &["calib.npy"], &["test_x.npy"], "multi-target-regression");
+    assert!(a.report.metric.starts_with("R²"), "{}", a.report.metric);
+    let want = read_npy(&case("multi-target-regression").join("expected.npy"));
+    assert!(worst_r2(&out[0], &want) > 0.99, "worst R² {}", worst_r2(&out[0], &want));
+}
+
+#[test]
+fn a_dense_layer_with_one_input_feature_compiles() {
+    let (_, out) = compile_and_run("model.onnx", &["calib.npy"], &["test_x.npy"], "one-input-feature");
+    let want = read_npy(&case("one-input-feature").join("expected.npy"));
+    assert!(worst_r2(&out[0], &want) > 0.99, "R² {}", worst_r2(&out[0], &want));
+    let (_, out) = compile_and_run("model_1d_input.onnx", &["calib_1d.npy"], &["test_x_1d.npy"], "one-input-feature");
+    let want = read_npy(&case("one-input-feature").join("expected_1d.npy"));
+    assert!(worst_r2(&out[0], &want) > 0.99, "1-D input: R² {}", worst_r2(&out[0], &want));
+}
+
+#[test]
+fn a_model_with_two_inputs_compiles_and_runs() {
+    let (_, out) =
+        compile_and_run("model.onnx", &["calib_a.npy", "calib_b.npy"], &["test_a.npy", "test_b.npy"], "two-inputs");
+    let want = read_npy(&case("two-inputs").join("expected.npy"));
+    // compiled to R² ≥ 0.99 on the calibration data; the test data follow closely
+    assert!(worst_r2(&out[0], &want) > 0.98, "R² {}", worst_r2(&out[0], &want));
+}
