@@ -125,3 +125,43 @@ fn a_model_with_two_inputs_compiles_and_runs() {
     // compiled to R² ≥ 0.99 on the calibration data; the test data follow closely
     assert!(worst_r2(&out[0], &want) > 0.98, "R² {}", worst_r2(&out[0], &want));
 }
+
+#[test]
+fn an_activation_of_the_input_runs_on_the_server() {
+    // relu, GELU and sigmoid applied straight to the encrypted input: lookups on the server
+    // (the client finishing them would compute everything in the clear)
+    for f in [veil_ir::UnaryFn::Relu, veil_ir::UnaryFn::Gelu { tanh: false }, veil_ir::UnaryFn::Sigmoid] {
+        let mut b = veil_frontend::dsl::GraphBuilder::new("act");
+        let x = b.input("x", &[6]);
+        let y = b.unary(x, f).unwrap();
+        b.output("y", y);
+        let g = b.finish().unwrap();
+        let calib: Vec<f32> = (0..600).map(|i| ((i * 37) % 101) as f32 / 25.0 - 2.0).collect();
+        let calib = Tensor::F32(ndarray::ArrayD::from_shape_vec(vec![100, 6], calib).unwrap());
+        let (a, _) = compile(&g, std::slice::from_ref(&calib), &CompileOptions::default()).unwrap();
+        assert!(a.report.lookups_per_sample >= 6, "{f:?}: {} lookups", a.report.lookups_per_sample);
+        let out = a.quantized_model().unwrap().run_clear(std::slice::from_ref(&calib)).unwrap();
+        let want = veil_ir::interp::run(&g, std::slice::from_ref(&calib)).unwrap();
+        assert!(worst_r2(&out[0], &want[0]) > 0.99, "{f:?}: R² {}", worst_r2(&out[0], &want[0]));
+        assert!(a.report.metric.starts_with("R²"), "element-wise: {}", a.report.metric);
+    }
+}
+
+#[test]
+fn circuits_without_lookups_match_the_float_model() {
+    // logistic and linear regression: outputs decrypt exactly, so bits cost little
+    for (m, metric) in [("logreg_breast_cancer", "acc"), ("linreg_diabetes", "r2")] {
+        let d = veil_tests::models_dir().join(m);
+        let g = import(d.join("model.onnx"));
+        let calib = read_npy(&d.join("calib.npy"));
+        let x = read_npy(&d.join("test_x.npy"));
+        let (a, _) = compile(&g, std::slice::from_ref(&calib), &CompileOptions::default()).unwrap();
+        assert_eq!(a.report.lookups_per_sample, 0);
+        let ours = a.quantized_model().unwrap().run_clear(std::slice::from_ref(&x)).unwrap();
+        let float = veil_ir::interp::run(&g, std::slice::from_ref(&x)).unwrap();
+        match metric {
+            "acc" => assert_eq!(ours[0], float[0], "{m}: labels"),
+            _ => assert!(worst_r2(&ours[0], &float[0]) > 0.9999, "{m}: R² vs float {}", worst_r2(&ours[0], &float[0])),
+        }
+    }
+}
