@@ -40,11 +40,28 @@ fn compile_and_run(
     test: &[&str],
     case_name: &str,
 ) -> (veil_backend::artifact::Artifact, Vec<Tensor>) {
+    compile_and_run_with(model, calib, test, case_name, &CompileOptions::default())
+}
+
+/// Compile as a regression (outputs are values, scored by R²: `--task regression`).
+fn compile_regression(model: &str, case_name: &str) -> Vec<Tensor> {
+    let mut opts = CompileOptions::default();
+    opts.search.task = Some(veil_ir::Task::Regression);
+    compile_and_run_with(model, &["calib.npy"], &["test_x.npy"], case_name, &opts).1
+}
+
+fn compile_and_run_with(
+    model: &str,
+    calib: &[&str],
+    test: &[&str],
+    case_name: &str,
+    opts: &CompileOptions,
+) -> (veil_backend::artifact::Artifact, Vec<Tensor>) {
     let d = case(case_name);
     let g = import(d.join(model));
     let calib: Vec<Tensor> = calib.iter().map(|f| read_npy(&d.join(f))).collect();
     let test: Vec<Tensor> = test.iter().map(|f| read_npy(&d.join(f))).collect();
-    let (a, _) = compile(&g, &calib, &CompileOptions::default()).unwrap_or_else(|e| panic!("{case_name}: {e}"));
+    let (a, _) = compile(&g, &calib, opts).unwrap_or_else(|e| panic!("{case_name}: {e}"));
     let out = a.quantized_model().unwrap().run_clear(&test).unwrap();
     (a, out)
 }
@@ -163,5 +180,71 @@ fn circuits_without_lookups_match_the_float_model() {
             "acc" => assert_eq!(ours[0], float[0], "{m}: labels"),
             _ => assert!(worst_r2(&ours[0], &float[0]) > 0.9999, "{m}: R² vs float {}", worst_r2(&ours[0], &float[0])),
         }
+    }
+}
+
+#[test]
+fn string_class_labels_of_a_pipeline_become_class_indices() {
+    let d = case("string-labels-pipeline");
+    let g = import(d.join("model.onnx"));
+    let x = read_npy(&d.join("test_x.npy"));
+    let want = read_npy(&d.join("expected.npy"));
+    let float = veil_ir::interp::run(&g, std::slice::from_ref(&x)).unwrap();
+    let probs = float.iter().find(|t| t.shape() == want.shape()).expect("probabilities");
+    assert!(max_abs(probs, &want) < 1e-5, "float probabilities off by {}", max_abs(probs, &want));
+    let labels = float.iter().find(|t| matches!(t, Tensor::I64(_))).expect("labels");
+    let idx: Vec<i64> = argmax_rows(&want).iter().map(|&i| i as i64).collect();
+    assert_eq!(labels.values_f64().iter().map(|&v| v as i64).collect::<Vec<_>>(), idx);
+    let (_, out) = compile_and_run("model.onnx", &["calib.npy"], &["test_x.npy"], "string-labels-pipeline");
+    let probs = out.iter().find(|t| t.shape() == want.shape()).expect("probabilities");
+    let agree = argmax_rows(probs).iter().zip(argmax_rows(&want)).filter(|(a, b)| **a == *b).count();
+    assert!(agree >= 57, "{agree} of 60 labels agree with onnxruntime");
+}
+
+/// The float model and onnxruntime agree to `tol` on the case's test inputs.
+fn float_matches(case_name: &str, model: &str, expected: &str, tol: f64) {
+    let d = case(case_name);
+    let g = import(d.join(model));
+    let x = read_npy(&d.join("test_x.npy"));
+    let want = read_npy(&d.join(expected));
+    let out = veil_ir::interp::run(&g, std::slice::from_ref(&x)).unwrap();
+    assert_eq!(out[0].shape(), want.shape(), "{model}");
+    assert!(max_abs(&out[0], &want) < tol, "{model}: float off by {}", max_abs(&out[0], &want));
+}
+
+#[test]
+fn expand_runs_encrypted_and_reduce_l2_in_float() {
+    float_matches("expand-and-reduce-l2", "model.onnx", "expected.npy", 1e-5);
+    float_matches("expand-and-reduce-l2", "model_l2.onnx", "expected_l2.npy", 1e-5);
+    // Expand only moves ciphertexts: the model compiles and its integer circuit is close.
+    let (_, out) = compile_and_run("model.onnx", &["calib.npy"], &["test_x.npy"], "expand-and-reduce-l2");
+    let want = read_npy(&case("expand-and-reduce-l2").join("expected.npy"));
+    assert!(worst_r2(&out[0], &want) > 0.99, "R² {}", worst_r2(&out[0], &want));
+    // x / ‖x‖ is the model's last op: the client divides after decrypting s and ‖x‖ (its
+    // own data); kept on the server it would divide two ciphertexts, a clear error.
+    let out = compile_regression("model_l2.onnx", "expand-and-reduce-l2");
+    let want = read_npy(&case("expand-and-reduce-l2").join("expected_l2.npy"));
+    let y = out.iter().find(|t| t.shape() == want.shape()).expect("y");
+    assert!(worst_r2(y, &want) > 0.99, "R² {}", worst_r2(y, &want));
+    let d = case("expand-and-reduce-l2");
+    let g = import(d.join("model_l2.onnx"));
+    let calib = read_npy(&d.join("calib.npy"));
+    let mut opts = CompileOptions::default();
+    opts.search.server_tail = true;
+    let err = compile(&g, &[calib], &opts).err().expect("division of two ciphertexts").to_string();
+    assert!(err.contains("div") && err.contains("'y'"), "{err}");
+}
+
+#[test]
+fn tile_split_where_and_reductions_follow_onnxruntime() {
+    for (model, tol) in [("layout.onnx", 1e-5), ("norms.onnx", 1e-5), ("softmax11.onnx", 1e-6)] {
+        let stem = model.trim_end_matches(".onnx");
+        float_matches("export-ops", model, &format!("expected_{stem}.npy"), tol);
+    }
+    // Tile, Split, Where with a constant condition, ReduceMax/Min and the norms compile.
+    for model in ["layout", "norms"] {
+        let out = compile_regression(&format!("{model}.onnx"), "export-ops");
+        let want = read_npy(&case("export-ops").join(format!("expected_{model}.npy")));
+        assert!(worst_r2(&out[0], &want) > 0.98, "{model}: R² {}", worst_r2(&out[0], &want));
     }
 }

@@ -166,3 +166,29 @@ fn two_lookups_on_one_input_share_a_bootstrap() {
     let fhe = encrypted_integers(&lowered.circuit, &lowered.client, &params, b"shared-test", &x);
     assert_eq!(fhe, clear, "encrypted");
 }
+
+#[test]
+fn tiled_split_selected_and_reduced_values_run_encrypted() {
+    // Tile, Split, Where with a constant mask (gathers), ReduceMax/ReduceMin (trees of
+    // maxima), a MatMul: tests/cases/export-ops/layout.onnx under real TFHE.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cases/export-ops");
+    let g = veil_frontend::onnx::import_file(dir.join("layout.onnx")).unwrap();
+    let mut opts = veil_backend::pipeline::CompileOptions::default();
+    opts.search.task = Some(veil_ir::Task::Regression);
+    // 3-bit values keep the keys small (N = 2048); accuracy at the defaults is tested
+    // against onnxruntime in tests/cases.rs.
+    opts.search.n_bits = Some(3);
+    let (a, _) = veil_backend::pipeline::compile(&g, &[read_npy(&dir.join("calib.npy"))], &opts).unwrap();
+    let x = read_npy(&dir.join("test_x.npy"));
+    let x = Tensor::F32(x.as_f32().unwrap().slice_axis(Axis(0), Slice::from(0..4)).to_owned());
+
+    let ints = encrypted_integers(&a.circuit, &a.client, &a.params, &a.fingerprint, &x);
+    let clear_ints = a.quantized_model().unwrap().run_clear(std::slice::from_ref(&x)).unwrap();
+    let fhe = a.client.finish(&ints, std::slice::from_ref(&x)).unwrap();
+    let (f, c) = (fhe[0].as_f32().unwrap(), clear_ints[0].as_f32().unwrap());
+    // Approximate rounding may read a difference one step the other way: the maximum is
+    // then the other candidate, at most one step away; most values are equal.
+    let differ = f.iter().zip(c.iter()).filter(|(a, b)| a != b).count();
+    let worst = f.iter().zip(c.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(differ <= 2 && worst < 0.35, "{differ} values differ, by up to {worst}");
+}

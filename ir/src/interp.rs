@@ -629,7 +629,11 @@ fn reduce(x: &ArrayD<f32>, kind: ReduceKind, axes: &[usize], keepdims: bool) -> 
     let mut count = 1usize;
     for &a in &sorted {
         count *= y.shape()[a];
-        y = y.sum_axis(Axis(a));
+        y = match kind {
+            ReduceKind::Sum | ReduceKind::Mean => y.sum_axis(Axis(a)),
+            ReduceKind::Max => y.fold_axis(Axis(a), f32::NEG_INFINITY, |m, &v| m.max(v)),
+            ReduceKind::Min => y.fold_axis(Axis(a), f32::INFINITY, |m, &v| m.min(v)),
+        };
         if keepdims {
             y.insert_axis_inplace(Axis(a));
         }

@@ -254,6 +254,8 @@ impl Pool2d {
 pub enum ReduceKind {
     Sum,
     Mean,
+    Max,
+    Min,
 }
 
 /// ai.onnx.ml Normalizer.
@@ -440,6 +442,8 @@ impl Op {
             Op::GlobalAvgPool => "global_avg_pool",
             Op::Reduce { kind: ReduceKind::Sum, .. } => "reduce_sum",
             Op::Reduce { kind: ReduceKind::Mean, .. } => "reduce_mean",
+            Op::Reduce { kind: ReduceKind::Max, .. } => "reduce_max",
+            Op::Reduce { kind: ReduceKind::Min, .. } => "reduce_min",
             Op::Reshape { .. } => "reshape",
             Op::Transpose { .. } => "transpose",
             Op::Concat { .. } => "concat",

@@ -3,7 +3,7 @@
 
 use crate::error::Result;
 use crate::graph::{Graph, NodeId};
-use crate::op::{Op, ReduceKind};
+use crate::op::Op;
 use crate::tensor::Tensor;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -91,7 +91,7 @@ pub fn attrs_text(op: &Op) -> String {
         }
         Op::Unary(f) => f.attrs(),
         Op::BatchNorm { epsilon } => format!("epsilon={epsilon}"),
-        Op::Reduce { kind: ReduceKind::Sum | ReduceKind::Mean, axes, keepdims } => {
+        Op::Reduce { axes, keepdims, .. } => {
             format!("axes={axes:?}{}", if *keepdims { " keepdims" } else { "" })
         }
         Op::Reshape { shape } => format!("shape={shape}"),

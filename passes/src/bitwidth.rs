@@ -133,13 +133,44 @@ pub fn z_for(p: f64) -> f64 {
 pub const OUTPUT_BITS: u32 = 8;
 pub const MIN_OUTPUT_BITS: u32 = 6;
 
-/// Read every server output to at most `bits` bits (exactly, without lookups).
-pub fn set_output_rounding(q: &mut QuantizedModel, bits: u32) {
+/// Read every server output to at most `bits` bits (exactly, without lookups), and to
+/// `deficit[i]` bits more for output i (see [`narrow_element_bits`]).
+pub fn set_output_rounding(q: &mut QuantizedModel, bits: u32, deficit: &[u32]) {
     let exact = count_lookups(&q.graph) == 0;
-    for (o, d) in q.graph.outputs().iter().zip(q.decode.iter_mut()) {
+    for (i, (o, d)) in q.graph.outputs().iter().zip(q.decode.iter_mut()).enumerate() {
         let r = q.graph.enc_range(o.node);
-        d.rounding = if exact { 0 } else { crate::model::bits_of(r).saturating_sub(bits) };
+        let extra = deficit.get(i).copied().unwrap_or(0);
+        d.rounding = if exact { 0 } else { crate::model::bits_of(r).saturating_sub(bits + extra) };
     }
+}
+
+/// How many bits narrower than the whole output its narrowest element is, per server
+/// output, on the calibration set: an output that joins values of different sizes (a
+/// wide dense output concatenated with a narrow max) is read finely enough for its
+/// narrowest element. One bit of difference is ignored, so that outputs of similar sizes
+/// (logits) keep their reads.
+pub fn narrow_element_bits(g: &Graph, enc_inputs: &[Tensor]) -> Result<Vec<u32>> {
+    let outs = veil_ir::interp::run(g, enc_inputs)?;
+    Ok(outs
+        .iter()
+        .map(|t| {
+            let Some(a) = t.as_i64() else { return 0 };
+            if a.ndim() == 0 || a.shape()[0] == 0 {
+                return 0;
+            }
+            let lo = a.fold_axis(ndarray::Axis(0), i64::MAX, |m, &v| (*m).min(v));
+            let hi = a.fold_axis(ndarray::Axis(0), i64::MIN, |m, &v| (*m).max(v));
+            let span = |l: i64, h: i64| crate::model::bits_of(Range::new(l, h));
+            let whole = span(*lo.iter().min().expect("non-empty"), *hi.iter().max().expect("non-empty"));
+            let narrowest = lo.iter().zip(hi.iter()).filter(|(l, h)| h > l).map(|(&l, &h)| span(l, h)).min();
+            let deficit = whole.saturating_sub(narrowest.unwrap_or(whole));
+            if deficit > 1 {
+                deficit
+            } else {
+                0
+            }
+        })
+        .collect())
 }
 
 /// Relative cost of one keyswitch + bootstrap at a precision (ms, one thread, p_error
@@ -320,6 +351,8 @@ struct Search<'a> {
     tolerance: f64,
     /// Quantized and fused models per bit-width configuration (precision only re-rounds).
     cache: HashMap<(QuantConfig, Rules), (QuantizedModel, FuseReport, Graph)>,
+    /// [`narrow_element_bits`] of each cached configuration's outputs.
+    deficits: HashMap<(QuantConfig, Rules), Vec<u32>>,
     trials: Vec<Trial>,
     margin: f64,
     rules: Rules,
@@ -342,6 +375,7 @@ impl Search<'_> {
         let (graph, report) = fuse_with(&q.graph, self.rules)?;
         let enc = q.encode_inputs(self.inputs)?;
         q.graph = crate::ranges::narrow(&graph, &enc, self.margin)?;
+        self.deficits.insert((cfg, self.rules), narrow_element_bits(&q.graph, &enc)?);
         let entry = (q, report, unfused);
         self.cache.insert((cfg, self.rules), entry.clone());
         Ok(entry)
@@ -358,7 +392,8 @@ impl Search<'_> {
         match set_precision(&q.graph, p) {
             Ok(g) => {
                 q.graph = g;
-                set_output_rounding(&mut q, self.output_bits);
+                let deficit = self.deficits.get(&(cfg, self.rules)).cloned().unwrap_or_default();
+                set_output_rounding(&mut q, self.output_bits, &deficit);
             }
             Err(PassError::Search(_)) => {
                 self.trials.push(self.record(cfg, p, 0, 0.0, false));
@@ -393,6 +428,7 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
         metric,
         tolerance: opts.tolerance,
         cache: HashMap::new(),
+        deficits: HashMap::new(),
         trials: Vec::new(),
         margin: opts.range_margin,
         rules: Rules::default(),

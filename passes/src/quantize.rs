@@ -181,7 +181,8 @@ fn is_linear(g: &Graph, id: NodeId) -> bool {
         Op::Binary(BinaryFn::Mul) => is_const(0) || is_const(1),
         Op::Binary(BinaryFn::Div) => is_const(1),
         Op::Unary(UnaryFn::Neg) => true,
-        Op::BatchNorm { .. } | Op::AvgPool(_) | Op::GlobalAvgPool | Op::Reduce { .. } => true,
+        Op::BatchNorm { .. } | Op::AvgPool(_) | Op::GlobalAvgPool => true,
+        Op::Reduce { kind, .. } => matches!(kind, ReduceKind::Sum | ReduceKind::Mean),
         Op::Reshape { .. } | Op::Transpose { .. } | Op::Concat { .. } | Op::Gather { .. } | Op::Pad { .. } => true,
         _ => false,
     }
@@ -302,6 +303,10 @@ impl<'a> Quantizer<'a> {
                 let dims = self.sample_dims(ops[0]);
                 let area = (dims[1] * dims[2]) as f64;
                 self.sum(id, x, vec![2, 3], true, area)
+            }
+            Op::Reduce { kind: kind @ (ReduceKind::Max | ReduceKind::Min), axes, keepdims } => {
+                let x = self.enc_operand(id, ops[0])?;
+                self.extremum(id, x, axes, *keepdims, *kind == ReduceKind::Max)
             }
             Op::Reduce { kind, axes, keepdims } => {
                 let x = self.enc_operand(id, ops[0])?;
@@ -556,7 +561,16 @@ impl<'a> Quantizer<'a> {
             return Err(self.unsupported(id, "operands do not broadcast"));
         };
         if !close(&sa, &sb) {
-            let target = ndarray::Zip::from(&sa).and(&sb).map_collect(|&x, &y| x.max(y));
+            // The coarser magnitude (scales are negative after a negation, zero where a
+            // constant mask removed a value); a value whose scales are both 0 is 0.
+            let target = ndarray::Zip::from(&sa).and(&sb).map_collect(|&x, &y| {
+                let m = x.abs().max(y.abs());
+                if m > 0.0 {
+                    m
+                } else {
+                    1.0
+                }
+            });
             if !close(&sa, &target) {
                 qa = self.rescale(id, a, qa, &target)?;
             }
@@ -574,10 +588,19 @@ impl<'a> Quantizer<'a> {
         Ok(QVal::Enc(Quantized { node, scale, offset }))
     }
 
-    /// Requantize an encrypted tensor to a coarser scale (keeping its offset): one lookup.
+    /// Requantize an encrypted tensor to a coarser scale (the offset, in real units, stays):
+    /// one lookup, or none when the ratios are whole numbers.
     fn rescale(&mut self, id: NodeId, operand: NodeId, q: Quantized, target: &ArrayD<f64>) -> Result<Quantized> {
         let input = self.enc_range(q.node);
         let ratio = &q.scale / target;
+        let name = format!("{}_rescaled", self.g.node(operand).name);
+        if ratio.iter().all(|r| (r - r.round()).abs() < 1e-9) {
+            // Whole ratios (a sign flip, a masked-out value): exact and free, no lookup.
+            let factor = ratio.mapv(|r| r.round() as i64);
+            let lin = Linear::new(LinearKind::Scale { factor }, ArrayD::zeros(vec![]), "rescale");
+            let node = self.out.add(Op::Linear(Box::new(lin)), &[q.node], name)?;
+            return Ok(Quantized { node, scale: target.clone(), offset: q.offset });
+        }
         let (lo, hi) = ratio.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &r| {
             let (a, b) = (r * input.lo as f64, r * input.hi as f64);
             (l.min(a.min(b)), h.max(a.max(b)))
@@ -589,7 +612,6 @@ impl<'a> Quantizer<'a> {
             range.hi as f64,
         );
         let tlu = Tlu { expr, input, params: vec![ratio], rounding: 0, label: "rescale".into() };
-        let name = format!("{}_rescaled", self.g.node(operand).name);
         let node = self.out.add(Op::Tlu(Box::new(tlu)), &[q.node], name).map_err(|e| self.err(id, e.to_string()))?;
         Ok(Quantized { node, scale: target.clone(), offset: q.offset })
     }
@@ -789,10 +811,13 @@ impl<'a> Quantizer<'a> {
         let batch = self.g.node(xin).ty.shape.has_batch() as usize;
         let sample_axes: Vec<usize> = axes.iter().map(|&a| a - batch).collect();
         let full_scale = x.scale.broadcast(IxDyn(&in_dims)).expect("scale shape").to_owned();
-        let reduced_first = reduce_uniform(&full_scale, &sample_axes)
-            .ok_or_else(|| self.unsupported(id, "scales vary along the summed axes"))?;
+        let full_offset = x.offset.broadcast(IxDyn(&in_dims)).expect("offset shape").to_owned();
+        let (x, full_scale, mut offset) = match reduce_uniform(&full_scale, &sample_axes) {
+            Some(_) => (x, full_scale, full_offset),
+            None => self.common_scale(id, x, &full_scale, &full_offset, &sample_axes)?,
+        };
+        let reduced_first = reduce_uniform(&full_scale, &sample_axes).expect("one scale along the summed axes");
         let mut scale = reduced_first.mapv(|s| s / div);
-        let mut offset = x.offset.broadcast(IxDyn(&in_dims)).expect("offset shape").to_owned();
         let mut sorted = sample_axes.clone();
         sorted.sort_unstable();
         for &a in sorted.iter().rev() {
@@ -810,6 +835,139 @@ impl<'a> Quantizer<'a> {
         let out_dims = self.sample_dims(id);
         let scale = scale.into_shape_with_order(IxDyn(&out_dims)).map_err(|e| self.err(id, e.to_string()))?;
         Ok(QVal::Enc(Quantized { node, scale, offset }))
+    }
+
+    /// Bring values with different scales along `axes` (sample axes) to one scale per
+    /// lane before they are summed, as a dense layer's weights are quantized: integer
+    /// factors `round(s_i / s)` of `weight_bits`, with `s = max |s_i| / (2^(bits−1) − 1)`
+    /// over the lane. This is how `Σ x_i · c_i` (a Mul by clear values, then a sum) runs.
+    /// Returns the scaled tensor with its per-element scale (now uniform) and offset.
+    fn common_scale(
+        &mut self,
+        id: NodeId,
+        x: Quantized,
+        scale: &ArrayD<f64>,
+        offset: &ArrayD<f64>,
+        axes: &[usize],
+    ) -> Result<(Quantized, ArrayD<f64>, ArrayD<f64>)> {
+        let qmax = ((1i64 << (self.cfg.weight_bits - 1)) - 1).max(1) as f64;
+        let mut lane_max = scale.mapv(f64::abs);
+        for &a in axes {
+            lane_max = lane_max.fold_axis(Axis(a), 0.0f64, |m, &v| m.max(v)).insert_axis(Axis(a));
+        }
+        let common = lane_max.mapv(|m| if m > 0.0 { m / qmax } else { 1.0 });
+        let common = common.broadcast(scale.raw_dim()).expect("lanes broadcast").to_owned();
+        let factor = ndarray::Zip::from(scale).and(&common).map_collect(|&s, &c| (s / c).round() as i64);
+        let label = format!("{}_weights", self.g.node(id).op.mnemonic());
+        let lin = Linear::new(LinearKind::Scale { factor }, ArrayD::zeros(vec![]), label);
+        let name = format!("{}_weighted", self.g.node(id).name);
+        let node = self.out.add(Op::Linear(Box::new(lin)), &[x.node], name)?;
+        Ok((Quantized { node, scale: common.clone(), offset: offset.clone() }, common, offset.clone()))
+    }
+
+    /// ReduceMax/ReduceMin as trees of exact element-wise maxima, one reduced axis at a
+    /// time; a minimum is `a + b − max(a, b)`, which costs no extra lookup. The values
+    /// compared must share a scale and offset along the reduced axes.
+    fn extremum(&mut self, id: NodeId, x: Quantized, axes: &[usize], keepdims: bool, max: bool) -> Result<QVal> {
+        let xin = self.float_operand(id, 0);
+        if !self.g.node(xin).ty.shape.has_batch() {
+            return Err(self.unsupported(id, "a reduction of an unbatched tensor"));
+        }
+        let in_dims = self.sample_dims(xin);
+        let sample_axes: Vec<usize> = axes.iter().map(|&a| a - 1).collect();
+        let mut x = x;
+        let mut scale = x.scale.broadcast(IxDyn(&in_dims)).expect("scale").to_owned();
+        if reduce_uniform(&scale, &sample_axes).is_none() {
+            // Compared values need one scale: the coarsest magnitude of the lane (exact and
+            // free for a sign flip or whole ratios, a lookup otherwise).
+            let mut lane = scale.mapv(f64::abs);
+            for &a in &sample_axes {
+                lane = lane.fold_axis(Axis(a), 0.0f64, |m, &v| m.max(v)).insert_axis(Axis(a));
+            }
+            let target =
+                lane.mapv(|m| if m > 0.0 { m } else { 1.0 }).broadcast(scale.raw_dim()).expect("lane").to_owned();
+            x.scale = scale;
+            x = self.rescale(id, xin, x, &target)?;
+            scale = target;
+        }
+        let mut offset = x.offset.broadcast(IxDyn(&in_dims)).expect("offset").to_owned();
+        if reduce_uniform(&offset, &sample_axes).is_none() {
+            // And one offset: each value moves by whole steps toward the lane's smallest
+            // offset (within half a step of it, as rounding to the scale is).
+            let mut lane = offset.clone();
+            for &a in &sample_axes {
+                lane = lane.fold_axis(Axis(a), f64::INFINITY, |m, &v| m.min(v)).insert_axis(Axis(a));
+            }
+            let lane = lane.broadcast(offset.raw_dim()).expect("lane").to_owned();
+            let shift = ndarray::Zip::from(&offset)
+                .and(&lane)
+                .and(&scale)
+                .map_collect(|&o, &l, &s| ((o - l) / s).round() as i64);
+            let lin = Linear::new(LinearKind::Scale { factor: ArrayD::ones(vec![]) }, shift, "shift");
+            let name = format!("{}_shifted", self.g.node(id).name);
+            x.node = self.out.add(Op::Linear(Box::new(lin)), &[x.node], name)?;
+            offset = lane;
+        }
+        let (mut scale, mut offset) =
+            match (reduce_uniform(&scale, &sample_axes), reduce_uniform(&offset, &sample_axes)) {
+                (Some(s), Some(o)) => (s, o),
+                _ => return Err(self.unsupported(id, "offsets vary along the reduced axes")),
+            };
+        let name = self.g.node(id).name.clone();
+        let mut cur = x.node;
+        for &axis in axes {
+            let taps = (0..in_dims[axis - 1])
+                .map(|i| {
+                    let indices = ArrayD::from_shape_vec(vec![1], vec![i as i64]).expect("1-D");
+                    self.out.add(Op::Gather { axis, indices }, &[cur], format!("{name}_ax{axis}_{i}"))
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            cur = self.extremum_tree(&format!("{name}_ax{axis}"), taps, max)?;
+        }
+        if !keepdims {
+            cur = self.out.add(Op::Reshape { shape: self.g.node(id).ty.shape.clone() }, &[cur], name)?;
+        } else {
+            let mut sorted = sample_axes;
+            sorted.sort_unstable();
+            for &a in &sorted {
+                scale.insert_axis_inplace(Axis(a));
+                offset.insert_axis_inplace(Axis(a));
+            }
+        }
+        let out_dims = self.sample_dims(id);
+        let scale = scale.into_shape_with_order(IxDyn(&out_dims)).map_err(|e| self.err(id, e.to_string()))?;
+        let offset = offset.into_shape_with_order(IxDyn(&out_dims)).map_err(|e| self.err(id, e.to_string()))?;
+        Ok(QVal::Enc(Quantized { node: cur, scale, offset }))
+    }
+
+    /// A balanced tree of pairwise maxima (or minima) of equally shaped encrypted values.
+    fn extremum_tree(&mut self, name: &str, mut taps: Vec<NodeId>, max: bool) -> Result<NodeId> {
+        let mut level = 0;
+        while taps.len() > 1 {
+            let mut next = Vec::new();
+            for (i, pair) in taps.chunks(2).enumerate() {
+                let [a, b] = *pair else {
+                    next.push(pair[0]);
+                    continue;
+                };
+                let tag = format!("{name}_{}{level}_{i}", if max { "max" } else { "min" });
+                let max_name = if max { tag.clone() } else { format!("{tag}_max") };
+                let m = self.out.add(Op::MaxEnc { rounding: 0, diff: None }, &[a, b], max_name)?;
+                next.push(if max {
+                    m
+                } else {
+                    let sum = self.out.add(Op::AddEnc, &[a, b], format!("{tag}_sum"))?;
+                    let min = self.out.add(Op::SubEnc, &[sum, m], format!("{tag}_diff"))?;
+                    // Interval arithmetic cannot see that a + b − max(a, b) is min(a, b).
+                    let (ra, rb) = (self.enc_range(a), self.enc_range(b));
+                    let range = Range::new(ra.lo.min(rb.lo), ra.hi.min(rb.hi));
+                    self.out.add(Op::Assume { range }, &[min], tag)?
+                });
+            }
+            taps = next;
+            level += 1;
+        }
+        Ok(taps[0])
     }
 
     /// Max pooling as a tree of exact element-wise maxima over the window's taps.
@@ -853,31 +1011,11 @@ impl<'a> Quantizer<'a> {
             }
         }
         // Balanced tree: depth log2(k²) keeps the ranges (and rounding) shallow.
-        let mut level = 0;
-        while taps.len() > 1 {
-            let mut next = Vec::new();
-            for (i, pair) in taps.chunks(2).enumerate() {
-                next.push(match pair {
-                    [a, b] => self.out.add(
-                        Op::MaxEnc { rounding: 0, diff: None },
-                        &[*a, *b],
-                        format!("{name}_max{level}_{i}"),
-                    )?,
-                    [a] => *a,
-                    _ => unreachable!(),
-                });
-            }
-            taps = next;
-            level += 1;
-        }
+        let top = self.extremum_tree(&name, taps, true)?;
         let out_dims = self.sample_dims(id);
         let s = per_channel_of(&scale, &in_dims).expect("checked");
         let o = per_channel_of(&offset, &in_dims).expect("checked");
-        Ok(QVal::Enc(Quantized {
-            node: taps[0],
-            scale: per_channel(&s, &out_dims),
-            offset: per_channel(&o, &out_dims),
-        }))
+        Ok(QVal::Enc(Quantized { node: top, scale: per_channel(&s, &out_dims), offset: per_channel(&o, &out_dims) }))
     }
 
     /// Layout ops move ciphertexts; the per-element scales and offsets move with them.

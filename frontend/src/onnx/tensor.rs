@@ -32,6 +32,18 @@ pub fn to_tensor(t: &TensorProto) -> Result<Tensor, String> {
     use DataType::*;
     let dt = DataType::from_i32(t.data_type)
         .ok_or_else(|| format!("tensor '{}' has unknown element type {}", t.name, t.data_type))?;
+    if dt == STRING {
+        // Class names, as scikit-learn pipelines carry them to map argmax to labels: they
+        // become the class indices 0..n (labels come out as indices into these names),
+        // as LinearClassifier's string labels do.
+        if dims.len() != 1 || t.string_data.len() != count {
+            return Err(format!(
+                "tensor '{}' holds strings of shape {:?}; veil reads string tensors only as a list of class names",
+                t.name, dims
+            ));
+        }
+        return Ok(Tensor::I64(ArrayD::from_shape_vec(dims, (0..count as i64).collect()).map_err(|e| e.to_string())?));
+    }
     let width = match dt {
         FLOAT | INT32 | UINT32 => 4,
         DOUBLE | INT64 | UINT64 => 8,

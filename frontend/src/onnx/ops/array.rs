@@ -1,5 +1,8 @@
 //! Constants, shapes and layout: Constant, Shape, Reshape, Flatten, Squeeze, Unsqueeze,
-//! Transpose, Concat, Slice, Gather, Pad, ConstantOfShape.
+//! Transpose, Concat, Slice, Gather, Pad, ConstantOfShape, Expand, Tile, Split.
+//!
+//! Expand, Tile and Split become gathers with constant indices: they only move values,
+//! so they run on ciphertexts.
 //!
 //! Shape computations are folded at import: `Shape` yields the input's dimensions, with
 //! the batch size as a symbol, and the integer ops that follow work on those symbols.
@@ -25,6 +28,9 @@ pub(super) fn register(r: &mut Registry) {
     r.insert(("", "Gather"), gather);
     r.insert(("", "Pad"), pad);
     r.insert(("", "ConstantOfShape"), constant_of_shape);
+    r.insert(("", "Expand"), expand);
+    r.insert(("", "Tile"), tile);
+    r.insert(("", "Split"), split);
 }
 
 fn constant(_: &mut Ctx, n: &NodeView) -> Result<Vec<Value>> {
@@ -340,7 +346,7 @@ fn slice(c: &mut Ctx, n: &NodeView) -> Result<Vec<Value>> {
 }
 
 /// Gather constant indices along an axis: folded on shape values and constants.
-fn take(
+pub(super) fn take(
     c: &mut Ctx,
     n: &NodeView,
     x: Value,
@@ -433,6 +439,149 @@ fn constant_of_shape(c: &mut Ctx, n: &NodeView) -> Result<Vec<Value>> {
     }))
 }
 
+/// Expand: numpy broadcasting of the input against a target shape.
+fn expand(c: &mut Ctx, n: &NodeView) -> Result<Vec<Value>> {
+    let x = c.input(n, 0)?;
+    let target = sym_input(c, n, 1, "the target shape")?;
+    let s = c.type_of(&x).shape;
+    let dims = expanded_dims(&s, &target.vals).map_err(|e| n.err(e))?;
+    one(broadcast_to(c, n, x, n.required_input(0)?, &dims, &n.output_name(0))?)
+}
+
+/// A value broadcast to `dims` (which it must broadcast to): leading axes of size 1 added
+/// by a reshape, each axis of size 1 that grows by a gather of index 0 repeated, so that
+/// it runs on ciphertexts.
+pub(super) fn broadcast_to(
+    c: &mut Ctx,
+    n: &NodeView,
+    x: Value,
+    x_name: &str,
+    dims: &[Dim],
+    out: &str,
+) -> Result<Value> {
+    let s = c.type_of(&x).shape;
+    let mut name = x_name.to_string();
+    let mut value = x;
+    if dims.len() > s.rank() {
+        let mut padded = vec![Dim::Fixed(1); dims.len() - s.rank()];
+        padded.extend_from_slice(s.dims());
+        if s.has_batch() {
+            return Err(n.err(format!("broadcasting {s} to rank {} would move the batch dimension", dims.len())));
+        }
+        let reshaped = format!("{out}_rank{}", dims.len());
+        value = c.apply(n, Op::Reshape { shape: Shape(padded) }, &[(value, name)], &reshaped)?;
+        name = reshaped;
+    }
+    let current = c.type_of(&value).shape;
+    let grow: Vec<(usize, usize)> = (0..dims.len())
+        .filter_map(|a| match (current.dims()[a], dims[a]) {
+            (Dim::Fixed(1), Dim::Fixed(k)) if k != 1 => Some((a, k)),
+            _ => None,
+        })
+        .collect();
+    for (i, &(axis, k)) in grow.iter().enumerate() {
+        let step = if i + 1 == grow.len() { out.to_string() } else { format!("{out}_axis{axis}") };
+        value = take(c, n, value, &name, axis, ArrayD::zeros(vec![k]), &step)?;
+        name = step;
+    }
+    Ok(value)
+}
+
+/// The result dimensions of Expand (numpy broadcasting, ONNX's rule); the batch size may
+/// stay the batch size (target entry N or 1), never become a fixed size or appear.
+fn expanded_dims(input: &Shape, target: &[Sym]) -> std::result::Result<Vec<Dim>, String> {
+    let rank = input.rank().max(target.len());
+    let mut dims = Vec::with_capacity(rank);
+    for a in 0..rank {
+        let d = (a + input.rank()).checked_sub(rank).map_or(Dim::Fixed(1), |i| input.dims()[i]);
+        let t = (a + target.len()).checked_sub(rank).map_or(Sym::Int(1), |i| target[i]);
+        dims.push(match (d, t) {
+            (Dim::Batch, Sym::Batch | Sym::Int(1)) => Dim::Batch,
+            (Dim::Fixed(_), Sym::Batch) => {
+                return Err(format!("expanding {input} to {target:?} would give it the batch size"));
+            }
+            (Dim::Batch, Sym::Int(k)) => {
+                return Err(format!("expanding {input} to {target:?} fixes the batch size to {k}"));
+            }
+            (Dim::Fixed(d), Sym::Int(k)) if d as i64 == k || k == 1 => Dim::Fixed(d),
+            (Dim::Fixed(1), Sym::Int(k)) if k > 1 => Dim::Fixed(k as usize),
+            _ => return Err(format!("cannot expand {input} to {target:?}")),
+        });
+    }
+    Ok(dims)
+}
+
+fn tile(c: &mut Ctx, n: &NodeView) -> Result<Vec<Value>> {
+    let x = c.input(n, 0)?;
+    let s = c.type_of(&x).shape;
+    let repeats = ints_input(c, n, 1, "repeats")?;
+    if repeats.len() != s.rank() || repeats.iter().any(|&r| r < 0) {
+        return Err(n.err(format!("repeats {repeats:?} do not fit {s}")));
+    }
+    let out = n.output_name(0);
+    let tiled: Vec<usize> = (0..s.rank()).filter(|&a| repeats[a] != 1).collect();
+    let mut name = n.required_input(0)?.to_string();
+    let mut value = x;
+    for (i, &axis) in tiled.iter().enumerate() {
+        let d = match s.dims()[axis] {
+            Dim::Fixed(d) => d as i64,
+            Dim::Batch => return Err(n.err("tiling along the batch dimension mixes samples")),
+        };
+        let ix: Vec<i64> = (0..d * repeats[axis]).map(|i| i % d).collect();
+        let step = if i + 1 == tiled.len() { out.clone() } else { format!("{out}_axis{axis}") };
+        value = take(c, n, value, &name, axis, ArrayD::from_shape_vec(vec![ix.len()], ix).expect("1-D"), &step)?;
+        name = step;
+    }
+    one(value)
+}
+
+fn split(c: &mut Ctx, n: &NodeView) -> Result<Vec<Value>> {
+    let x = c.input(n, 0)?;
+    let s = c.type_of(&x).shape;
+    let axis = norm_axis(n, n.int("axis", 0)?, s.rank())?;
+    let dim = match s.dims()[axis] {
+        Dim::Fixed(d) => d,
+        Dim::Batch => return Err(n.err("splitting the batch dimension is not supported")),
+    };
+    let outputs = n.proto.output.len();
+    let given = if n.opset >= 13 {
+        if n.input(1).is_some() {
+            Some(ints_input(c, n, 1, "split")?)
+        } else {
+            None
+        }
+    } else {
+        n.ints("split")?
+    };
+    let sizes: Vec<usize> = match given {
+        Some(v) => {
+            if v.len() != outputs || v.iter().any(|&k| k < 0) || v.iter().sum::<i64>() != dim as i64 {
+                return Err(n.err(format!("split sizes {v:?} do not divide axis {axis} of {s} into {outputs} parts")));
+            }
+            v.iter().map(|&k| k as usize).collect()
+        }
+        None => {
+            // Equal parts; from opset 18 the last may be smaller (ceil), before it must divide.
+            let parts = if n.opset >= 18 { n.int("num_outputs", outputs as i64)? as usize } else { outputs };
+            if parts == 0 || parts != outputs || (n.opset < 18 && !dim.is_multiple_of(parts)) {
+                return Err(n.err(format!("cannot split axis {axis} of {s} into {outputs} equal parts")));
+            }
+            let size = dim.div_ceil(parts);
+            (0..parts).map(|k| size.min(dim.saturating_sub(k * size))).collect()
+        }
+    };
+    let name = n.required_input(0)?.to_string();
+    let mut start = 0;
+    let mut values = Vec::with_capacity(outputs);
+    for (k, &size) in sizes.iter().enumerate() {
+        let ix: Vec<i64> = (start as i64..(start + size) as i64).collect();
+        start += size;
+        let ix = ArrayD::from_shape_vec(vec![size], ix).expect("1-D");
+        values.push(take(c, n, x.clone(), &name, axis, ix, &n.output_name(k))?);
+    }
+    Ok(values)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,5 +609,18 @@ mod tests {
         assert_eq!(slice_indices(1, i64::MAX, 1, 4), vec![1, 2, 3]);
         assert_eq!(slice_indices(-1, i64::MIN, -1, 4), vec![3, 2, 1, 0]);
         assert_eq!(slice_indices(0, 4, 2, 5), vec![0, 2]);
+    }
+
+    #[test]
+    fn expand_broadcasts_like_numpy() {
+        let x = Shape::batched(&[1, 4]);
+        let t = [Sym::Batch, Sym::Int(3), Sym::Int(4)];
+        assert_eq!(expanded_dims(&x, &t).unwrap(), Shape::batched(&[3, 4]).0);
+        let t = [Sym::Int(1), Sym::Int(3), Sym::Int(1)];
+        assert_eq!(expanded_dims(&x, &t).unwrap(), Shape::batched(&[3, 4]).0);
+        assert!(expanded_dims(&Shape::fixed(&[1, 4]), &[Sym::Int(2), Sym::Int(3), Sym::Int(4)]).is_ok());
+        assert!(expanded_dims(&x, &[Sym::Int(5), Sym::Int(3), Sym::Int(4)]).unwrap_err().contains("batch size"));
+        assert!(expanded_dims(&Shape::fixed(&[4]), &[Sym::Batch, Sym::Int(4)]).unwrap_err().contains("batch size"));
+        assert!(expanded_dims(&x, &[Sym::Batch, Sym::Int(3), Sym::Int(5)]).is_err());
     }
 }

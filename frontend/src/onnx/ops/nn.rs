@@ -4,7 +4,7 @@ use super::{one, Registry};
 use crate::error::Result;
 use crate::onnx::attr::NodeView;
 use crate::onnx::{Ctx, Value};
-use veil_ir::op::{Conv2d, Pool2d, ReduceKind};
+use veil_ir::op::{Conv2d, Pool2d, ReduceKind, UnaryFn};
 use veil_ir::{Dim, Op, Shape, Tensor};
 
 pub(super) fn register(r: &mut Registry) {
@@ -14,8 +14,38 @@ pub(super) fn register(r: &mut Registry) {
     r.insert(("", "GlobalAveragePool"), |c, n| global_pool(c, n, false));
     r.insert(("", "GlobalMaxPool"), |c, n| global_pool(c, n, true));
     r.insert(("", "BatchNormalization"), batch_norm);
-    r.insert(("", "ReduceSum"), |c, n| reduce(c, n, ReduceKind::Sum));
-    r.insert(("", "ReduceMean"), |c, n| reduce(c, n, ReduceKind::Mean));
+    r.insert(("", "ReduceSum"), |c, n| reduce(c, n, Reduction::plain(ReduceKind::Sum, 13)));
+    r.insert(("", "ReduceMean"), |c, n| reduce(c, n, Reduction::plain(ReduceKind::Mean, 18)));
+    r.insert(("", "ReduceMax"), |c, n| reduce(c, n, Reduction::plain(ReduceKind::Max, 18)));
+    r.insert(("", "ReduceMin"), |c, n| reduce(c, n, Reduction::plain(ReduceKind::Min, 18)));
+    r.insert(("", "ReduceL1"), |c, n| reduce(c, n, Reduction { pre: Some(UnaryFn::Abs), ..Reduction::sum() }));
+    r.insert(("", "ReduceSumSquare"), |c, n| reduce(c, n, Reduction { pre: Some(SQUARE), ..Reduction::sum() }));
+    r.insert(("", "ReduceL2"), |c, n| {
+        reduce(c, n, Reduction { pre: Some(SQUARE), post: Some(UnaryFn::Sqrt), ..Reduction::sum() })
+    });
+}
+
+const SQUARE: UnaryFn = UnaryFn::Pow { exponent: 2.0 };
+
+/// A reduction as veil builds it: an element-wise map, a sum/mean/max/min over axes, and
+/// a map of the result (ReduceL2 = sqrt ∘ sum ∘ square), so that each part compiles as
+/// what it is (a lookup, a linear sum, a lookup).
+struct Reduction {
+    pre: Option<UnaryFn>,
+    kind: ReduceKind,
+    post: Option<UnaryFn>,
+    /// First opset that takes the axes as input 1 rather than an attribute.
+    axes_input_from: i64,
+}
+
+impl Reduction {
+    fn plain(kind: ReduceKind, axes_input_from: i64) -> Reduction {
+        Reduction { pre: None, kind, post: None, axes_input_from }
+    }
+
+    fn sum() -> Reduction {
+        Reduction::plain(ReduceKind::Sum, 18)
+    }
 }
 
 /// Strides, pads (top, left, bottom, right) and dilations of a 2-D window, resolving
@@ -247,15 +277,10 @@ fn batch_norm(c: &mut Ctx, n: &NodeView) -> Result<Vec<Value>> {
     one(c.apply_inputs(n, op, 5)?)
 }
 
-fn reduce(c: &mut Ctx, n: &NodeView, kind: ReduceKind) -> Result<Vec<Value>> {
+fn reduce(c: &mut Ctx, n: &NodeView, r: Reduction) -> Result<Vec<Value>> {
     let x = c.input(n, 0)?;
     let ty = c.type_of(&x);
-    // ReduceSum takes axes as an input from opset 13, ReduceMean from opset 18.
-    let axes_as_input = match kind {
-        ReduceKind::Sum => n.opset >= 13,
-        ReduceKind::Mean => n.opset >= 18,
-    };
-    let axes: Option<Vec<i64>> = if axes_as_input {
+    let axes: Option<Vec<i64>> = if n.opset >= r.axes_input_from {
         c.opt_const_input(n, 1, "axes")?
             .map(|t| match t {
                 Tensor::I64(a) => Ok(a.iter().copied().collect()),
@@ -279,7 +304,17 @@ fn reduce(c: &mut Ctx, n: &NodeView, kind: ReduceKind) -> Result<Vec<Value>> {
         _ if n.int("noop_with_empty_axes", 0)? != 0 => return one(x),
         _ => (0..rank).collect(),
     };
-    let op = Op::Reduce { kind, axes, keepdims: n.int("keepdims", 1)? != 0 };
-    let name = n.required_input(0)?.to_string();
-    one(c.apply(n, op, &[(x, name)], &n.output_name(0))?)
+    let out = n.output_name(0);
+    let mut value = (x, n.required_input(0)?.to_string());
+    if let Some(f) = r.pre {
+        let name = format!("{out}_{}", f.name());
+        value = (c.apply(n, Op::Unary(f), &[value], &name)?, name);
+    }
+    let op = Op::Reduce { kind: r.kind, axes, keepdims: n.int("keepdims", 1)? != 0 };
+    let name = if r.post.is_some() { format!("{out}_{}", op.mnemonic()) } else { out.clone() };
+    value = (c.apply(n, op, &[value], &name)?, name);
+    if let Some(f) = r.post {
+        value = (c.apply(n, Op::Unary(f), &[value], &out)?, out);
+    }
+    one(value.0)
 }
