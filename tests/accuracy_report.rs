@@ -19,12 +19,12 @@ fn accuracy_report() {
         std::env::var("VEIL_MARGIN").ok().and_then(|m| m.parse().ok()).unwrap_or(veil_passes::ranges::DEFAULT_MARGIN);
     for dir in model_dirs() {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
-        if name.contains("forest") || name.contains("gboost") || dir.to_string_lossy().contains("extra") {
+        if dir.to_string_lossy().contains("extra") || dir.to_string_lossy().contains("trees") {
             continue;
         }
         let g = veil_frontend::onnx::import_file(dir.join("model.onnx")).unwrap();
         let t = std::time::Instant::now();
-        let opts = SearchOptions { range_margin: margin, ..Default::default() };
+        let opts = SearchOptions { range_margin: margin, ..veil_backend::pipeline::CompileOptions::default().search };
         let c = match compile(&g, &[read_npy(&dir.join("calib.npy"))], &opts) {
             Ok(c) => c,
             Err(e) => {

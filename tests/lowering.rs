@@ -2,9 +2,9 @@
 //! integer interpreter computes (clear mode), for every model.
 
 use rand::SeedableRng;
+use veil_passes::compile;
 use veil_passes::digits::split_outputs;
 use veil_passes::ranges::DEFAULT_MARGIN;
-use veil_passes::{compile, SearchOptions};
 use veil_tests::{model_dirs, read_npy};
 
 #[test]
@@ -12,12 +12,14 @@ fn noiseless_simulation_equals_clear_execution() {
     let mut failures = Vec::new();
     for dir in model_dirs() {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
-        if name.contains("forest") || name.contains("gboost") {
-            continue;
-        }
         let g = veil_frontend::onnx::import_file(dir.join("model.onnx")).unwrap();
+        if veil_tests::has_trees(&g) {
+            continue; // trees run in float only
+        }
         let calib = read_npy(&dir.join("calib.npy"));
-        let mut c = compile(&g, std::slice::from_ref(&calib), &SearchOptions::default()).unwrap();
+        let mut c =
+            compile(&g, std::slice::from_ref(&calib), &veil_backend::pipeline::CompileOptions::default().search)
+                .unwrap();
         let x = read_npy(&dir.join("test_x.npy"));
         // Outputs sent as digits lower to the same integers too; and read back, they give
         // the outputs the whole read would (up to values at a step edge).
@@ -95,7 +97,8 @@ fn wide_outputs_cost_the_cnn_no_extra_bootstrap_level() {
     let g = veil_frontend::onnx::import_file(dir.join("model.onnx")).unwrap();
     let calib = read_npy(&dir.join("calib.npy"));
     let (a, c) = veil_backend::pipeline::compile(&g, std::slice::from_ref(&calib), &Default::default()).unwrap();
-    let whole = compile(&g, std::slice::from_ref(&calib), &SearchOptions::default()).unwrap();
+    let whole =
+        compile(&g, std::slice::from_ref(&calib), &veil_backend::pipeline::CompileOptions::default().search).unwrap();
     let mut req = veil_backend::lower::lower(&whole.model, c.precision).unwrap().requirements;
     req.p_error = a.params.p_error.max(2f64.powi(-40));
     let whole_params = veil_backend::params::optimize(&req).unwrap();
@@ -107,4 +110,27 @@ fn wide_outputs_cost_the_cnn_no_extra_bootstrap_level() {
         a.params,
         whole_params
     );
+}
+
+#[test]
+fn global_p_error_bounds_the_failure_probability_per_sample() {
+    use veil_backend::pipeline::{compile, CompileOptions};
+    let dir = veil_tests::models_dir().join("extra/mlp_wine_skl_opset15");
+    let g = veil_frontend::onnx::import_file(dir.join("model.onnx")).unwrap();
+    let calib = [read_npy(&dir.join("calib.npy"))];
+    let global = 2f64.powi(-20);
+    // Alone, the per-sample bound sets each lookup's: lookups × p ≤ global, and no
+    // stricter than that needs (the per-lookup default 2^-40 no longer applies).
+    let only = CompileOptions { p_error: 1.0, global_p_error: Some(global), ..Default::default() };
+    let (a, _) = compile(&g, &calib, &only).unwrap();
+    let lookups = a.circuit.lookups_per_sample() as f64;
+    assert!(lookups > 0.0);
+    assert!(a.params.global_p_error <= global, "per sample 2^{:.1}", a.params.global_p_error.log2());
+    assert!(a.params.p_error * lookups <= global * 1.0001, "per lookup 2^{:.1}", a.params.p_error.log2());
+    assert!(a.params.p_error > 2f64.powi(-40), "per lookup 2^{:.1}: the bound was not used", a.params.p_error.log2());
+    // With a per-lookup bound too, the stricter one holds.
+    let both = CompileOptions { p_error: 2f64.powi(-40), global_p_error: Some(global), ..Default::default() };
+    let (b, _) = compile(&g, &calib, &both).unwrap();
+    assert!(b.params.p_error <= 2f64.powi(-40), "per lookup 2^{:.1}", b.params.p_error.log2());
+    assert!(b.params.pbs_cost_ms >= a.params.pbs_cost_ms, "a stricter bound cannot be cheaper");
 }

@@ -369,22 +369,63 @@ fn optimize_without_lookups(req: &Requirements) -> Result<Params> {
     })
 }
 
+/// A typical circuit's needs at `precision` bits: 48 lookups reading dot products of
+/// ‖w‖² = 100 (bootstrapped) and fresh inputs, outputs read to 2^-16, p_error 2^-40.
+pub fn typical_requirements(precision: u32) -> Requirements {
+    let norm2 = 100.0;
+    Requirements {
+        precision,
+        lookups: 48,
+        keyswitches: 48,
+        lookup_noise: vec![
+            NoiseCoefs { bootstrapped: norm2, keyswitched: 1.0, ..Default::default() },
+            NoiseCoefs { fresh: norm2 * 4.0, keyswitched: 1.0, ..Default::default() },
+        ],
+        outputs: vec![(NoiseCoefs { bootstrapped: norm2, ..Default::default() }, 2f64.powi(-16))],
+        p_error: 2f64.powi(-40),
+    }
+}
+
+/// Modelled ms of one lookup (keyswitch + bootstrap) at `precision` bits, as the optimizer
+/// prices the set it picks for [`typical_requirements`]: the bit-width search compares
+/// candidate circuits by lookups × this, so that it and the optimizer share one cost
+/// model ([`lookup_cost_ms`]). Memoised; infinite where no parameters exist.
+pub fn typical_lookup_cost_ms(precision: u32) -> f64 {
+    use std::sync::{Mutex, OnceLock};
+    static COSTS: OnceLock<Mutex<std::collections::HashMap<u32, f64>>> = OnceLock::new();
+    if precision == 0 {
+        return 0.0;
+    }
+    let costs = COSTS.get_or_init(Default::default);
+    if let Some(&c) = costs.lock().expect("cost cache").get(&precision) {
+        return c;
+    }
+    let c = optimize(&typical_requirements(precision)).map_or(f64::INFINITY, |p| p.pbs_cost_ms);
+    costs.lock().expect("cost cache").insert(precision, c);
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    #[test]
+    fn typical_cost_grows_with_precision() {
+        let costs: Vec<f64> = (1..=8).map(typical_lookup_cost_ms).collect();
+        eprintln!("typical lookup cost by precision 1..=8: {costs:?}");
+        assert!(costs.windows(2).all(|w| w[1] >= w[0]), "{costs:?}");
+        // Past 5 bits the polynomial must grow: a 6-bit lookup costs several 5-bit ones.
+        assert!(costs[5] > 3.0 * costs[4], "{costs:?}");
+    }
+
     fn req(precision: u32, norm2: f64) -> Requirements {
-        Requirements {
-            precision,
-            lookups: 48,
-            keyswitches: 48,
-            lookup_noise: vec![
-                NoiseCoefs { bootstrapped: norm2, keyswitched: 1.0, ..Default::default() },
-                NoiseCoefs { fresh: norm2 * 4.0, keyswitched: 1.0, ..Default::default() },
-            ],
-            outputs: vec![(NoiseCoefs { bootstrapped: norm2, ..Default::default() }, 2f64.powi(-16))],
-            p_error: 2f64.powi(-40),
-        }
+        let mut r = typical_requirements(precision);
+        r.lookup_noise = vec![
+            NoiseCoefs { bootstrapped: norm2, keyswitched: 1.0, ..Default::default() },
+            NoiseCoefs { fresh: norm2 * 4.0, keyswitched: 1.0, ..Default::default() },
+        ];
+        r.outputs = vec![(NoiseCoefs { bootstrapped: norm2, ..Default::default() }, 2f64.powi(-16))];
+        r
     }
 
     #[test]

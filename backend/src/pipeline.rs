@@ -22,7 +22,11 @@ pub struct CompileOptions {
 
 impl Default for CompileOptions {
     fn default() -> Self {
-        CompileOptions { search: SearchOptions::default(), p_error: 2f64.powi(-40), global_p_error: None }
+        CompileOptions {
+            search: SearchOptions { lookup_cost: crate::params::typical_lookup_cost_ms, ..SearchOptions::default() },
+            p_error: 2f64.powi(-40),
+            global_p_error: None,
+        }
     }
 }
 
@@ -72,8 +76,9 @@ fn cheapest_outputs(
         let mut lowered = lower(&model, compiled.precision)?;
         let lookups = lowered.circuit.lookups_per_sample();
         lowered.requirements.p_error = match opts.global_p_error {
-            Some(g) if lookups > 0 => g / lookups as f64,
-            Some(g) => g,
+            // Union bound: lookups × p ≤ g.
+            Some(g) if lookups > 0 => (g / lookups as f64).min(opts.p_error),
+            Some(g) => g.min(opts.p_error),
             None => opts.p_error,
         };
         let params = match optimize(&lowered.requirements) {

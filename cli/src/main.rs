@@ -285,11 +285,12 @@ struct CompileArgs {
     /// agreement for classifiers, 1 − R² for regressors).
     #[arg(long, default_value_t = 0.01)]
     accuracy_tolerance: f64,
-    /// Failure probability per table lookup.
-    #[arg(long, default_value_t = 2f64.powi(-40))]
-    p_error: f64,
-    /// Failure probability per sample (all its lookups together); overrides --p-error
-    /// when stricter.
+    /// Failure probability per table lookup [default: 2^-40, unless --global-p-error is
+    /// given].
+    #[arg(long)]
+    p_error: Option<f64>,
+    /// Failure probability per sample, all its lookups together: each lookup gets this
+    /// divided by the lookups per sample (with --p-error too, the stricter of the two).
     #[arg(long)]
     global_p_error: Option<f64>,
     /// Widest lookup precision allowed (bits).
@@ -322,7 +323,7 @@ impl CompileArgs {
         if !(0.0..1.0).contains(&self.accuracy_tolerance) {
             bail!("--accuracy-tolerance must be in [0, 1)");
         }
-        for (name, p) in [("--p-error", Some(self.p_error)), ("--global-p-error", self.global_p_error)] {
+        for (name, p) in [("--p-error", self.p_error), ("--global-p-error", self.global_p_error)] {
             if let Some(p) = p {
                 if !(p > 0.0 && p < 1.0) {
                     bail!("{name} must be a probability in (0, 1)");
@@ -348,9 +349,14 @@ impl CompileArgs {
                     TaskArg::Classification => veil_ir::Task::Classification,
                     TaskArg::Regression => veil_ir::Task::Regression,
                 }),
-                ..SearchOptions::default()
+                ..CompileOptions::default().search
             },
-            p_error: self.p_error,
+            // With only a per-sample bound, it alone constrains each lookup.
+            p_error: match (self.p_error, self.global_p_error) {
+                (Some(p), _) => p,
+                (None, Some(_)) => 1.0,
+                (None, None) => CompileOptions::default().p_error,
+            },
             global_p_error: self.global_p_error,
         })
     }

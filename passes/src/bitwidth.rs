@@ -47,6 +47,8 @@ pub struct SearchOptions {
     pub strict: bool,
     /// Run trailing non-linear ops on the server (see `quantize::quantize_with`).
     pub server_tail: bool,
+    /// How candidates are priced (see [`LookupCost`]).
+    pub lookup_cost: LookupCost,
 }
 
 impl Default for SearchOptions {
@@ -60,6 +62,7 @@ impl Default for SearchOptions {
             task: None,
             strict: false,
             server_tail: false,
+            lookup_cost: doubling_cost,
         }
     }
 }
@@ -173,19 +176,19 @@ pub fn narrow_element_bits(g: &Graph, enc_inputs: &[Tensor]) -> Result<Vec<u32>>
         .collect())
 }
 
-/// Relative cost of one keyswitch + bootstrap at a precision (ms, one thread, p_error
-/// 2^-40), as veil's parameter optimizer prices the sets it picks for typical circuits:
-/// the search compares candidates by lookups × this. Up to 4 bits fit N = 1024 (k = 2),
-/// 5 bits N = 2048; past that each bit needs N × 4 or more.
-pub fn pbs_cost(p: u32) -> f64 {
-    match p {
-        0 => 0.0,
-        1..=3 => 24.0,
-        4 => 32.0,
-        5 => 43.0,
-        6 => 190.0,
-        7 => 500.0,
-        _ => 3000.0,
+/// Modelled cost of one lookup at a precision (ms): the search compares candidate
+/// circuits by lookups × this. The backend passes its parameter optimizer's price
+/// (`veil_backend::params::typical_lookup_cost_ms`), so search and optimizer share one
+/// cost model.
+pub type LookupCost = fn(precision: u32) -> f64;
+
+/// The cost used when the passes run without a backend: each bit doubles a lookup's time
+/// (a blind rotation's polynomial grows with the precision).
+pub fn doubling_cost(precision: u32) -> f64 {
+    if precision == 0 {
+        0.0
+    } else {
+        2f64.powi(precision as i32)
     }
 }
 
@@ -458,7 +461,7 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
             }
             for cfg in widths {
                 let (q, rep, score, ok) = s.trial(cfg, p)?;
-                let cost = count_lookups(&q.graph) as f64 * pbs_cost(p);
+                let cost = count_lookups(&q.graph) as f64 * (opts.lookup_cost)(p);
                 if ok {
                     if chosen.as_ref().is_none_or(|c| cost < c.6) {
                         chosen = Some((q, rep, score, p, rules, cfg, cost));

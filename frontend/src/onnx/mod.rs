@@ -22,6 +22,10 @@ use veil_ir::{Dim, Elem, Graph, NodeId, Op, Shape, Tensor, TensorType};
 /// The `ai.onnx` opsets the importer supports.
 pub const OPSETS: std::ops::RangeInclusive<i64> = 11..=20;
 
+/// ai.onnx ops whose meaning (as veil reads them) has not changed since opset 7.
+const STABLE_SINCE_7: &[&str] =
+    &["Identity", "Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Abs", "Neg", "Sqrt", "MatMul"];
+
 /// Largest model file read, so that a wrong path cannot exhaust memory.
 const MAX_MODEL_BYTES: u64 = 2 << 30;
 
@@ -198,7 +202,12 @@ fn import_model(model: &ModelProto, name: &str) -> Result<Graph> {
         opsets.insert(d, o.version);
     }
     let opset = *opsets.get("").unwrap_or(OPSETS.start());
-    if !OPSETS.contains(&opset) {
+    // Tree converters (onnxmltools' LightGBM: opset 8) declare old opsets for graphs whose
+    // only ai.onnx ops mean the same since opset 7: those are read as they are.
+    let default_ops = || graph.node.iter().filter(|n| n.domain.is_empty() || n.domain == "ai.onnx");
+    let stable =
+        (7..*OPSETS.start()).contains(&opset) && default_ops().all(|n| STABLE_SINCE_7.contains(&n.op_type.as_str()));
+    if !OPSETS.contains(&opset) && !stable {
         return Err(FrontendError::Model(format!(
             "the model uses ai.onnx opset {opset}; veil supports opsets {}–{}: re-export with opset_version in that range",
             OPSETS.start(),
