@@ -33,7 +33,7 @@ fn encrypted_integers(
     let cts = ck.encrypt_for(circuit, &client.encode(std::slice::from_ref(x)).unwrap());
     let ev = Evaluator::new(circuit, params, sk, fingerprint).unwrap();
     let out = ev.run(&cts, &|_| {}).unwrap();
-    client.decode_integers(&ck.decrypt(&out).unwrap())
+    client.decode_integers(&ck.decrypt(&out).unwrap()).unwrap()
 }
 
 #[test]
@@ -159,7 +159,7 @@ fn two_lookups_on_one_input_share_a_bootstrap() {
     let clear = veil_ir::interp::run(&q.graph, &q.encode_inputs(std::slice::from_ref(&x)).unwrap()).unwrap();
     let plain = lowered.client.encode(std::slice::from_ref(&x)).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let simulated = lowered.client.decode_integers(&lowered.circuit.simulate(&plain, None, &mut rng));
+    let simulated = lowered.client.decode_integers(&lowered.circuit.simulate(&plain, None, &mut rng)).unwrap();
     assert_eq!(simulated, clear, "simulation");
 
     let params = optimize(&lowered.requirements).unwrap();

@@ -49,7 +49,7 @@ fn noiseless_simulation_equals_clear_execution() {
         let plain = lowered.client.encode(std::slice::from_ref(&x)).unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let out = lowered.circuit.simulate(&plain, None, &mut rng);
-        let ints = lowered.client.decode_integers(&out);
+        let ints = lowered.client.decode_integers(&out).unwrap();
         for (a, b) in ints.iter().zip(&clear) {
             let (a, b) = (a.as_i64().unwrap(), b.as_i64().unwrap());
             for (s, (ra, rb)) in a.outer_iter().zip(b.outer_iter()).enumerate() {

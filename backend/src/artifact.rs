@@ -9,7 +9,7 @@ use ndarray::{ArrayD, IxDyn};
 use prost::Message;
 use sha2::{Digest, Sha256};
 use std::path::Path;
-use veil_ir::{Graph, Range};
+use veil_ir::{Elem, Graph, Range};
 use veil_passes::model::{InputQuant, OutputDecode, QuantizedModel, TailSource};
 use veil_passes::training::{TrainSpec, TrainingPlan};
 
@@ -76,6 +76,7 @@ impl Artifact {
             return Err(bad(path, format!("artifact format {} is not supported (this veil reads format {FORMAT_VERSION}); recompile the model", p.format_version)));
         }
         let params = params_from_proto(p.params.as_ref().ok_or_else(|| bad(path, "no parameters"))?);
+        params.validate().map_err(|e| bad(path, format!("invalid parameters: {e}")))?;
         let circuit = circuit_from_proto(p.circuit.ok_or_else(|| bad(path, "no circuit"))?, path)?;
         let client = client_from_proto(p.client.ok_or_else(|| bad(path, "no client section"))?, &circuit, path)?;
         let training = p.training.map(|t| training_from_proto(t, &circuit, path)).transpose()?;
@@ -96,7 +97,7 @@ impl Artifact {
 
     /// Write atomically (temporary file, then rename).
     pub fn write(&self, path: &Path) -> Result<()> {
-        let bytes = self.to_proto().encode_to_vec();
+        let bytes = self.to_bytes();
         crate::files::write_atomic(path, |w| std::io::Write::write_all(w, &bytes))
             .map_err(|e| bad(&path.display().to_string(), format!("cannot write: {e}")))
     }
@@ -108,9 +109,18 @@ impl Artifact {
             return Err(bad(&shown, format!("{len} bytes is over the {MAX_BYTES}-byte limit")));
         }
         let bytes = std::fs::read(path).map_err(|e| bad(&shown, format!("cannot read: {e}")))?;
-        let p = proto::Artifact::decode(bytes.as_slice())
-            .map_err(|e| bad(&shown, format!("not a veil model file ({e})")))?;
-        Artifact::from_proto(p, &shown)
+        Artifact::from_bytes(&bytes, &shown)
+    }
+
+    /// [`Artifact::read`] on bytes in memory; `path` is only used in messages.
+    pub fn from_bytes(bytes: &[u8], path: &str) -> Result<Artifact> {
+        let p = proto::Artifact::decode(bytes).map_err(|e| bad(path, format!("not a veil model file ({e})")))?;
+        Artifact::from_proto(p, path)
+    }
+
+    /// The file's bytes (what [`Artifact::write`] writes).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.to_proto().encode_to_vec()
     }
 
     /// The final integer graph (what clear execution runs).
@@ -122,9 +132,16 @@ impl Artifact {
     /// the client section.
     pub fn quantized_model(&self) -> Result<QuantizedModel> {
         let c = &self.client;
+        let graph = self.integer_graph()?;
+        // The client's quantization must produce what the integer graph was built for.
+        let fits = graph.inputs().len() == c.inputs.len()
+            && graph.inputs().iter().zip(&c.inputs).all(|(&id, i)| graph.node(id).ty.elem == Elem::Enc(i.quant.range));
+        if !fits {
+            return Err(bad("integer graph", "its inputs do not match the client section's quantization"));
+        }
         Ok(QuantizedModel {
             name: self.model_name.clone(),
-            graph: self.integer_graph()?,
+            graph,
             inputs: c.inputs.iter().map(|i| i.quant.clone()).collect(),
             input_of: c.inputs.iter().map(|i| i.model_input).collect(),
             decode: c.outputs.iter().map(|o| o.decode.clone()).collect(),
@@ -150,6 +167,20 @@ pub fn graph_from_json(json: &str, stage: &str) -> Result<Graph> {
 
 pub fn graph_to_json(g: &Graph) -> String {
     serde_json::to_string(g).expect("graphs serialize")
+}
+
+/// The fingerprint a (possibly edited) model file's parameters, circuit and training plan
+/// give, or `None` when they do not decode. The fingerprint guards against accidents
+/// (a damaged file, keys of another model), not forgery: tools and tests that craft model
+/// files on purpose stamp them with this.
+pub fn fingerprint_of(p: &proto::Artifact) -> Option<Vec<u8>> {
+    let params = params_from_proto(p.params.as_ref()?);
+    let circuit = circuit_from_proto(p.circuit.clone()?, "edited model").ok()?;
+    let training = match &p.training {
+        Some(t) => Some(training_from_proto(t.clone(), &circuit, "edited model").ok()?),
+        None => None,
+    };
+    Some(fingerprint(&params, &circuit, training.as_ref()))
 }
 
 /// SHA-256 over the parameters and the circuit: what keys and ciphertexts must match.
@@ -432,7 +463,7 @@ fn client_to_proto(c: &ClientSpec) -> proto::Client {
                 offset: flat(&i.quant.offset, &i.shape),
                 lo: i.quant.range.lo,
                 hi: i.quant.range.hi,
-                delta: 1u64 << i.delta_log2,
+                delta: 1u64.checked_shl(i.delta_log2).unwrap_or(0),
                 base: i.base,
                 model_input: i.model_input as u32,
             })
@@ -445,7 +476,7 @@ fn client_to_proto(c: &ClientSpec) -> proto::Client {
                 shape: o.shape.iter().map(|&d| d as u32).collect(),
                 scale: flat(&o.decode.scale, &o.shape),
                 offset: flat(&o.decode.offset, &o.shape),
-                delta: 1u64 << o.delta_log2,
+                delta: 1u64.checked_shl(o.delta_log2).unwrap_or(0),
                 base: o.base,
                 rounding: o.decode.rounding,
                 lo: o.range.lo,
@@ -487,7 +518,7 @@ fn client_to_proto(c: &ClientSpec) -> proto::Client {
                     from: d.from as u32,
                     group_start,
                     elements,
-                    delta: 1u64 << d.delta_log2,
+                    delta: 1u64.checked_shl(d.delta_log2).unwrap_or(0),
                     base: d.base,
                 }
             })
@@ -592,6 +623,23 @@ fn client_from_proto(p: proto::Client, circuit: &Circuit, path: &str) -> Result<
             _ => Err(bad(path, "a client tail input refers to nothing")),
         })
         .collect::<Result<Vec<_>>>()?;
+    for (k, i) in inputs.iter().enumerate() {
+        let fits = i.model_input < p.model_inputs.len()
+            && i.shape.iter().product::<usize>() == circuit.value_len[circuit.inputs[k]]
+            && encodes(i.quant.range, i.base, i.delta_log2);
+        if !fits {
+            return Err(bad(path, format!("client input {k} does not fit the circuit (shape, range or encoding)")));
+        }
+    }
+    for (k, o) in outputs.iter().enumerate() {
+        let fits = o.shape.iter().product::<usize>() == circuit.value_len[circuit.outputs[k]]
+            && encodes(o.range, o.base, o.delta_log2)
+            && o.decode.rounding < 48
+            && o.decode.scale.iter().chain(o.decode.offset.iter()).all(|v| v.is_finite());
+        if !fits {
+            return Err(bad(path, format!("client output {k} does not fit the circuit (shape, range or encoding)")));
+        }
+    }
     Ok(ClientSpec {
         inputs,
         derived,
@@ -601,4 +649,15 @@ fn client_from_proto(p: proto::Client, circuit: &Circuit, path: &str) -> Result<
         model_inputs: p.model_inputs,
         model_outputs: p.model_outputs,
     })
+}
+
+/// Integers in `range`, shifted by `base` and scaled by 2^delta_log2, fit a 64-bit
+/// plaintext with its top bit spare (what encoding and decoding assume), and span at
+/// most 2^32 values.
+fn encodes(range: Range, base: i64, delta_log2: u32) -> bool {
+    let (lo, hi) = (range.lo as i128 - base as i128, range.hi as i128 - base as i128);
+    range.lo <= range.hi
+        && (range.hi as i128 - range.lo as i128) < 1 << 32
+        && delta_log2 < 63
+        && lo.abs().max(hi.abs()) < 1i128 << (63 - delta_log2)
 }

@@ -133,6 +133,44 @@ impl Params {
         self.lwe_dimension > 0
     }
 
+    /// Sizes within what keygen and evaluation handle, and 128-bit security: what a
+    /// parameter set read from a file must satisfy before keys are made or checked
+    /// against it. `Err` names the first value out of range.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let within = |what: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("{what} {v} is outside {lo}..={hi}"))
+            }
+        };
+        let std_ok = |s: f64| s.is_finite() && s >= 0.0;
+        if !std_ok(self.lwe_noise_std) || !std_ok(self.glwe_noise_std) {
+            return Err("noise levels must be finite standard deviations".into());
+        }
+        if self.has_lookups() {
+            within("LWE dimension", self.lwe_dimension, MIN_DIMENSION, 1 << 14)?;
+            within("GLWE dimension", self.glwe_dimension, 1, 8)?;
+            within("polynomial size", self.polynomial_size, 1 << 8, 1 << 17)?;
+            if !self.polynomial_size.is_power_of_two() {
+                return Err(format!("polynomial size {} is not a power of two", self.polynomial_size));
+            }
+            within("precision", self.precision as u64, 1, 16)?;
+            for (what, base, level) in
+                [("bootstrap", self.pbs_base_log, self.pbs_level), ("keyswitch", self.ks_base_log, self.ks_level)]
+            {
+                within(&format!("{what} levels"), level as u64, 1, 64)?;
+                within(&format!("{what} base log"), base as u64, 1, 64 / level as u64)?;
+            }
+        } else {
+            within("LWE dimension", self.big_dimension(), MIN_DIMENSION, 1 << 14)?;
+        }
+        if !self.is_secure() {
+            return Err("the parameters are below 128-bit security".into());
+        }
+        Ok(())
+    }
+
     /// Variance of a bootstrap's output.
     pub fn bootstrap_variance(&self) -> f64 {
         if !self.has_lookups() {

@@ -120,7 +120,7 @@ pub fn demo(models_dir: &Path, name: &str, samples: usize) -> Result<()> {
     let (fhe, t) = run_compiled_timed(&a, std::slice::from_ref(&x), Mode::Execute, true)?;
     let (c, f) = (primary(&clear)?, primary(&fhe)?);
     let labels = d.test_y.values_f64();
-    let mut agree = 0;
+    let (mut agree, mut noise_explained) = (0, Vec::new());
     println!(
         "{:>6}  {:>8}  {:>10}  {:>10}   decrypted outputs (first values)",
         "sample", "label", "clear", "encrypted"
@@ -129,16 +129,21 @@ pub fn demo(models_dir: &Path, name: &str, samples: usize) -> Result<()> {
         let row = |t: &Tensor| {
             t.to_f32().index_axis(Axis(0), i).iter().map(|v| format!("{v:.3}")).take(5).collect::<Vec<_>>().join(" ")
         };
-        let (pc, pf) = if d.classification {
+        let (pc, pf, same) = if d.classification {
             let (a, b) = (argmax_rows(c)[i], argmax_rows(f)[i]);
-            agree += usize::from(a == b);
-            (a.to_string(), b.to_string())
+            (a.to_string(), b.to_string(), a == b)
         } else {
             let (a, b) = (c.values_f64()[i], f.values_f64()[i]);
-            agree += usize::from((a - b).abs() <= 0.05 * a.abs().max(1.0));
-            (format!("{a:.3}"), format!("{b:.3}"))
+            (format!("{a:.3}"), format!("{b:.3}"), (a - b).abs() <= 0.05 * a.abs().max(1.0))
         };
+        agree += usize::from(same);
         println!("{i:>6}  {label:>8}  {pc:>10}  {pf:>10}   {}", row(f));
+        if !same {
+            let share = simulated_share(&a, &rows(&x, i), &rows(f, i), d.classification, i as u64)?;
+            if share > 0.0 {
+                noise_explained.push((i, share));
+            }
+        }
     }
     println!(
         "{agree}/{n} encrypted predictions match the clear ones; encrypted run {:.2} s ({:.2} s/sample on {} cores), keygen {:.2} s",
@@ -147,10 +152,52 @@ pub fn demo(models_dir: &Path, name: &str, samples: usize) -> Result<()> {
         rayon::current_num_threads(),
         t.keygen.as_secs_f64()
     );
-    if agree < n {
-        bail!("{} of {n} encrypted predictions differ from the clear ones", n - agree);
+    for (i, share) in &noise_explained {
+        println!(
+            "sample {i}: the clear prediction sits within the lookups' rounding noise; {:.1}% of {SIMULATED_RUNS} noisy simulations predict what the encrypted run did",
+            100.0 * share
+        );
+    }
+    let unexplained = n - agree - noise_explained.len();
+    if unexplained > 0 {
+        bail!(
+            "{unexplained} of {n} encrypted predictions differ from the clear ones beyond what the modelled noise produces"
+        );
     }
     Ok(())
+}
+
+/// Noisy simulations per disagreeing sample in `veil demo`.
+const SIMULATED_RUNS: usize = 400;
+
+/// Rows `i..i+1` of `t`.
+fn rows(t: &Tensor, i: usize) -> Tensor {
+    Tensor::F32(t.to_f32().slice_axis(Axis(0), Slice::from(i..i + 1)).to_owned())
+}
+
+/// Share of noisy simulations of one sample (`x`, one row) that predict what the encrypted
+/// run did (`fhe`, one row): lookups round their inputs inside the bootstrap, so a value
+/// at a bucket edge may be read either way, and a near-tie may flip. A share of zero means
+/// the encrypted result is not one the modelled noise gives: a real fault.
+fn simulated_share(a: &Artifact, x: &Tensor, fhe: &Tensor, classification: bool, seed: u64) -> Result<f64> {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let plain = a.client.encode(std::slice::from_ref(x))?;
+    let fhe_class = argmax_rows(fhe)[0];
+    let fhe_value = fhe.values_f64()[0];
+    let mut hits = 0;
+    for _ in 0..SIMULATED_RUNS {
+        let out = a.circuit.simulate(&plain, Some(&a.params), &mut rng);
+        let sim = a.client.finish(&a.client.decode_integers(&out)?, std::slice::from_ref(x))?;
+        let p = primary(&sim)?;
+        hits += usize::from(if classification {
+            argmax_rows(p)[0] == fhe_class
+        } else {
+            let v = p.values_f64()[0];
+            (v - fhe_value).abs() <= 0.05 * v.abs().max(1.0)
+        });
+    }
+    Ok(hits as f64 / SIMULATED_RUNS as f64)
 }
 
 /// The model folders to benchmark: those named, or every folder directly under models/.
@@ -255,7 +302,7 @@ fn bench_one(d: &ModelData, samples: usize) -> Result<serde_json::Value> {
     let n = x.shape()[0];
     let cts = ck.encrypt_for(&a.circuit, &a.client.encode(std::slice::from_ref(&x))?);
     let (out, batch) = run_encrypted(&ev, &a, &cts, false)?;
-    let ints = a.client.decode_integers(&ck.decrypt(&out)?);
+    let ints = a.client.decode_integers(&ck.decrypt(&out)?)?;
     let exec = a.client.finish(&ints, std::slice::from_ref(&x))?;
     let float = veil_ir::interp::run(&d.graph, std::slice::from_ref(&d.test_x))?;
     let clear = a.quantized_model()?.run_clear(std::slice::from_ref(&d.test_x))?;
@@ -280,4 +327,30 @@ fn bench_one(d: &ModelData, samples: usize) -> Result<serde_json::Value> {
         "test_samples": d.test_x.shape()[0],
         "metric": if d.classification { "accuracy" } else { "r2" },
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The demo's test for a disagreement: a near-tie's flip is among the noisy
+    /// simulations' outcomes, a far-off class is not.
+    #[test]
+    fn simulated_share_tells_a_near_tie_from_a_fault() {
+        let d = load_dir(&default_models_dir().join("mlp_digits")).unwrap();
+        let (a, _) = compile(&d).unwrap();
+        // test sample 0: classes 2 and 3 score close (observed flipping in encrypted runs)
+        let x = rows(&d.test_x, 0);
+        let class = |c: usize| {
+            let mut v = ndarray::Array2::<f32>::zeros((1, 10));
+            v[[0, c]] = 1.0;
+            Tensor::F32(v.into_dyn())
+        };
+        let near = simulated_share(&a, &x, &class(3), true, 1).unwrap();
+        let usual = simulated_share(&a, &x, &class(2), true, 1).unwrap();
+        let far = simulated_share(&a, &x, &class(0), true, 1).unwrap();
+        eprintln!("noisy simulations predicting 2: {usual}, 3: {near}, 0: {far}");
+        assert!(near > 0.0 && usual > near, "2: {usual}, 3: {near}");
+        assert_eq!(far, 0.0);
+    }
 }

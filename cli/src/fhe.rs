@@ -142,7 +142,7 @@ pub fn run_compiled_timed(a: &Artifact, xs: &[Tensor], mode: Mode, verbose: bool
             let plain = a.client.encode(xs)?;
             let mut rng = rand::rngs::StdRng::from_os_rng();
             let out = a.circuit.simulate(&plain, Some(&a.params), &mut rng);
-            let ints = a.client.decode_integers(&out);
+            let ints = a.client.decode_integers(&out)?;
             Ok((a.client.finish(&ints, xs)?, Timings::default()))
         }
         Mode::Execute => {
@@ -167,7 +167,7 @@ pub fn run_compiled_timed(a: &Artifact, xs: &[Tensor], mode: Mode, verbose: bool
             t.run = run;
             let start = Instant::now();
             let plain = ck.decrypt(&out)?;
-            let ints = a.client.decode_integers(&plain);
+            let ints = a.client.decode_integers(&plain)?;
             let outs = a.client.finish(&ints, xs)?;
             t.decrypt = start.elapsed();
             if verbose {
@@ -223,10 +223,11 @@ pub fn keygen_cmd(model: &Path, out_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Read a client key and check it belongs to the compiled model.
-fn load_client_key(path: &Path, a: &Artifact) -> Result<ClientKey> {
+/// Read a client key and check it belongs to the compiled model (inference or training).
+pub(crate) fn load_client_key(path: &Path, a: &Artifact) -> Result<ClientKey> {
     let ck: ClientKey = files::read(path, CLIENT_KEY_LIMIT)?;
     veil_runtime::keys::check_fingerprint(&format!("client key {}", path.display()), &ck.fingerprint, &a.fingerprint)?;
+    ck.check_params(&a.params).with_context(|| format!("client key {}", path.display()))?;
     Ok(ck)
 }
 
@@ -285,7 +286,7 @@ pub fn decrypt_cmd(
     let ck = load_client_key(client_key, &a)?;
     let cts: EncryptedOutputs = files::read(input, CIPHERTEXT_LIMIT)?;
     let plain = ck.decrypt(&cts).with_context(|| format!("decrypting {}", input.display()))?;
-    let ints = a.client.decode_integers(&plain);
+    let ints = a.client.decode_integers(&plain)?;
     if a.client.tail_inputs.iter().any(|s| matches!(s, veil_passes::model::TailSource::Model(_))) {
         bail!("this model's client step needs the original inputs; use `veil predict --mode execute`");
     }

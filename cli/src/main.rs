@@ -5,7 +5,7 @@ mod bench_train;
 mod fhe;
 mod history;
 mod model;
-mod npy;
+use veil_cli::npy;
 mod report;
 mod train;
 mod train_files;

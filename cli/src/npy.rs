@@ -174,3 +174,55 @@ pub fn file_name(name: &str) -> String {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn valid_npy() -> Vec<u8> {
+        let a = ndarray::Array2::<f32>::from_shape_fn((3, 4), |(i, j)| (i * 4 + j) as f32 / 7.0).into_dyn();
+        let mut bytes = Vec::new();
+        a.write_npy(&mut bytes).unwrap();
+        bytes
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 512,
+            failure_persistence: Some(Box::new(proptest::test_runner::FileFailurePersistence::Off)),
+            ..ProptestConfig::default()
+        })]
+
+        /// Bounded fuzzing of the .npy reader (and the .npz one, which reads arrays the
+        /// same way): bytes overwritten, words set to edge values (a shape of 2^32
+        /// elements in a tiny file), cuts and insertions give an error, not a panic or an
+        /// allocation the file cannot back.
+        #[test]
+        fn mutated_npy_files_read_or_fail_cleanly(
+            edits in prop::collection::vec((0usize..200, any::<u8>(), any::<bool>()), 1..6),
+            cut in proptest::option::of(0usize..200),
+        ) {
+            let mut b = valid_npy();
+            for (at, v, digit) in edits {
+                let i = at.min(b.len() - 1);
+                // Digits land in the header's shape more often than random bytes would.
+                b[i] = if digit { b'0' + v % 10 } else { v };
+            }
+            if let Some(c) = cut {
+                b.truncate(c.min(b.len()));
+            }
+            let dir = std::env::temp_dir().join(format!("veil-npy-fuzz-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join(format!("{:x}.npy", rand_name(&b)));
+            std::fs::write(&path, &b).unwrap();
+            let _ = read(&path);
+            let _ = read_model_inputs(&path, &["x".to_string()]);
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
+    fn rand_name(b: &[u8]) -> u64 {
+        b.iter().fold(0xcbf29ce484222325u64, |h, &x| (h ^ x as u64).wrapping_mul(0x100000001b3))
+    }
+}

@@ -13,8 +13,8 @@ use std::time::Instant;
 use veil_backend::artifact::Artifact;
 use veil_backend::training::{compile_training, TrainingClient};
 use veil_passes::training::{accuracy, batches};
-use veil_runtime::files::{self, CIPHERTEXT_LIMIT, CLIENT_KEY_LIMIT, SERVER_KEY_LIMIT};
-use veil_runtime::{ClientKey, EncryptedBatches, EncryptedState, Evaluator, ServerKey};
+use veil_runtime::files::{self, CIPHERTEXT_LIMIT, SERVER_KEY_LIMIT};
+use veil_runtime::{EncryptedBatches, EncryptedState, Evaluator, ServerKey};
 
 /// A training artifact, or an error saying what the file is instead.
 fn load_training(path: &Path) -> Result<Artifact> {
@@ -26,12 +26,6 @@ fn load_training(path: &Path) -> Result<Artifact> {
         );
     }
     Ok(a)
-}
-
-fn load_client_key(path: &Path, a: &Artifact) -> Result<ClientKey> {
-    let ck: ClientKey = files::read(path, CLIENT_KEY_LIMIT)?;
-    veil_runtime::keys::check_fingerprint(&format!("client key {}", path.display()), &ck.fingerprint, &a.fingerprint)?;
-    Ok(ck)
 }
 
 /// The shape of the data to train on: from the data files, or given directly.
@@ -81,7 +75,7 @@ pub fn encrypt_cmd(c: &EncryptCmd) -> Result<()> {
         npy::check_writable(w, "the starting weights")?;
     }
     let a = load_training(&c.model)?;
-    let ck = load_client_key(&c.client_key, &a)?;
+    let ck = crate::fhe::load_client_key(&c.client_key, &a)?;
     let tc = TrainingClient::new(&a)?;
     let plan = tc.plan;
     let d = load_data(&c.data, &c.labels)?;
@@ -204,7 +198,7 @@ pub struct DecryptCmd {
 pub fn decrypt_cmd(c: &DecryptCmd) -> Result<()> {
     npy::check_writable(&c.output, "the model")?;
     let a = load_training(&c.model)?;
-    let ck = load_client_key(&c.client_key, &a)?;
+    let ck = crate::fhe::load_client_key(&c.client_key, &a)?;
     let tc = TrainingClient::new(&a)?;
     // everything that can fail is read and checked before anything is written
     let test = match &c.test {

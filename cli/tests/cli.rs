@@ -214,7 +214,9 @@ fn file_workflow_on_a_model_with_lookups_decrypts_the_clear_predictions() {
     let all =
         ndarray::Array2::<f32>::read_npy(std::fs::File::open(models().join("mlp_digits/test_x.npy")).unwrap()).unwrap();
     let x = dir.join("x.npy");
-    all.slice(ndarray::s![..4, ..]).to_owned().write_npy(std::fs::File::create(&x).unwrap()).unwrap();
+    // rows 1..5: test row 0 is a near-tie (classes 2 and 3) that approximate rounding flips
+    // in ~3% of encrypted runs (`veil demo` tells such flips from faults by simulation)
+    all.slice(ndarray::s![1..5, ..]).to_owned().write_npy(std::fs::File::create(&x).unwrap()).unwrap();
     let keys = dir.join("keys");
     ok(&["keygen", s(&m), "--out-dir", s(&keys)]);
     let (ct, yct, y, yc) = (dir.join("x.ct"), dir.join("y.ct"), dir.join("y.npy"), dir.join("yc.npy"));

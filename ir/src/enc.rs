@@ -7,10 +7,16 @@ use ndarray::{ArrayD, IxDyn};
 
 /// Sound range of `Σ_k a_k·b_k` over `k` terms with every a in `ra`, every b in `rb`.
 pub fn matmul_range(ra: Range, rb: Range, k: usize) -> Range {
-    let corners = [ra.lo * rb.lo, ra.lo * rb.hi, ra.hi * rb.lo, ra.hi * rb.hi];
+    // Saturating: a range this wide is refused by the verifier (see `MAX_ENC_MAGNITUDE`).
+    let corners = [
+        ra.lo.saturating_mul(rb.lo),
+        ra.lo.saturating_mul(rb.hi),
+        ra.hi.saturating_mul(rb.lo),
+        ra.hi.saturating_mul(rb.hi),
+    ];
     let lo = *corners.iter().min().expect("four corners");
     let hi = *corners.iter().max().expect("four corners");
-    Range::new(lo * k as i64, hi * k as i64)
+    Range::new(lo.saturating_mul(k as i64), hi.saturating_mul(k as i64))
 }
 
 /// `[N, M, K] × [N, K, L] → [N, M, L]`, one matrix product per sample.
@@ -62,9 +68,9 @@ pub fn saturate_read(v: i64, read: i64, lo: i64, hi: i64, rounding: u32) -> i64 
 /// value (the bootstrap's approximate rounding): inside the bounds a value is kept, beyond
 /// them it lands less than a bucket from the nearer bound.
 pub fn saturate_range(r: Range, lo: i64, hi: i64, rounding: u32) -> Range {
-    let slack = (1i64 << rounding) - 1;
-    let low = (lo - slack).max(r.lo.min(hi - slack));
-    let high = (hi + slack).min(r.hi.max(lo + slack));
+    let slack = 1i64.checked_shl(rounding).unwrap_or(i64::MAX).saturating_sub(1);
+    let low = lo.saturating_sub(slack).max(r.lo.min(hi.saturating_sub(slack)));
+    let high = hi.saturating_add(slack).min(r.hi.max(lo.saturating_add(slack)));
     Range::new(low.min(high), high.max(low))
 }
 

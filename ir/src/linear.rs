@@ -98,7 +98,8 @@ impl Linear {
     /// channel, then the union), given the input shape.
     pub fn out_range(&self, r: Range, input: &Shape) -> Range {
         let term = |w: i64, zero_possible: bool| -> (i64, i64) {
-            let (a, b) = (w * r.lo, w * r.hi);
+            // Saturating: a range this wide is refused by the verifier.
+            let (a, b) = (w.saturating_mul(r.lo), w.saturating_mul(r.hi));
             let (lo, hi) = (a.min(b), a.max(b));
             if zero_possible {
                 (lo.min(0), hi.max(0))
@@ -107,9 +108,9 @@ impl Linear {
             }
         };
         let row_sum = |row: &mut dyn Iterator<Item = i64>, zero: bool| {
-            row.fold((0, 0), |(l, h), w| {
+            row.fold((0i64, 0i64), |(l, h), w| {
                 let (a, b) = term(w, zero);
-                (l + a, h + b)
+                (l.saturating_add(a), h.saturating_add(b))
             })
         };
         let per_out: Vec<(i64, i64)> = match &self.kind {
@@ -124,7 +125,7 @@ impl Linear {
                 // a window holds between 1 (at a padded edge) and k·k inputs
                 let k = (pool.kernel[0] * pool.kernel[1]) as i64;
                 let partial = pool.pads.iter().any(|&p| p > 0) || pool.ceil_mode;
-                let (l, h) = (k * r.lo, k * r.hi);
+                let (l, h) = (k.saturating_mul(r.lo), k.saturating_mul(r.hi));
                 if partial {
                     vec![(l.min(r.lo), h.max(r.hi))]
                 } else {
@@ -134,7 +135,7 @@ impl Linear {
             LinearKind::Sum { axes, .. } => {
                 let count: i64 =
                     axes.iter().map(|&a| input.dims().get(a).and_then(|d| d.fixed()).unwrap_or(1) as i64).product();
-                vec![(count * r.lo, count * r.hi)]
+                vec![(count.saturating_mul(r.lo), count.saturating_mul(r.hi))]
             }
             LinearKind::Scale { factor } => factor.iter().map(|&f| term(f, false)).collect(),
         };
@@ -146,7 +147,7 @@ impl Linear {
         let (bl, bh) = if bias.is_empty() { (0, 0) } else { (bl, bh) };
         let (lo, hi) = per_out.iter().enumerate().fold((i64::MAX, i64::MIN), |(l, h), (j, &(a, b))| {
             let (db_lo, db_hi) = if paired { (bias[j], bias[j]) } else { (bl, bh) };
-            (l.min(a + db_lo), h.max(b + db_hi))
+            (l.min(a.saturating_add(db_lo)), h.max(b.saturating_add(db_hi)))
         });
         Range::new(lo, hi)
     }

@@ -656,12 +656,12 @@ impl Op {
                 let shape = broadcast(&ta.shape, &tb.shape)
                     .ok_or_else(|| format!("shapes {} and {} do not broadcast", ta.shape, tb.shape))?;
                 let r = match self {
-                    Op::AddEnc => Range::new(a.lo + b.lo, a.hi + b.hi),
-                    Op::SubEnc => Range::new(a.lo - b.hi, a.hi - b.lo),
+                    Op::AddEnc => Range::new(a.lo.saturating_add(b.lo), a.hi.saturating_add(b.hi)),
+                    Op::SubEnc => a.minus(&b),
                     // b + relu(round(a − b)): rounding may overshoot the exact max by half a step
                     Op::MaxEnc { rounding, .. } => {
-                        let slack = if *rounding == 0 { 0 } else { 1i64 << (rounding - 1) };
-                        Range::new(a.lo.max(b.lo), a.hi.max(b.hi) + slack)
+                        let slack = if *rounding == 0 { 0 } else { 1i64.checked_shl(rounding - 1).unwrap_or(i64::MAX) };
+                        Range::new(a.lo.max(b.lo), a.hi.max(b.hi).saturating_add(slack))
                     }
                     _ => unreachable!(),
                 };
@@ -701,6 +701,17 @@ impl Op {
                 let (r, ty) = enc_only(x.unwrap())?;
                 if r.lo < t.input.lo || r.hi > t.input.hi {
                     return Err(format!("lookup defined on {} reads values in {r}", t.input));
+                }
+                t.expr.check(t.params.len()).map_err(|e| format!("malformed lookup: {e}"))?;
+                let sample: Vec<usize> = ty.shape.dims().iter().filter_map(|d| d.fixed()).collect();
+                let batched = ty.shape.dims().first() == Some(&Dim::Batch);
+                if t.rounding > 62
+                    || t.params.iter().any(|p| {
+                        p.broadcast(ndarray::IxDyn(&sample)).is_none()
+                            && (batched || p.broadcast(ndarray::IxDyn(&ty.shape.concrete(1))).is_none())
+                    })
+                {
+                    return Err("malformed lookup: its rounding or parameter shapes do not fit".into());
                 }
                 Ok(TensorType::new(Elem::Enc(t.output_range()?), ty.shape.clone()))
             }

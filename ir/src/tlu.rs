@@ -44,6 +44,20 @@ impl Expr {
         )
     }
 
+    /// Well-formed with `n_params` parameters: every parameter exists, every clamp has
+    /// ordered bounds. (A graph read from a file is checked so before it is evaluated.)
+    pub fn check(&self, n_params: usize) -> Result<(), String> {
+        match self {
+            Expr::Input | Expr::Const(_) => Ok(()),
+            Expr::Param(k) if *k < n_params => Ok(()),
+            Expr::Param(k) => Err(format!("parameter p{k} of a lookup with {n_params} parameters")),
+            Expr::Unary(_, e) | Expr::Round(e) => e.check(n_params),
+            Expr::Binary(_, a, b) => a.check(n_params).and_then(|_| b.check(n_params)),
+            Expr::Clamp(e, lo, hi) if lo <= hi => e.check(n_params),
+            Expr::Clamp(_, lo, hi) => Err(format!("clamp to [{lo}, {hi}]")),
+        }
+    }
+
     /// Evaluate at input `x` with this element's parameters.
     pub fn eval(&self, x: f64, params: &[f64]) -> f64 {
         match self {

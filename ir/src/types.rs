@@ -175,7 +175,7 @@ impl Range {
 
     /// Every value `a − b` can take for a in `self`, b in `o`.
     pub fn minus(&self, o: &Range) -> Range {
-        Range::new(self.lo - o.hi, self.hi - o.lo)
+        Range::new(self.lo.saturating_sub(o.hi), self.hi.saturating_sub(o.lo))
     }
 }
 

@@ -7,6 +7,11 @@ use std::collections::HashSet;
 
 /// Check the graph: acyclic, operand positions contiguous, operand counts and types as each
 /// op infers them, inputs and outputs well formed.
+/// Largest magnitude an encrypted integer's range may reach: values within it, and the
+/// sums and products the ops form of them within their own checked ranges, stay far from
+/// i64 overflow.
+pub const MAX_ENC_MAGNITUDE: u64 = 1 << 62;
+
 pub fn verify(g: &Graph) -> Result<()> {
     let num = g.numbering();
     let at = |id| format!("%{} '{}'", num.get(&id).copied().unwrap_or(usize::MAX), g.node(id).name);
@@ -30,6 +35,16 @@ pub fn verify(g: &Graph) -> Result<()> {
                 });
             }
             continue;
+        }
+        if let crate::types::Elem::Enc(r) = node.ty.elem {
+            if r.lo.unsigned_abs().max(r.hi.unsigned_abs()) > MAX_ENC_MAGNITUDE {
+                return Err(IrError::Verify {
+                    node: at(id),
+                    msg: format!(
+                        "its range {r} exceeds ±2^62: no encoding holds it (and its arithmetic could overflow)"
+                    ),
+                });
+            }
         }
         let tys: Vec<_> = operands.iter().map(|&o| &g.node(o).ty).collect();
         let ty = node.op.infer(&tys).map_err(|msg| IrError::Verify { node: at(id), msg })?;

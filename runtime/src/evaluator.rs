@@ -28,6 +28,7 @@ pub struct Evaluator<'a> {
 impl<'a> Evaluator<'a> {
     pub fn new(circuit: &'a Circuit, params: &Params, key: ServerKey, fingerprint: &[u8]) -> Result<Evaluator<'a>> {
         check_fingerprint("the server key", &key.fingerprint, fingerprint)?;
+        crate::validate::check_server_key(&key, params)?;
         let key_stamp = key.fingerprint.clone();
         let big = params.big_dimension() as usize;
         let has_lookups = circuit.lookups_per_sample() > 0;

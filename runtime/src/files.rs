@@ -5,6 +5,7 @@
 //! rather than garbage after decryption.
 
 use crate::error::{Result, RuntimeError};
+use crate::validate::Validate;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -30,19 +31,32 @@ fn file_err(path: &Path, msg: impl Into<String>) -> RuntimeError {
 
 /// Write through a temporary file renamed into place, so nothing is left half-written.
 pub fn write<T: Serialize + Versionize + Named>(path: &Path, value: &T, limit: u64) -> Result<()> {
-    let mut payload = Vec::new();
-    safe_serialize(value, &mut payload, limit).map_err(|e| file_err(path, e.to_string()))?;
-    veil_backend::files::write_atomic(path, |w| {
-        w.write_all(MAGIC)?;
-        w.write_all(&VERSION.to_le_bytes())?;
-        w.write_all(&Sha256::digest(&payload))?;
-        w.write_all(&payload)
-    })
-    .map_err(|e| file_err(path, format!("cannot write: {e}")))
+    let bytes = to_bytes(value, limit).map_err(|e| file_err(path, e))?;
+    veil_backend::files::write_atomic(path, |w| w.write_all(&bytes))
+        .map_err(|e| file_err(path, format!("cannot write: {e}")))
 }
 
-/// Read a file of type `T`, refusing more than `limit` bytes.
-pub fn read<T: DeserializeOwned + Unversionize + Named>(path: &Path, limit: u64) -> Result<T> {
+/// A value as veil's file format holds it: magic, version, checksum, payload.
+pub fn to_bytes<T: Serialize + Versionize + Named>(value: &T, limit: u64) -> std::result::Result<Vec<u8>, String> {
+    let mut payload = Vec::new();
+    safe_serialize(value, &mut payload, limit).map_err(|e| e.to_string())?;
+    Ok(stamp(&payload))
+}
+
+/// A serialized payload inside veil's header: magic, version, its SHA-256. (Tests and
+/// fuzz targets stamp edited payloads with this, as a crafted file would be.)
+pub fn stamp(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + payload.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&Sha256::digest(payload));
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Read a file of type `T`, refusing more than `limit` bytes, and check its structure
+/// ([`Validate`]).
+pub fn read<T: DeserializeOwned + Unversionize + Named + Validate>(path: &Path, limit: u64) -> Result<T> {
     let f = std::fs::File::open(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
     let len = f.metadata().map_err(|e| file_err(path, e.to_string()))?.len();
     if len > limit + HEADER as u64 {
@@ -50,16 +64,29 @@ pub fn read<T: DeserializeOwned + Unversionize + Named>(path: &Path, limit: u64)
     }
     let mut bytes = Vec::with_capacity(len as usize);
     f.take(limit + HEADER as u64).read_to_end(&mut bytes).map_err(|e| file_err(path, e.to_string()))?;
+    from_bytes(&bytes, limit).map_err(|e| file_err(path, e))
+}
+
+/// [`read`] on bytes in memory; `Err` says what is wrong.
+pub fn from_bytes<T: DeserializeOwned + Unversionize + Named + Validate>(
+    bytes: &[u8],
+    limit: u64,
+) -> std::result::Result<T, String> {
     if bytes.len() < HEADER || &bytes[..8] != MAGIC {
-        return Err(file_err(path, format!("not a veil file (expected a {})", T::NAME)));
+        return Err(format!("not a veil file (expected a {})", T::NAME));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
     if version != VERSION {
-        return Err(file_err(path, format!("file format {version} is not supported (this veil reads {VERSION})")));
+        return Err(format!("file format {version} is not supported (this veil reads {VERSION})"));
     }
     let (sum, payload) = (&bytes[12..HEADER], &bytes[HEADER..]);
     if Sha256::digest(payload).as_slice() != sum {
-        return Err(file_err(path, "the file is truncated or was modified (checksum mismatch)"));
+        return Err("the file is truncated or was modified (checksum mismatch)".into());
     }
-    safe_deserialize(payload, limit).map_err(|e| file_err(path, format!("not a valid {}: {e}", T::NAME)))
+    let value: T = safe_deserialize(payload, limit).map_err(|e| format!("not a valid {}: {e}", T::NAME))?;
+    value.validate().map_err(|e| format!("not a valid {}: {e}", T::NAME))?;
+    Ok(value)
 }
+
+/// Bytes before the payload: magic, format version, SHA-256 of the payload.
+pub const HEADER_BYTES: usize = HEADER;

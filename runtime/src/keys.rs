@@ -103,9 +103,7 @@ fn gaussian(std: f64) -> DynamicDistribution<u64> {
 
 /// Generate a fresh key pair for `params`.
 pub fn keygen(params: &Params, fingerprint: &[u8]) -> Result<(ClientKey, ServerKey)> {
-    if !params.is_secure() {
-        return Err(RuntimeError::Invalid("refusing to generate keys for parameters below 128-bit security".into()));
-    }
+    params.validate().map_err(|e| RuntimeError::Invalid(format!("refusing to generate keys: {e}")))?;
     let mut boxed_seeder = new_seeder();
     let seeder = boxed_seeder.as_mut();
     let stamp = new_stamp(fingerprint, seeder);

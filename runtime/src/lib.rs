@@ -8,6 +8,7 @@ pub mod evaluator;
 pub mod files;
 pub mod keys;
 pub mod training;
+pub mod validate;
 
 #[cfg(test)]
 mod noise_tests;

@@ -255,19 +255,41 @@ impl ClientSpec {
         encode_all(&encodings, &self.derived, ints)
     }
 
-    /// Decode decrypted plaintexts (per output, per sample) to integers.
-    pub fn decode_integers(&self, plain: &[Vec<Vec<u64>>]) -> Vec<Tensor> {
+    /// Decode decrypted plaintexts (per output, per sample) to integers; `Err` when they
+    /// are not one list per output of its element count.
+    pub fn decode_integers(&self, plain: &[Vec<Vec<u64>>]) -> Result<Vec<Tensor>> {
+        if plain.len() != self.outputs.len() {
+            return Err(BackendError::Lower {
+                node: "outputs".into(),
+                msg: format!("{} encrypted outputs, the model has {}", plain.len(), self.outputs.len()),
+            });
+        }
         self.outputs
             .iter()
             .zip(plain)
-            .map(|(o, rows)| Tensor::I64(decode_rows(rows, o.delta_log2, o.base, &o.shape)))
+            .map(|(o, rows)| {
+                let per: usize = o.shape.iter().product();
+                if let Some(r) = rows.iter().find(|r| r.len() != per) {
+                    return Err(BackendError::Lower {
+                        node: o.name.clone(),
+                        msg: format!("{} elements per sample, the model's output has {per}", r.len()),
+                    });
+                }
+                Ok(Tensor::I64(decode_rows(rows, o.delta_log2, o.base, &o.shape)))
+            })
             .collect()
     }
 
     /// Decode integers and run the client tail: the model's outputs.
     pub fn finish(&self, integers: &[Tensor], xs: &[Tensor]) -> Result<Vec<Tensor>> {
         let mut tail_in = Vec::with_capacity(self.tail_inputs.len());
-        let ints = |i: usize| integers[i].as_i64().expect("integers");
+        if integers.len() != self.outputs.len() || integers.iter().any(|t| t.as_i64().is_none()) {
+            return Err(BackendError::Lower {
+                node: "outputs".into(),
+                msg: format!("{} integer outputs expected, got {}", self.outputs.len(), integers.len()),
+            });
+        }
+        let ints = |i: usize| integers[i].as_i64().expect("checked above");
         for src in &self.tail_inputs {
             tail_in.push(match *src {
                 TailSource::Server(i) => Tensor::F32(self.outputs[i].decode.decode(ints(i), &self.outputs[i].name)?),
