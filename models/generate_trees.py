@@ -205,6 +205,8 @@ def main():
     sk("gboost_breast_cancer", GradientBoostingClassifier(n_estimators=20, max_depth=3, random_state=S), bc_X, bc_y,
        "classification")
     sk("gboost_wine", GradientBoostingClassifier(n_estimators=10, max_depth=3, random_state=S), w_X, w_y, "classification")
+    # small enough to run encrypted in the tests (3 classes: one leaf lookup per class)
+    sk("rf_wine_3x3", RandomForestClassifier(n_estimators=3, max_depth=3, random_state=S), w_X, w_y, "classification")
     sk("gboost_diabetes", GradientBoostingRegressor(n_estimators=20, max_depth=3, random_state=S), d_X, d_y, "regression",
        split=split_42_20)
 

@@ -64,8 +64,3 @@ pub fn relative_error(ours: &Tensor, reference: &Tensor) -> f64 {
     let range = if hi > lo { hi - lo } else { hi.abs().max(1.0) };
     a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max) / range
 }
-
-/// Does the model hold a tree ensemble? (Those run in float only for now.)
-pub fn has_trees(g: &veil_ir::Graph) -> bool {
-    g.node_ids().any(|n| matches!(g.node(n).op, veil_ir::Op::TreeEnsemble(_)))
-}

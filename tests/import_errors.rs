@@ -90,3 +90,45 @@ fn a_one_node_model_imports_and_unsupported_opset_is_named() {
     // An old opset whose ops all mean what they mean today (tree converters write these).
     assert!(import_bytes(&one_node_model("Relu", 8), "m.onnx", "m").is_ok());
 }
+
+/// The diabetes forest with its tree attributes edited by `edit`; the import error.
+fn edited_forest(edit: impl Fn(&mut onnx_protobuf::AttributeProto)) -> String {
+    let bytes = std::fs::read(models_dir().join("trees/rf_diabetes_10x4/model.onnx")).unwrap();
+    let mut m = ModelProto::parse_from_bytes(&bytes).unwrap();
+    let node = m.graph.as_mut().unwrap().node.iter_mut().find(|n| n.op_type == "TreeEnsembleRegressor").unwrap();
+    node.attribute.iter_mut().for_each(edit);
+    let bytes = m.write_to_bytes().unwrap();
+    import_bytes(&bytes, "forest.onnx", "forest").unwrap_err().to_string()
+}
+
+#[test]
+fn malformed_tree_attributes_name_the_node() {
+    // a cycle: the root's second node points back at the root
+    let err = edited_forest(|a| {
+        if a.name == "nodes_truenodeids" {
+            a.ints[1] = 0;
+        }
+    });
+    assert!(err.contains("tree 0 node 0") && err.contains("reached twice"), "{err}");
+    // a child id that does not exist
+    let err = edited_forest(|a| {
+        if a.name == "nodes_falsenodeids" {
+            a.ints[0] = 999;
+        }
+    });
+    assert!(err.contains("has no node 999"), "{err}");
+    // node arrays of different lengths
+    let err = edited_forest(|a| {
+        if a.name == "nodes_values" {
+            a.floats.pop();
+        }
+    });
+    assert!(err.contains("different lengths"), "{err}");
+    // one node listed twice
+    let err = edited_forest(|a| {
+        if a.name == "nodes_nodeids" {
+            a.ints[1] = a.ints[0];
+        }
+    });
+    assert!(err.contains("twice"), "{err}");
+}

@@ -13,9 +13,6 @@ fn noiseless_simulation_equals_clear_execution() {
     for dir in model_dirs() {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         let g = veil_frontend::onnx::import_file(dir.join("model.onnx")).unwrap();
-        if veil_tests::has_trees(&g) {
-            continue; // trees run in float only
-        }
         let calib = read_npy(&dir.join("calib.npy"));
         let mut c =
             compile(&g, std::slice::from_ref(&calib), &veil_backend::pipeline::CompileOptions::default().search)

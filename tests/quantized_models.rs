@@ -26,9 +26,6 @@ fn score(task: &str, out: &veil_ir::Tensor, y: &veil_ir::Tensor) -> f64 {
 fn eight_bit_quantization_keeps_accuracy() {
     for dir in model_dirs() {
         let g = veil_frontend::onnx::import_file(dir.join("model.onnx")).unwrap();
-        if veil_tests::has_trees(&g) {
-            continue;
-        }
         let calib = read_npy(&dir.join("calib.npy"));
         let c = calibrate(&g, &[calib]).unwrap();
         let q = quantize(&g, &c, &QuantConfig { input_bits: 8, weight_bits: 8, act_bits: 8 })

@@ -10,7 +10,7 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 use std::path::Path;
 use veil_ir::{Elem, Graph, Range};
-use veil_passes::model::{InputQuant, OutputDecode, QuantizedModel, TailSource};
+use veil_passes::model::{Cut, InputQuant, OutputDecode, QuantizedModel, TailSource};
 use veil_passes::training::{TrainSpec, TrainingPlan};
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -466,6 +466,9 @@ fn client_to_proto(c: &ClientSpec) -> proto::Client {
                 delta: 1u64.checked_shl(i.delta_log2).unwrap_or(0),
                 base: i.base,
                 model_input: i.model_input as u32,
+                cut_count: i.quant.cuts.iter().flatten().map(|c| c.len() as u32).collect(),
+                cut_threshold: i.quant.cuts.iter().flatten().flatten().map(|c| c.threshold).collect(),
+                cut_inclusive: i.quant.cuts.iter().flatten().flatten().map(|c| c.inclusive).collect(),
             })
             .collect(),
         outputs: c
@@ -562,12 +565,14 @@ fn client_from_proto(p: proto::Client, circuit: &Circuit, path: &str) -> Result<
         .into_iter()
         .map(|i| {
             let shape: Vec<usize> = i.shape.iter().map(|&d| d as usize).collect();
+            let cuts = cuts_from_proto(&i, &shape).map_err(|e| bad(path, format!("input '{}': {e}", i.name)))?;
             Ok(InputEncoding {
                 quant: InputQuant {
-                    name: i.name,
                     scale: unflat(i.scale, &shape, path)?,
                     offset: unflat(i.offset, &shape, path)?,
                     range: Range::new(i.lo, i.hi.max(i.lo)),
+                    cuts,
+                    name: i.name,
                 },
                 shape,
                 delta_log2: delta_log2(i.delta, path)?,
@@ -654,6 +659,41 @@ fn client_from_proto(p: proto::Client, circuit: &Circuit, path: &str) -> Result<
 /// Integers in `range`, shifted by `base` and scaled by 2^delta_log2, fit a 64-bit
 /// plaintext with its top bit spare (what encoding and decoding assume), and span at
 /// most 2^32 values.
+/// An input's rank-encoding cuts, checked: one count per feature of a `[F]` sample, the
+/// lists ascending, thresholds numbers, the range exactly the ranks `0..=max count`.
+fn cuts_from_proto(i: &proto::Input, shape: &[usize]) -> std::result::Result<Option<Vec<Vec<Cut>>>, String> {
+    if i.cut_count.is_empty() && i.cut_threshold.is_empty() && i.cut_inclusive.is_empty() {
+        return Ok(None);
+    }
+    let total: u64 = i.cut_count.iter().map(|&c| c as u64).sum();
+    if shape.len() != 1
+        || i.cut_count.len() != shape[0]
+        || total != i.cut_threshold.len() as u64
+        || total != i.cut_inclusive.len() as u64
+    {
+        return Err("its rank-encoding cuts do not match its features".into());
+    }
+    let mut at = 0;
+    let mut cuts = Vec::with_capacity(shape[0]);
+    for &count in &i.cut_count {
+        let list: Vec<Cut> = (at..at + count as usize)
+            .map(|k| Cut { threshold: i.cut_threshold[k], inclusive: i.cut_inclusive[k] })
+            .collect();
+        at += count as usize;
+        if list.iter().any(|c| c.threshold.is_nan())
+            || list.windows(2).any(|w| w[0].cmp_sets(&w[1]) != std::cmp::Ordering::Less)
+        {
+            return Err("its rank-encoding cuts are not ascending numbers".into());
+        }
+        cuts.push(list);
+    }
+    let max = i.cut_count.iter().copied().max().unwrap_or(0) as i64;
+    if i.lo != 0 || i.hi != max {
+        return Err(format!("ranks span 0..={max} but the input is declared {}..={}", i.lo, i.hi));
+    }
+    Ok(Some(cuts))
+}
+
 fn encodes(range: Range, base: i64, delta_log2: u32) -> bool {
     let (lo, hi) = (range.lo as i128 - base as i128, range.hi as i128 - base as i128);
     range.lo <= range.hi

@@ -139,6 +139,7 @@ fn client_spec(plan: &TrainingPlan, g: &Graph, low: &LoweredGraph) -> ClientSpec
                     scale: ArrayD::from_elem(vec![], scale),
                     offset: ArrayD::from_elem(vec![], offset),
                     range: g.enc_range(id),
+                    cuts: None,
                 },
                 shape: dims(id),
                 delta_log2: low.inputs[i].delta_log2,

@@ -14,6 +14,7 @@ pub mod op;
 pub mod print;
 pub mod tensor;
 pub mod tlu;
+pub mod tree;
 pub mod types;
 pub mod verify;
 

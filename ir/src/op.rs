@@ -716,6 +716,7 @@ impl Op {
                 Ok(TensorType::new(Elem::Enc(t.output_range()?), ty.shape.clone()))
             }
             Op::TreeEnsemble(e) => {
+                e.check().map_err(|f| format!("malformed tree ensemble: {f}"))?;
                 let t = float_only(x.unwrap())?;
                 match t.shape.dims() {
                     [n, Dim::Fixed(f)] if *f == e.n_features => {

@@ -24,6 +24,13 @@ pub enum Expr {
     /// Round half away from zero.
     Round(Box<Expr>),
     Clamp(Box<Expr>, f64, f64),
+    /// A table: parameter `first + i` at `i = clamp(round(index), 0, len − 1)`. Lets a
+    /// lookup hold arbitrary per-element values (a tree unit's leaf values, say).
+    Table {
+        index: Box<Expr>,
+        first: usize,
+        len: usize,
+    },
 }
 
 impl Expr {
@@ -55,6 +62,12 @@ impl Expr {
             Expr::Binary(_, a, b) => a.check(n_params).and_then(|_| b.check(n_params)),
             Expr::Clamp(e, lo, hi) if lo <= hi => e.check(n_params),
             Expr::Clamp(_, lo, hi) => Err(format!("clamp to [{lo}, {hi}]")),
+            Expr::Table { index, first, len } if *len > 0 && first.saturating_add(*len) <= n_params => {
+                index.check(n_params)
+            }
+            Expr::Table { first, len, .. } => {
+                Err(format!("a table of {len} entries from p{first} in a lookup with {n_params} parameters"))
+            }
         }
     }
 
@@ -68,6 +81,10 @@ impl Expr {
             Expr::Binary(f, a, b) => f.apply(a.eval(x, params), b.eval(x, params)),
             Expr::Round(e) => e.eval(x, params).round(),
             Expr::Clamp(e, lo, hi) => e.eval(x, params).clamp(*lo, *hi),
+            Expr::Table { index, first, len } => {
+                let i = index.eval(x, params).round().clamp(0.0, (*len - 1) as f64);
+                params[first + i as usize]
+            }
         }
     }
 
@@ -95,6 +112,9 @@ impl Expr {
                 let (a, b) = e.bounds(lo, hi, params);
                 (a.clamp(*l, *h), b.clamp(*l, *h))
             }
+            Expr::Table { first, len, .. } => params[*first..first + len]
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &(l, h)| (a.min(l), b.max(h))),
         }
     }
 
@@ -109,6 +129,9 @@ impl Expr {
             Expr::Binary(f, a, b) => Expr::binary(*f, a.substitute(inner), b.substitute(inner)),
             Expr::Round(e) => Expr::Round(Box::new(e.substitute(inner))),
             Expr::Clamp(e, l, h) => Expr::Clamp(Box::new(e.substitute(inner)), *l, *h),
+            Expr::Table { index, first, len } => {
+                Expr::Table { index: Box::new(index.substitute(inner)), first: *first, len: *len }
+            }
         }
     }
 
@@ -121,6 +144,9 @@ impl Expr {
             Expr::Binary(f, a, b) => Expr::binary(*f, a.shift_params(offset), b.shift_params(offset)),
             Expr::Round(e) => Expr::Round(Box::new(e.shift_params(offset))),
             Expr::Clamp(e, l, h) => Expr::Clamp(Box::new(e.shift_params(offset)), *l, *h),
+            Expr::Table { index, first, len } => {
+                Expr::Table { index: Box::new(index.shift_params(offset)), first: first + offset, len: *len }
+            }
         }
     }
 }
@@ -173,6 +199,8 @@ impl Expr {
             Expr::Input => Some(Increasing),
             Expr::Const(_) | Expr::Param(_) => Some(Constant),
             Expr::Round(e) | Expr::Clamp(e, _, _) => e.monotone(params),
+            Expr::Table { index, .. } if index.monotone(params)? == Constant => Some(Constant),
+            Expr::Table { .. } => None,
             Expr::Unary(f, e) => {
                 let m = e.monotone(params)?;
                 if m == Constant {
@@ -237,6 +265,7 @@ impl fmt::Display for Expr {
             },
             Expr::Round(e) => write!(f, "round({e})"),
             Expr::Clamp(e, l, h) => write!(f, "clamp({e}, {l}, {h})"),
+            Expr::Table { index, first, len } => write!(f, "table(p{first}..p{})[{index}]", first + len),
         }
     }
 }

@@ -344,32 +344,32 @@ pub fn score(metric: Metric, ours: &Tensor, reference: &Tensor) -> f64 {
     }
 }
 
-struct Search<'a> {
-    g: &'a Graph,
+pub(crate) struct Search<'a> {
+    pub(crate) g: &'a Graph,
     inputs: &'a [Tensor],
-    calib: Calibration,
+    pub(crate) calib: Calibration,
     reference: Tensor,
     out_index: usize,
-    metric: Metric,
-    tolerance: f64,
+    pub(crate) metric: Metric,
+    pub(crate) tolerance: f64,
     /// Quantized and fused models per bit-width configuration (precision only re-rounds).
     cache: HashMap<(QuantConfig, Rules), (QuantizedModel, FuseReport, Graph)>,
     /// [`narrow_element_bits`] of each cached configuration's outputs.
     deficits: HashMap<(QuantConfig, Rules), Vec<u32>>,
-    trials: Vec<Trial>,
+    pub(crate) trials: Vec<Trial>,
     margin: f64,
     rules: Rules,
     /// Noise of a rounded read, in slots.
     slot_std: f64,
     server_tail: bool,
     /// Bits of each output the client reads (circuits with lookups).
-    output_bits: u32,
+    pub(crate) output_bits: u32,
 }
 
 impl Search<'_> {
     /// Quantize, fuse and narrow one configuration (cached; precision only re-rounds).
     /// Also returns the quantizer's graph before fusion.
-    fn fused(&mut self, cfg: QuantConfig) -> Result<(QuantizedModel, FuseReport, Graph)> {
+    pub(crate) fn fused(&mut self, cfg: QuantConfig) -> Result<(QuantizedModel, FuseReport, Graph)> {
         if let Some(m) = self.cache.get(&(cfg, self.rules)) {
             return Ok(m.clone());
         }
@@ -384,13 +384,20 @@ impl Search<'_> {
         Ok(entry)
     }
 
-    fn record(&self, config: QuantConfig, precision: u32, lookups: usize, score: f64, accepted: bool) -> Trial {
+    pub(crate) fn record(
+        &self,
+        config: QuantConfig,
+        precision: u32,
+        lookups: usize,
+        score: f64,
+        accepted: bool,
+    ) -> Trial {
         let (output_bits, commute_max) = (self.output_bits, self.rules.max_commute);
         Trial { config, precision, output_bits, commute_max, lookups, score, accepted }
     }
 
     /// Build and score one configuration.
-    fn trial(&mut self, cfg: QuantConfig, p: u32) -> Result<(QuantizedModel, FuseReport, f64, bool)> {
+    pub(crate) fn trial(&mut self, cfg: QuantConfig, p: u32) -> Result<(QuantizedModel, FuseReport, f64, bool)> {
         let (mut q, report, _) = self.fused(cfg)?;
         match set_precision(&q.graph, p) {
             Ok(g) => {
@@ -440,6 +447,9 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
         server_tail: opts.server_tail,
     };
 
+    if g.node_ids().any(|n| matches!(g.node(n).op, Op::TreeEnsemble(_))) {
+        return crate::tree_search::compile(s, opts, metric_source);
+    }
     let top = opts.n_bits.unwrap_or(8);
     let full = QuantConfig { input_bits: top, weight_bits: top, act_bits: top };
     // Fusion variants: commuting lookups past maxima saves lookups but needs more

@@ -11,6 +11,8 @@ pub mod model;
 pub mod quantize;
 pub mod ranges;
 pub mod training;
+pub mod tree_search;
+pub mod trees;
 
 pub use bitwidth::{compile, Compiled, SearchOptions};
 pub use calibrate::{calibrate, Calibration};

@@ -15,6 +15,41 @@ pub struct InputQuant {
     pub offset: ArrayD<f64>,
     /// The integers' range, [0, 2^bits − 1].
     pub range: Range,
+    /// Rank encoding (tree models): per feature of a `[batch, features]` input, the cut
+    /// predicates its trees test, ascending; the client sends each feature's rank, the
+    /// number of cuts that fail, instead of `scale`/`offset` quantization (see
+    /// [`crate::trees`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuts: Option<Vec<Vec<Cut>>>,
+}
+
+/// One threshold test of a feature: `x ≤ threshold` (inclusive) or `x < threshold`.
+/// Cuts order as the sets they accept: (t, <) ⊂ (t, ≤) ⊂ (t′, <) for t < t′, so over an
+/// ascending list the cuts that hold at x are a suffix, and cut j holds iff rank(x) ≤ j.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Cut {
+    pub threshold: f32,
+    pub inclusive: bool,
+}
+
+impl Cut {
+    pub fn holds(&self, x: f32) -> bool {
+        if self.inclusive {
+            x <= self.threshold
+        } else {
+            x < self.threshold
+        }
+    }
+
+    /// Total order of the accepted sets (thresholds are never NaN).
+    pub fn cmp_sets(&self, o: &Cut) -> std::cmp::Ordering {
+        self.threshold.total_cmp(&o.threshold).then(self.inclusive.cmp(&o.inclusive))
+    }
+}
+
+/// The rank of `x` among ascending `cuts`: how many fail at `x`.
+pub fn rank(cuts: &[Cut], x: f32) -> i64 {
+    cuts.partition_point(|c| !c.holds(x)) as i64
 }
 
 impl InputQuant {
@@ -24,6 +59,9 @@ impl InputQuant {
 
     /// v = clamp(round((x − offset) / scale), lo, hi), element-wise over a batch.
     pub fn quantize(&self, x: &ArrayD<f32>) -> Result<ArrayD<i64>> {
+        if let Some(cuts) = &self.cuts {
+            return self.ranks(cuts, x);
+        }
         let dims = x.shape().to_vec();
         let s = broadcast_sample(&self.scale, &dims, &self.name)?;
         let o = broadcast_sample(&self.offset, &dims, &self.name)?;
@@ -31,6 +69,28 @@ impl InputQuant {
         ndarray::Zip::from(&mut out).and(x).and(&s).and(&o).for_each(|q: &mut i64, &v, &s, &o| {
             *q = (((v as f64) - o) / s).round().clamp(self.range.lo as f64, self.range.hi as f64) as i64;
         });
+        Ok(out)
+    }
+}
+
+impl InputQuant {
+    /// Rank-encode a `[batch, features]` batch (see [`InputQuant::cuts`]).
+    fn ranks(&self, cuts: &[Vec<Cut>], x: &ArrayD<f32>) -> Result<ArrayD<i64>> {
+        let err = |msg: String| PassError::Quantize { node: self.name.clone(), msg };
+        if x.ndim() != 2 || x.shape()[1] != cuts.len() {
+            return Err(err(format!("expects [batch, {}] features, got {:?}", cuts.len(), x.shape())));
+        }
+        let mut out = ArrayD::zeros(x.raw_dim());
+        for ((idx, &v), o) in x.indexed_iter().zip(out.iter_mut()) {
+            if v.is_nan() {
+                let msg = format!(
+                    "feature {} of sample {} is NaN: encrypted trees need every feature (impute missing values first)",
+                    idx[1], idx[0]
+                );
+                return Err(err(msg));
+            }
+            *o = rank(&cuts[idx[1]], v);
+        }
         Ok(out)
     }
 }
@@ -48,6 +108,9 @@ impl InputQuant {
     /// The values of a batch that quantization clips (beyond half a step outside the
     /// calibrated range), if any.
     pub fn clipped(&self, x: &ArrayD<f32>) -> Result<Option<InputClip>> {
+        if self.cuts.is_some() {
+            return Ok(None); // a rank covers every value
+        }
         let dims = x.shape().to_vec();
         let s = broadcast_sample(&self.scale, &dims, &self.name)?;
         let o = broadcast_sample(&self.offset, &dims, &self.name)?;

@@ -101,6 +101,7 @@ pub fn quantize_with(
         tables: HashMap::new(),
         inputs: Vec::new(),
         input_of: Vec::new(),
+        rank_cuts: HashMap::new(),
     };
     let order = g.topo_order().ok_or_else(|| PassError::Quantize { node: g.name.clone(), msg: "cycle".into() })?;
     for &id in &order {
@@ -133,9 +134,12 @@ fn client_tail(g: &Graph, server_tail: bool) -> Result<HashSet<NodeId>> {
     for &id in order.iter().rev() {
         let node = g.node(id);
         let users = g.users(id);
+        // Layout ops move with their users: on the server they shrink nothing.
+        let layout =
+            matches!(node.op, Op::Concat { .. } | Op::Reshape { .. } | Op::Transpose { .. } | Op::Unary(UnaryFn::Neg));
         let movable = !server_tail
             && !matches!(node.op, Op::Input { .. } | Op::Const(_))
-            && !is_linear(g, id)
+            && (layout || !is_linear(g, id))
             && !reads_input(id);
         if forced.contains(&id)
             || (movable && users.iter().all(|u| tail.contains(u)) && (!users.is_empty() || outputs.contains(&id)))
@@ -148,11 +152,7 @@ fn client_tail(g: &Graph, server_tail: bool) -> Result<HashSet<NodeId>> {
     for &id in &order {
         let n = g.node(id);
         if tail.contains(&id) && reads_input(id) {
-            let msg = if matches!(n.op, Op::TreeEnsemble(_)) {
-                "tree ensembles run in the clear only (float mode); their FHE form is not implemented yet".to_string()
-            } else {
-                "it reads the model input directly and can only run after decryption, so nothing would be computed on encrypted data".to_string()
-            };
+            let msg = "it reads the model input directly and can only run after decryption, so nothing would be computed on encrypted data".to_string();
             return Err(PassError::Unsupported { node: format!("{} '{}'", n.op.mnemonic(), n.name), msg });
         }
     }
@@ -162,12 +162,7 @@ fn client_tail(g: &Graph, server_tail: bool) -> Result<HashSet<NodeId>> {
 fn client_only(op: &Op) -> bool {
     matches!(
         op,
-        Op::Softmax { .. }
-            | Op::ArgMax { .. }
-            | Op::ClassLabel { .. }
-            | Op::Normalize { .. }
-            | Op::Cast { .. }
-            | Op::TreeEnsemble(_)
+        Op::Softmax { .. } | Op::ArgMax { .. } | Op::ClassLabel { .. } | Op::Normalize { .. } | Op::Cast { .. }
     )
 }
 
@@ -203,6 +198,8 @@ struct Quantizer<'a> {
     tables: HashMap<NodeId, Quantized>,
     inputs: Vec<InputQuant>,
     input_of: Vec<usize>,
+    /// Rank-encoded inputs (read by tree ensembles only) and their cuts.
+    rank_cuts: HashMap<NodeId, Vec<Vec<crate::model::Cut>>>,
 }
 
 impl<'a> Quantizer<'a> {
@@ -330,6 +327,19 @@ impl<'a> Quantizer<'a> {
                 }
                 self.layout(id, &xs)
             }
+            Op::TreeEnsemble(e) => {
+                let cuts =
+                    self.rank_cuts.get(&ops[0]).cloned().ok_or_else(|| {
+                        self.unsupported(id, "encrypted tree ensembles must read a model input directly")
+                    })?;
+                let QVal::Enc(x) = self.val(ops[0]) else { return Err(self.err(id, "rank input is not encrypted")) };
+                let label = self.label(id);
+                let s = crate::trees::build(&mut self.out, e, x.node, &cuts, &label)?;
+                let dims = self.sample_dims(id);
+                let shaped =
+                    |v: Vec<f64>| ArrayD::from_shape_vec(dims.clone(), v).map_err(|e| self.err(id, e.to_string()));
+                Ok(QVal::Enc(Quantized { node: s.node, scale: shaped(s.scale)?, offset: shaped(s.offset)? }))
+            }
             op if client_only(op) => Err(self.unsupported(id, "only supported at the end of a model")),
             _ => Err(self.unsupported(id, "not supported by the quantizer")),
         }
@@ -345,6 +355,36 @@ impl<'a> Quantizer<'a> {
             return Err(
                 self.unsupported(id, "the input needs a leading batch dimension; export it with a dynamic batch axis")
             );
+        }
+        let trees: Vec<&veil_ir::op::TreeEnsemble> = self
+            .g
+            .users(id)
+            .iter()
+            .filter_map(|&u| match &self.g.node(u).op {
+                Op::TreeEnsemble(e) => Some(e.as_ref()),
+                _ => None,
+            })
+            .collect();
+        if !trees.is_empty() {
+            if trees.len() != self.g.users(id).len() {
+                return Err(self.unsupported(id, "an input read by tree ensembles cannot also feed other ops"));
+            }
+            let exact = crate::trees::exact_cuts(&trees, trees[0].n_features, &self.label(id))?;
+            let cuts = crate::trees::thin(&exact, self.cfg.input_bits);
+            let range = Range::new(0, cuts.iter().map(|c| c.len()).max().unwrap_or(0) as i64);
+            let nid = self.out.add_input(node.name.clone(), TensorType::new(Elem::Enc(range), node.ty.shape.clone()));
+            let dims = self.sample_dims(id);
+            let (scale, offset) = (ArrayD::from_elem(dims.clone(), 1.0), ArrayD::zeros(dims));
+            self.inputs.push(InputQuant {
+                name: node.name.clone(),
+                scale: scale.clone(),
+                offset: offset.clone(),
+                range,
+                cuts: Some(cuts.clone()),
+            });
+            self.input_of.push(index);
+            self.rank_cuts.insert(id, cuts);
+            return Ok(QVal::Enc(Quantized { node: nid, scale, offset }));
         }
         let (lo, hi) = &self.calib.input_elements[index];
         let dims = self.sample_dims(id);
@@ -371,7 +411,13 @@ impl<'a> Quantizer<'a> {
         let range = Range::new(0, levels as i64);
         let ty = TensorType::new(Elem::Enc(range), node.ty.shape.clone());
         let nid = self.out.add_input(node.name.clone(), ty);
-        self.inputs.push(InputQuant { name: node.name.clone(), scale: scale.clone(), offset: lo.clone(), range });
+        self.inputs.push(InputQuant {
+            name: node.name.clone(),
+            scale: scale.clone(),
+            offset: lo.clone(),
+            range,
+            cuts: None,
+        });
         self.input_of.push(index);
         Ok(QVal::Enc(Quantized { node: nid, scale, offset: lo }))
     }

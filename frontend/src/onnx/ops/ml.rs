@@ -255,13 +255,20 @@ fn parse_trees(c: &Ctx, n: &NodeView, prefix: &str, n_targets: usize) -> Result<
     let mut tree_index: HashMap<i64, usize> = HashMap::new();
     let mut pos: HashMap<(i64, i64), (usize, usize)> = HashMap::new();
     let mut trees: Vec<Vec<TreeNode>> = Vec::new();
+    // ONNX ids of each tree and of its nodes, in list order, to name faults
+    let (mut onnx_tree, mut onnx_node): (Vec<i64>, Vec<Vec<i64>>) = (Vec::new(), Vec::new());
     for i in 0..len {
         let t = *tree_index.entry(tree_ids[i]).or_insert_with(|| {
             trees.push(Vec::new());
+            onnx_tree.push(tree_ids[i]);
+            onnx_node.push(Vec::new());
             trees.len() - 1
         });
-        pos.insert((tree_ids[i], node_ids[i]), (t, trees[t].len()));
+        if pos.insert((tree_ids[i], node_ids[i]), (t, trees[t].len())).is_some() {
+            return Err(n.err(format!("tree {} lists node {} twice", tree_ids[i], node_ids[i])));
+        }
         trees[t].push(TreeNode::Leaf { weights: Vec::new() });
+        onnx_node[t].push(node_ids[i]);
     }
     for i in 0..len {
         let (t, k) = pos[&(tree_ids[i], node_ids[i])];
@@ -324,6 +331,13 @@ fn parse_trees(c: &Ctx, n: &NodeView, prefix: &str, n_targets: usize) -> Result<
     }) {
         return Err(n.err(format!("a tree reads feature {bad}, the input has {n_features}")));
     }
+    let probe =
+        TreeEnsemble { n_features, n_targets: n_targets.max(1), trees, aggregate: Aggregate::Sum, base_values: vec![] };
+    if let Err(f) = probe.check() {
+        let node = onnx_node[f.tree].get(f.node).copied().unwrap_or(f.node as i64);
+        return Err(n.err(format!("tree {} node {node}: {}", onnx_tree[f.tree], f.msg)));
+    }
+    let trees = probe.trees;
     let base_values = match n.floats("base_values")? {
         Some(v) => v,
         None => match n.tensor("base_values_as_tensor")? {
