@@ -198,15 +198,21 @@ fn a_small_forest_runs_encrypted_as_in_the_clear() {
     // 3 trees of depth 3 on wine (3 classes): rank-encoded features, comparison lookups
     // shared across trees, one leaf lookup per class per leaf parent. Every lookup reads
     // exactly, so the encrypted scores equal the clear ones.
+    // Both placements of the threshold tests: ranks compared on the server, and bits
+    // sent by the client.
     let dir = models_dir().join("trees/rf_wine_3x3");
     let g = veil_frontend::onnx::import_file(dir.join("model.onnx")).unwrap();
-    let (a, _) = veil_backend::pipeline::compile(&g, &[read_npy(&dir.join("calib.npy"))], &Default::default()).unwrap();
     let x = read_npy(&dir.join("test_x.npy"));
     let x = Tensor::F32(x.as_f32().unwrap().slice_axis(Axis(0), Slice::from(0..3)).to_owned());
-    let ints = encrypted_integers(&a.circuit, &a.client, &a.params, &a.fingerprint, &x);
-    let fhe = a.client.finish(&ints, std::slice::from_ref(&x)).unwrap();
-    let clear = a.quantized_model().unwrap().run_clear(std::slice::from_ref(&x)).unwrap();
     let float = veil_ir::interp::run(&g, std::slice::from_ref(&x)).unwrap();
-    assert_eq!(fhe, clear);
-    assert_eq!(fhe[0], float[0], "labels");
+    for client_tests in [false, true] {
+        let mut opts = veil_backend::pipeline::CompileOptions::default();
+        opts.search.client_tree_tests = client_tests;
+        let (a, _) = veil_backend::pipeline::compile(&g, &[read_npy(&dir.join("calib.npy"))], &opts).unwrap();
+        let ints = encrypted_integers(&a.circuit, &a.client, &a.params, &a.fingerprint, &x);
+        let fhe = a.client.finish(&ints, std::slice::from_ref(&x)).unwrap();
+        let clear = a.quantized_model().unwrap().run_clear(std::slice::from_ref(&x)).unwrap();
+        assert_eq!(fhe, clear, "client tests: {client_tests}");
+        assert_eq!(fhe[0], float[0], "labels");
+    }
 }

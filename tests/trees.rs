@@ -19,17 +19,33 @@ fn r2(pred: &[f64], y: &[f64]) -> f64 {
     1.0 - res / tot
 }
 
-#[test]
-fn every_tree_model_runs_in_clear_as_the_float_trees() {
+fn tree_dirs() -> Vec<std::path::PathBuf> {
     let mut dirs: Vec<_> = std::fs::read_dir(models_dir().join("trees")).unwrap().flatten().map(|e| e.path()).collect();
     dirs.sort();
     assert!(dirs.len() >= 9);
-    for dir in dirs {
+    dirs
+}
+
+#[test]
+fn every_tree_model_runs_in_clear_as_the_float_trees() {
+    check_all(false);
+}
+
+#[test]
+fn with_the_tests_on_the_client_every_tree_model_takes_the_float_branches() {
+    check_all(true);
+}
+
+fn check_all(client_tests: bool) {
+    for dir in tree_dirs() {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         let g = veil_frontend::onnx::import_file(dir.join("model.onnx")).unwrap();
         let calib = read_npy(&dir.join("calib.npy"));
-        let (a, c) = veil_backend::pipeline::compile(&g, &[calib], &Default::default())
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut opts = veil_backend::pipeline::CompileOptions::default();
+        opts.search.client_tree_tests = client_tests;
+        let (a, c) = veil_backend::pipeline::compile(&g, &[calib], &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+        // the rank or unary encoding survives the model file
+        let a = veil_backend::artifact::Artifact::from_bytes(&a.to_bytes(), &name).unwrap();
         let x = read_npy(&dir.join("test_x.npy"));
         let y = read_npy(&dir.join("test_y.npy")).values_f64();
         let float = veil_ir::interp::run(&g, std::slice::from_ref(&x)).unwrap();
@@ -37,14 +53,20 @@ fn every_tree_model_runs_in_clear_as_the_float_trees() {
         let first = float.iter().position(|t| matches!(t, Tensor::F32(_))).unwrap();
         let (f, q) = (&float[first], &clear[first]);
         // every cut kept: the integer trees take the float trees' branches
-        let lossless = veil_passes::tree_search::lossless_bits(&g).unwrap() <= c.config.input_bits;
+        let lossless = client_tests || veil_passes::tree_search::lossless_bits(&g).unwrap() <= c.config.input_bits;
         let classification = meta(&dir)["task"] == "classification";
         eprintln!(
             "{name:24} lookups {:4} widest {} bits, ranks {} bits ({})",
             a.report.lookups_per_sample,
             a.report.max_precision,
             c.config.input_bits,
-            if lossless { "lossless" } else { "thinned" }
+            if client_tests {
+                "client tests"
+            } else if lossless {
+                "lossless"
+            } else {
+                "thinned"
+            }
         );
         if classification {
             let (pf, pq) = (argmax_rows(f), argmax_rows(q));

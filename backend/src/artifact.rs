@@ -469,6 +469,7 @@ fn client_to_proto(c: &ClientSpec) -> proto::Client {
                 cut_count: i.quant.cuts.iter().flatten().map(|c| c.len() as u32).collect(),
                 cut_threshold: i.quant.cuts.iter().flatten().flatten().map(|c| c.threshold).collect(),
                 cut_inclusive: i.quant.cuts.iter().flatten().flatten().map(|c| c.inclusive).collect(),
+                cut_unary: i.quant.unary,
             })
             .collect(),
         outputs: c
@@ -566,12 +567,14 @@ fn client_from_proto(p: proto::Client, circuit: &Circuit, path: &str) -> Result<
         .map(|i| {
             let shape: Vec<usize> = i.shape.iter().map(|&d| d as usize).collect();
             let cuts = cuts_from_proto(&i, &shape).map_err(|e| bad(path, format!("input '{}': {e}", i.name)))?;
+            let unary = i.cut_unary;
             Ok(InputEncoding {
                 quant: InputQuant {
                     scale: unflat(i.scale, &shape, path)?,
                     offset: unflat(i.offset, &shape, path)?,
                     range: Range::new(i.lo, i.hi.max(i.lo)),
                     cuts,
+                    unary,
                     name: i.name,
                 },
                 shape,
@@ -666,8 +669,9 @@ fn cuts_from_proto(i: &proto::Input, shape: &[usize]) -> std::result::Result<Opt
         return Ok(None);
     }
     let total: u64 = i.cut_count.iter().map(|&c| c as u64).sum();
+    let elements = if i.cut_unary { total } else { i.cut_count.len() as u64 };
     if shape.len() != 1
-        || i.cut_count.len() != shape[0]
+        || elements != shape[0] as u64
         || total != i.cut_threshold.len() as u64
         || total != i.cut_inclusive.len() as u64
     {
@@ -687,9 +691,9 @@ fn cuts_from_proto(i: &proto::Input, shape: &[usize]) -> std::result::Result<Opt
         }
         cuts.push(list);
     }
-    let max = i.cut_count.iter().copied().max().unwrap_or(0) as i64;
+    let max = if i.cut_unary { 1 } else { i.cut_count.iter().copied().max().unwrap_or(0) as i64 };
     if i.lo != 0 || i.hi != max {
-        return Err(format!("ranks span 0..={max} but the input is declared {}..={}", i.lo, i.hi));
+        return Err(format!("the encoding spans 0..={max} but the input is declared {}..={}", i.lo, i.hi));
     }
     Ok(Some(cuts))
 }

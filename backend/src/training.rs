@@ -140,6 +140,7 @@ fn client_spec(plan: &TrainingPlan, g: &Graph, low: &LoweredGraph) -> ClientSpec
                     offset: ArrayD::from_elem(vec![], offset),
                     range: g.enc_range(id),
                     cuts: None,
+                    unary: false,
                 },
                 shape: dims(id),
                 delta_log2: low.inputs[i].delta_log2,

@@ -96,9 +96,9 @@ fn metric(d: &ModelData, out: &Tensor) -> f64 {
     }
 }
 
-fn compile(d: &ModelData) -> Result<(Artifact, f64)> {
+fn compile(d: &ModelData, opts: &CompileOptions) -> Result<(Artifact, f64)> {
     let start = Instant::now();
-    let (a, _) = veil_backend::pipeline::compile(&d.graph, std::slice::from_ref(&d.calib), &CompileOptions::default())
+    let (a, _) = veil_backend::pipeline::compile(&d.graph, std::slice::from_ref(&d.calib), opts)
         .with_context(|| format!("compiling {}", d.name))?;
     Ok((a, start.elapsed().as_secs_f64()))
 }
@@ -109,7 +109,7 @@ pub fn demo(models_dir: &Path, name: &str, samples: usize) -> Result<()> {
         bail!("no model {name} in {} (expected {}/model.onnx)", models_dir.display(), dir.display());
     }
     let d = load_dir(&dir)?;
-    let (a, secs) = compile(&d)?;
+    let (a, secs) = compile(&d, &CompileOptions::default())?;
     eprintln!(
         "compiled {name} in {secs:.2} s: {} lookups/sample, widest {} bits, N = {}",
         a.report.lookups_per_sample, a.report.max_precision, a.params.polynomial_size
@@ -216,6 +216,10 @@ fn bench_dirs(models_dir: &Path, names: &[String]) -> Result<Vec<PathBuf>> {
         .map(|e| e.path())
         .filter(|p| p.join("model.onnx").exists())
         .collect();
+    // the tree ensembles live one level down
+    if let Ok(trees) = std::fs::read_dir(models_dir.join("trees")) {
+        dirs.extend(trees.flatten().map(|e| e.path()).filter(|p| p.join("model.onnx").exists()));
+    }
     dirs.sort();
     Ok(dirs)
 }
@@ -246,31 +250,40 @@ pub fn bench(
     );
     for dir in bench_dirs(models_dir, names)? {
         let d = load_dir(&dir)?;
-        let row = match bench_one(&d, samples) {
-            Ok(r) => r,
-            Err(e) => {
-                println!("{:<32} failed: {e:#}", d.name);
-                rows.push(json!({ "model": d.name, "error": format!("{e:#}") }));
-                continue;
-            }
-        };
-        println!(
-            "{:<32} {:>8.2} {:>8.2} {:>9.1} {:>7} {:>5} {:>11.3} {:>11.3} {:>7.4} {:>7.4} {:>7.4} {:>7.4} {:>9}",
-            d.name,
-            row["compile_s"].as_f64().unwrap_or(0.0),
-            row["keygen_s"].as_f64().unwrap_or(0.0),
-            row["server_key_mb"].as_f64().unwrap_or(0.0),
-            row["lookups"],
-            row["max_bits"],
-            row["latency_s"].as_f64().unwrap_or(0.0),
-            row["throughput_s_per_sample"].as_f64().unwrap_or(0.0),
-            row["float"].as_f64().unwrap_or(0.0),
-            row["clear"].as_f64().unwrap_or(0.0),
-            row["simulate"].as_f64().unwrap_or(0.0),
-            row["execute"].as_f64().unwrap_or(0.0),
-            format!("{}/{}", row["execute_matches_clear"], row["execute_samples"]),
-        );
-        rows.push(row);
+        // tree ensembles: with the threshold tests on the server (default) and the client
+        let mut variants = vec![(CompileOptions::default(), "")];
+        if d.graph.node_ids().any(|n| matches!(d.graph.node(n).op, veil_ir::Op::TreeEnsemble(_))) {
+            let mut client = CompileOptions::default();
+            client.search.client_tree_tests = true;
+            variants.push((client, " [client tests]"));
+        }
+        for (opts, variant) in &variants {
+            let row = match bench_one(&d, samples, opts, variant) {
+                Ok(r) => r,
+                Err(e) => {
+                    println!("{:<32} failed: {e:#}", format!("{}{variant}", d.name));
+                    rows.push(json!({ "model": format!("{}{variant}", d.name), "error": format!("{e:#}") }));
+                    continue;
+                }
+            };
+            println!(
+                "{:<32} {:>8.2} {:>8.2} {:>9.1} {:>7} {:>5} {:>11.3} {:>11.3} {:>7.4} {:>7.4} {:>7.4} {:>7.4} {:>9}",
+                row["model"].as_str().unwrap_or(""),
+                row["compile_s"].as_f64().unwrap_or(0.0),
+                row["keygen_s"].as_f64().unwrap_or(0.0),
+                row["server_key_mb"].as_f64().unwrap_or(0.0),
+                row["lookups"],
+                row["max_bits"],
+                row["latency_s"].as_f64().unwrap_or(0.0),
+                row["throughput_s_per_sample"].as_f64().unwrap_or(0.0),
+                row["float"].as_f64().unwrap_or(0.0),
+                row["clear"].as_f64().unwrap_or(0.0),
+                row["simulate"].as_f64().unwrap_or(0.0),
+                row["execute"].as_f64().unwrap_or(0.0),
+                format!("{}/{}", row["execute_matches_clear"], row["execute_samples"]),
+            );
+            rows.push(row);
+        }
     }
     let training = crate::bench_train::bench(models_dir, names, train_batches)?;
     let report = json!({
@@ -287,8 +300,8 @@ pub fn bench(
     Ok(())
 }
 
-fn bench_one(d: &ModelData, samples: usize) -> Result<serde_json::Value> {
-    let (a, compile_s) = compile(d)?;
+fn bench_one(d: &ModelData, samples: usize, opts: &CompileOptions, variant: &str) -> Result<serde_json::Value> {
+    let (a, compile_s) = compile(d, opts)?;
     let start = Instant::now();
     let (ck, sk) = veil_runtime::keygen(&a.params, &a.fingerprint)?;
     let keygen_s = start.elapsed().as_secs_f64();
@@ -308,7 +321,7 @@ fn bench_one(d: &ModelData, samples: usize) -> Result<serde_json::Value> {
     let clear = a.quantized_model()?.run_clear(std::slice::from_ref(&d.test_x))?;
     let (sim, _) = run_compiled_timed(&a, std::slice::from_ref(&d.test_x), Mode::Simulate, false)?;
     Ok(json!({
-        "model": d.name,
+        "model": format!("{}{variant}", d.name),
         "compile_s": compile_s,
         "keygen_s": keygen_s,
         "server_key_mb": key_mb,
@@ -338,7 +351,7 @@ mod tests {
     #[test]
     fn simulated_share_tells_a_near_tie_from_a_fault() {
         let d = load_dir(&default_models_dir().join("mlp_digits")).unwrap();
-        let (a, _) = compile(&d).unwrap();
+        let (a, _) = compile(&d, &CompileOptions::default()).unwrap();
         // test sample 0: classes 2 and 3 score close (observed flipping in encrypted runs)
         let x = rows(&d.test_x, 0);
         let class = |c: usize| {

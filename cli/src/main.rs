@@ -310,6 +310,19 @@ struct CompileArgs {
     /// label mapping always run on the client.
     #[arg(long)]
     server_activations: bool,
+    /// Tree ensembles: who computes the threshold tests. `server` (default): the client
+    /// sends each feature's rank among the trees' thresholds and the server compares, one
+    /// lookup per distinct (feature, threshold). `client`: the client sends each test's
+    /// bit, one ciphertext per threshold, and the server only does the leaf lookups
+    /// (faster; larger upload). Either way the client's model file holds the thresholds.
+    #[arg(long, value_enum, default_value_t = TreeTests::Server)]
+    tree_tests: TreeTests,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum TreeTests {
+    Server,
+    Client,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -345,6 +358,7 @@ impl CompileArgs {
                 max_precision: self.max_precision,
                 strict: self.strict_tolerance,
                 server_tail: self.server_activations,
+                client_tree_tests: self.tree_tests == TreeTests::Client,
                 task: self.task.map(|t| match t {
                     TaskArg::Classification => veil_ir::Task::Classification,
                     TaskArg::Regression => veil_ir::Task::Regression,

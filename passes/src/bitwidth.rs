@@ -47,6 +47,9 @@ pub struct SearchOptions {
     pub strict: bool,
     /// Run trailing non-linear ops on the server (see `quantize::quantize_with`).
     pub server_tail: bool,
+    /// Tree ensembles: the client computes the threshold tests (see
+    /// `quantize::Placement::client_tree_tests`).
+    pub client_tree_tests: bool,
     /// How candidates are priced (see [`LookupCost`]).
     pub lookup_cost: LookupCost,
 }
@@ -62,6 +65,7 @@ impl Default for SearchOptions {
             task: None,
             strict: false,
             server_tail: false,
+            client_tree_tests: false,
             lookup_cost: doubling_cost,
         }
     }
@@ -361,7 +365,7 @@ pub(crate) struct Search<'a> {
     rules: Rules,
     /// Noise of a rounded read, in slots.
     slot_std: f64,
-    server_tail: bool,
+    placement: crate::quantize::Placement,
     /// Bits of each output the client reads (circuits with lookups).
     pub(crate) output_bits: u32,
 }
@@ -373,7 +377,7 @@ impl Search<'_> {
         if let Some(m) = self.cache.get(&(cfg, self.rules)) {
             return Ok(m.clone());
         }
-        let mut q = crate::quantize::quantize_with(self.g, &self.calib, &cfg, self.margin, self.server_tail)?;
+        let mut q = crate::quantize::quantize_with(self.g, &self.calib, &cfg, self.margin, self.placement)?;
         let unfused = q.graph.clone();
         let (graph, report) = fuse_with(&q.graph, self.rules)?;
         let enc = q.encode_inputs(self.inputs)?;
@@ -444,7 +448,10 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
         rules: Rules::default(),
         slot_std: 0.5 / z_for(opts.p_error),
         output_bits: OUTPUT_BITS,
-        server_tail: opts.server_tail,
+        placement: crate::quantize::Placement {
+            server_tail: opts.server_tail,
+            client_tree_tests: opts.client_tree_tests,
+        },
     };
 
     if g.node_ids().any(|n| matches!(g.node(n).op, Op::TreeEnsemble(_))) {

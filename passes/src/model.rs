@@ -21,6 +21,10 @@ pub struct InputQuant {
     /// [`crate::trees`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cuts: Option<Vec<Vec<Cut>>>,
+    /// With `cuts`: send every cut's bit (`[batch, Σ cuts]`, feature by feature, 1 when
+    /// the cut holds) instead of each feature's rank.
+    #[serde(default)]
+    pub unary: bool,
 }
 
 /// One threshold test of a feature: `x ≤ threshold` (inclusive) or `x < threshold`.
@@ -91,7 +95,21 @@ impl InputQuant {
             }
             *o = rank(&cuts[idx[1]], v);
         }
-        Ok(out)
+        if !self.unary {
+            return Ok(out);
+        }
+        // cut j of a feature holds iff its rank ≤ j
+        let total: usize = cuts.iter().map(|c| c.len()).sum();
+        let mut bits = ndarray::Array2::<i64>::zeros((x.shape()[0], total));
+        for (s, mut row) in bits.outer_iter_mut().enumerate() {
+            let mut at = 0;
+            for (f, c) in cuts.iter().enumerate() {
+                let r = out[[s, f]];
+                (0..c.len()).for_each(|j| row[at + j] = i64::from(r <= j as i64));
+                at += c.len();
+            }
+        }
+        Ok(bits.into_dyn())
     }
 }
 

@@ -34,6 +34,20 @@ pub struct QuantConfig {
     pub act_bits: u32,
 }
 
+/// Where the work of ops the server could do goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Placement {
+    /// Trailing non-linear ops (an activation, a sigmoid) run on the server as lookups
+    /// instead of on the client after decryption, so the client never sees
+    /// pre-activation values. Only ops that cannot run encrypted (softmax, argmax, label
+    /// mapping) are left to the client.
+    pub server_tail: bool,
+    /// Tree ensembles: the client sends each threshold test's bit (unary encoding)
+    /// instead of each feature's rank, and the server does no comparison lookups. Both
+    /// reveal the trees' cuts to the client; unary sends one ciphertext per cut.
+    pub client_tree_tests: bool,
+}
+
 impl Default for QuantConfig {
     fn default() -> Self {
         QuantConfig { input_bits: 8, weight_bits: 8, act_bits: 8 }
@@ -75,21 +89,18 @@ pub fn quantize(g: &Graph, calib: &Calibration, cfg: &QuantConfig) -> Result<Qua
 /// [`quantize`], sizing accumulators for compiled ranges with headroom `margin` (see
 /// [`crate::ranges`]).
 pub fn quantize_with_margin(g: &Graph, calib: &Calibration, cfg: &QuantConfig, margin: f64) -> Result<QuantizedModel> {
-    quantize_with(g, calib, cfg, margin, false)
+    quantize_with(g, calib, cfg, margin, Placement::default())
 }
 
-/// [`quantize_with_margin`]; with `server_tail`, trailing non-linear ops (an activation,
-/// a sigmoid) run on the server as lookups instead of on the client after decryption, so
-/// the client never sees pre-activation values. Only ops that cannot run encrypted
-/// (softmax, argmax, label mapping) are left to the client.
+/// [`quantize_with_margin`], with the work placed as `placement` says.
 pub fn quantize_with(
     g: &Graph,
     calib: &Calibration,
     cfg: &QuantConfig,
     margin: f64,
-    server_tail: bool,
+    placement: Placement,
 ) -> Result<QuantizedModel> {
-    let tail = client_tail(g, server_tail)?;
+    let tail = client_tail(g, placement.server_tail)?;
     let mut q = Quantizer {
         g,
         calib,
@@ -102,6 +113,7 @@ pub fn quantize_with(
         inputs: Vec::new(),
         input_of: Vec::new(),
         rank_cuts: HashMap::new(),
+        placement,
     };
     let order = g.topo_order().ok_or_else(|| PassError::Quantize { node: g.name.clone(), msg: "cycle".into() })?;
     for &id in &order {
@@ -200,6 +212,7 @@ struct Quantizer<'a> {
     input_of: Vec<usize>,
     /// Rank-encoded inputs (read by tree ensembles only) and their cuts.
     rank_cuts: HashMap<NodeId, Vec<Vec<crate::model::Cut>>>,
+    placement: Placement,
 }
 
 impl<'a> Quantizer<'a> {
@@ -334,7 +347,13 @@ impl<'a> Quantizer<'a> {
                     })?;
                 let QVal::Enc(x) = self.val(ops[0]) else { return Err(self.err(id, "rank input is not encrypted")) };
                 let label = self.label(id);
-                let s = crate::trees::build(&mut self.out, e, x.node, &cuts, &label)?;
+                let features = if self.placement.client_tree_tests {
+                    crate::trees::Features::Unary { node: x.node, cuts: &cuts }
+                } else {
+                    crate::trees::Features::Ranks { node: x.node, cuts: &cuts }
+                };
+                // for trees, act_bits bounds the leaf lookups (see `tree_search`)
+                let s = crate::trees::build(&mut self.out, e, features, self.cfg.act_bits, &label)?;
                 let dims = self.sample_dims(id);
                 let shaped =
                     |v: Vec<f64>| ArrayD::from_shape_vec(dims.clone(), v).map_err(|e| self.err(id, e.to_string()));
@@ -370,10 +389,17 @@ impl<'a> Quantizer<'a> {
                 return Err(self.unsupported(id, "an input read by tree ensembles cannot also feed other ops"));
             }
             let exact = crate::trees::exact_cuts(&trees, trees[0].n_features, &self.label(id))?;
-            let cuts = crate::trees::thin(&exact, self.cfg.input_bits);
-            let range = Range::new(0, cuts.iter().map(|c| c.len()).max().unwrap_or(0) as i64);
-            let nid = self.out.add_input(node.name.clone(), TensorType::new(Elem::Enc(range), node.ty.shape.clone()));
-            let dims = self.sample_dims(id);
+            let unary = self.placement.client_tree_tests;
+            // unary bits cost no precision: every cut is kept
+            let cuts = if unary { exact } else { crate::trees::thin(&exact, self.cfg.input_bits) };
+            let (range, shape) = if unary {
+                let bits = cuts.iter().map(|c| c.len()).sum::<usize>();
+                (Range::new(0, 1), Shape(vec![Dim::Batch, Dim::Fixed(bits)]))
+            } else {
+                (Range::new(0, cuts.iter().map(|c| c.len()).max().unwrap_or(0) as i64), node.ty.shape.clone())
+            };
+            let nid = self.out.add_input(node.name.clone(), TensorType::new(Elem::Enc(range), shape.clone()));
+            let dims = sample_dims(&shape);
             let (scale, offset) = (ArrayD::from_elem(dims.clone(), 1.0), ArrayD::zeros(dims));
             self.inputs.push(InputQuant {
                 name: node.name.clone(),
@@ -381,6 +407,7 @@ impl<'a> Quantizer<'a> {
                 offset: offset.clone(),
                 range,
                 cuts: Some(cuts.clone()),
+                unary,
             });
             self.input_of.push(index);
             self.rank_cuts.insert(id, cuts);
@@ -417,6 +444,7 @@ impl<'a> Quantizer<'a> {
             offset: lo.clone(),
             range,
             cuts: None,
+            unary: false,
         });
         self.input_of.push(index);
         Ok(QVal::Enc(Quantized { node: nid, scale, offset: lo }))

@@ -5,10 +5,13 @@
 //! trees take the float trees' branches exactly; they are tried first when they fit in
 //! [`CHEAP_BITS`] (lookups up to that width cost about the same here), else the search
 //! thins the cuts to `CHEAP_BITS`, then one bit more at a time up to lossless, and keeps
-//! the first width that agrees with the float model within tolerance.
+//! the first width that agrees with the float model within tolerance. At each width the
+//! leaf lookups' budget (`act_bits`, see `trees::units`) is the one with the cheapest
+//! circuit by the cost model: all budgets compute the same scores.
 
 use crate::bitwidth::{max_precision, Compiled, Search, SearchOptions};
 use crate::error::{PassError, Result};
+use crate::fuse::count_lookups;
 use crate::quantize::QuantConfig;
 use veil_ir::Op;
 
@@ -38,8 +41,20 @@ pub(crate) fn compile(mut s: Search, opts: &SearchOptions, metric_source: &'stat
     let first = opts.n_bits.unwrap_or(lossless.min(CHEAP_BITS)).max(1);
     let last = opts.n_bits.unwrap_or(lossless.max(first)).max(first);
     let mut best: Option<(crate::model::QuantizedModel, crate::fuse::FuseReport, f64, QuantConfig, u32, bool)> = None;
+    let last = if opts.client_tree_tests { first } else { last };
     for bits in first..=last {
-        let cfg = QuantConfig { input_bits: bits, weight_bits: 8, act_bits: 8 };
+        // the leaf lookups' budget: the cheapest circuit (they take a unit's children
+        // along when that fits, halving their count at a wider read)
+        let mut cfg = QuantConfig { input_bits: bits, weight_bits: 8, act_bits: 2 };
+        let mut cheapest = f64::INFINITY;
+        for unit_bits in 2..=CHEAP_BITS.min(opts.max_precision).max(2) {
+            let c = QuantConfig { act_bits: unit_bits, ..cfg };
+            let g = s.fused(c)?.0.graph;
+            let cost = count_lookups(&g) as f64 * (opts.lookup_cost)(max_precision(&g));
+            if cost < cheapest {
+                (cheapest, cfg) = (cost, c);
+            }
+        }
         let p = max_precision(&s.fused(cfg)?.0.graph);
         if p > opts.max_precision {
             s.trials.push(s.record(cfg, p, 0, 0.0, false));

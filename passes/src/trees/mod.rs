@@ -18,6 +18,8 @@
 //! Concrete ML's "GEMM" form instead spends one lookup per internal node and one per
 //! leaf.
 
+pub mod units;
+
 use crate::error::{PassError, Result};
 use crate::model::Cut;
 use ndarray::{Array2, ArrayD};
@@ -110,199 +112,186 @@ pub struct Scores {
     pub offset: Vec<f64>,
 }
 
-/// One leaf lookup: a leaf's parent and the linear form of what it reads.
-struct Unit {
-    /// Coefficient per comparison bit, and the constant.
-    weights: HashMap<usize, i64>,
-    constant: i64,
-    depth: i64,
-    /// The leaf child's weights when the test holds / fails (None: an internal child).
-    on_true: Option<Vec<(usize, f32)>>,
-    on_false: Option<Vec<(usize, f32)>>,
+/// Where the comparison bits come from.
+pub enum Features<'a> {
+    /// Ranks `[batch, features]` over `cuts`: the server compares (one lookup per bit).
+    Ranks { node: NodeId, cuts: &'a [Vec<Cut>] },
+    /// The bits themselves `[batch, Σ cuts]`, feature by feature, computed by the client
+    /// over `cuts` (no comparison lookups; see `InputQuant::unary`).
+    Unary { node: NodeId, cuts: &'a [Vec<Cut>] },
 }
 
-/// Build the circuit of `e` into `out`, reading the rank-encoded features `ranks`
-/// (`[batch, features]`, ranks over `cuts`).
-pub fn build(out: &mut Graph, e: &TreeEnsemble, ranks: NodeId, cuts: &[Vec<Cut>], name: &str) -> Result<Scores> {
+impl Features<'_> {
+    fn cuts(&self) -> &[Vec<Cut>] {
+        match self {
+            Features::Ranks { cuts, .. } | Features::Unary { cuts, .. } => cuts,
+        }
+    }
+}
+
+/// Build the circuit of `e` into `out`. Leaf lookups take a unit's children along when
+/// they fit `unit_bits` bits (see [`units`]).
+pub fn build(out: &mut Graph, e: &TreeEnsemble, features: Features, unit_bits: u32, name: &str) -> Result<Scores> {
     let err = |msg: String| PassError::Unsupported { node: name.into(), msg };
     if matches!(e.aggregate, Aggregate::Min | Aggregate::Max) {
         return Err(err("encrypted trees aggregate by sum or average, not min/max".into()));
     }
     let per_tree = if e.aggregate == Aggregate::Average { 1.0 / e.trees.len().max(1) as f64 } else { 1.0 };
-    // comparison bits: (feature, cut index) → position
+    let cuts = features.cuts();
+    // comparison bits in use: (feature, cut index), numbered as first met
     let mut bits: Vec<(usize, usize)> = Vec::new();
     let mut bit_of: HashMap<(usize, usize), usize> = HashMap::new();
-    let mut units: Vec<Unit> = Vec::new();
+    let mut all_units = Vec::new();
     let mut constant = vec![0.0f64; e.n_targets];
-    for tree in &e.trees {
+    for (t, tree) in e.trees.iter().enumerate() {
         if let TreeNode::Leaf { weights } = &tree[0] {
-            weights.iter().for_each(|&(t, w)| constant[t] += w as f64 * per_tree);
+            weights.iter().for_each(|&(k, w)| constant[k] += w as f64 * per_tree);
             continue;
         }
-        // depth-first: (node, depth, path conditions as (bit, sign) with cond = sign·b + (1 − sign)/2·2…)
-        let mut stack: Vec<(usize, Vec<(usize, bool)>)> = vec![(0, Vec::new())];
-        while let Some((k, path)) = stack.pop() {
-            let TreeNode::Branch { feature, threshold, mode, if_true, if_false, .. } = &tree[k] else { continue };
-            let (cut, positive) = branch_cut(*mode, *threshold).ok_or_else(|| {
-                err("a tree tests equality (BRANCH_EQ/NEQ), which encrypted trees do not support".into())
-            })?;
-            let j = snap(&cuts[*feature], cut);
-            let bit = *bit_of.entry((*feature, j)).or_insert_with(|| {
-                bits.push((*feature, j));
-                bits.len() - 1
-            });
-            // the test is b (positive) or 1 − b; an edge condition is the test or its negation
-            let leaf = |c: usize| match &tree[c] {
-                TreeNode::Leaf { weights } => Some(weights.clone()),
-                TreeNode::Branch { .. } => None,
-            };
-            let (on_true, on_false) = (leaf(*if_true), leaf(*if_false));
-            if on_true.is_some() || on_false.is_some() {
-                let depth = path.len() as i64;
-                let mut u = Unit { weights: HashMap::new(), constant: 0, depth, on_true, on_false };
-                for &(b, holds) in &path {
-                    add_condition(&mut u, b, holds);
-                }
-                // (d + 1)·test
-                let (w, c) = if positive { (1, 0) } else { (-1, 1) };
-                *u.weights.entry(bit).or_default() += (depth + 1) * w;
-                u.constant += (depth + 1) * c;
-                units.push(u);
-            }
-            for (child, taken) in [(*if_true, positive), (*if_false, !positive)] {
-                let mut p = path.clone();
-                // the edge to `child` holds when b == taken
-                p.push((bit, taken));
-                stack.push((child, p));
+        let mut tests: HashMap<usize, units::Test> = HashMap::new();
+        for (k, node) in tree.iter().enumerate() {
+            if let TreeNode::Branch { feature, threshold, mode, .. } = node {
+                let (cut, positive) = branch_cut(*mode, *threshold).ok_or_else(|| {
+                    err(format!(
+                        "tree {t} node {k} tests equality (BRANCH_EQ/NEQ), which encrypted trees do not support"
+                    ))
+                })?;
+                let key = (*feature, snap(&cuts[*feature], cut));
+                let bit = *bit_of.entry(key).or_insert_with(|| {
+                    bits.push(key);
+                    bits.len() - 1
+                });
+                tests.insert(k, units::Test { bit, positive });
             }
         }
+        all_units.extend(units::partition(t, tree, &|k| tests[&k], unit_bits));
     }
     if bits.is_empty() {
         return Err(err("the trees test no feature: the model is a constant".into()));
     }
-    let rank_max = cuts.iter().map(|c| c.len()).max().unwrap_or(0) as i64;
-    // comparisons: gather each bit's feature, then b = clamp(j + 1 − rank, 0, 1)
-    let features =
-        ArrayD::from_shape_vec(vec![bits.len()], bits.iter().map(|&(f, _)| f as i64).collect()).expect("one per bit");
-    let gathered = out.add(Op::Gather { axis: 1, indices: features }, &[ranks], format!("{name}/ranks"))?;
-    // b = [rank ≤ j] as a table over the ranks (a clamp would read as saturation to
-    // the overflow report)
-    let thresholds: Vec<ArrayD<f64>> = (0..=rank_max)
-        .map(|r| {
-            let v = bits.iter().map(|&(_, j)| f64::from(u8::from(r <= j as i64))).collect();
-            ArrayD::from_shape_vec(vec![bits.len()], v).expect("one per bit")
-        })
-        .collect();
-    let compare = Expr::Table { index: Box::new(Expr::Input), first: 0, len: rank_max as usize + 1 };
-    let tlu =
-        Tlu { expr: compare, input: Range::new(0, rank_max), params: thresholds, rounding: 0, label: "compare".into() };
-    let bit_node = out.add(Op::Tlu(Box::new(tlu)), &[gathered], format!("{name}/compare"))?;
+    let bit_node = comparison_bits(out, &features, &bits, name)?;
     // what each leaf lookup reads
-    let mut w = Array2::<i64>::zeros((units.len(), bits.len()));
-    for (u, unit) in units.iter().enumerate() {
+    let mut w = Array2::<i64>::zeros((all_units.len(), bits.len()));
+    for (u, unit) in all_units.iter().enumerate() {
         unit.weights.iter().for_each(|(&b, &c)| w[[u, b]] += c);
     }
-    let bias =
-        ArrayD::from_shape_vec(vec![units.len()], units.iter().map(|u| u.constant).collect()).expect("one per unit");
+    let bias = ArrayD::from_shape_vec(vec![all_units.len()], all_units.iter().map(|u| u.constant).collect())
+        .expect("one per unit");
     let lin = Linear::new(LinearKind::Dense { weights: w }, bias, TREE_LABEL);
     let packed = out.add(Op::Linear(Box::new(lin)), &[bit_node], format!("{name}/reach"))?;
     let len = match out.node(packed).ty.elem {
         Elem::Enc(r) if r.lo >= 0 => r.hi as usize + 1,
         _ => return Err(err("internal: a leaf lookup reads a negative value".into())),
     };
+    // a leaf's value for target k, before quantization
+    let leaf_value = |tree: &[TreeNode], leaf: usize, k: usize| -> f64 {
+        match &tree[leaf] {
+            TreeNode::Leaf { weights } => weights.iter().filter(|w| w.0 == k).map(|w| w.1 as f64 * per_tree).sum(),
+            TreeNode::Branch { .. } => 0.0,
+        }
+    };
+    let leaves_of = |tree: &[TreeNode]| -> Vec<usize> {
+        (0..tree.len()).filter(|&i| matches!(tree[i], TreeNode::Leaf { .. })).collect()
+    };
     // scale per target: the summed leaf values span SCORE_STEPS integers
     let (mut lo, mut hi) = (constant.clone(), constant.clone());
-    for tree in &e.trees {
-        for t in 0..e.n_targets {
-            let vals = tree.iter().filter_map(|n| match n {
-                TreeNode::Leaf { weights } => {
-                    Some(weights.iter().filter(|w| w.0 == t).map(|w| w.1 as f64 * per_tree).sum::<f64>())
-                }
-                TreeNode::Branch { .. } => None,
-            });
+    for tree in e.trees.iter().filter(|t| !matches!(t[0], TreeNode::Leaf { .. })) {
+        for k in 0..e.n_targets {
+            let vals = leaves_of(tree).into_iter().map(|l| leaf_value(tree, l, k));
             let (l, h) = vals.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(v), h.max(v)));
-            if l.is_finite() && !matches!(tree[0], TreeNode::Leaf { .. }) {
-                lo[t] += l;
-                hi[t] += h;
-            }
+            lo[k] += l;
+            hi[k] += h;
         }
     }
     let scale: Vec<f64> = lo.iter().zip(&hi).map(|(&l, &h)| if h > l { (h - l) / SCORE_STEPS } else { 1.0 }).collect();
-    // one leaf lookup per (unit, target it writes)
+    let quantized = |tree: &[TreeNode], leaf: usize, k: usize| (leaf_value(tree, leaf, k) / scale[k]).round();
+    // one leaf lookup per (unit, target one of its leaves writes)
     let mut elems: Vec<(usize, usize)> = Vec::new();
-    for (u, unit) in units.iter().enumerate() {
-        for t in 0..e.n_targets {
-            let writes = |l: &Option<Vec<(usize, f32)>>| l.iter().flatten().any(|w| w.0 == t && w.1 != 0.0);
-            if writes(&unit.on_true) || writes(&unit.on_false) {
-                elems.push((u, t));
+    for (u, unit) in all_units.iter().enumerate() {
+        let tree = &e.trees[unit.tree];
+        for k in 0..e.n_targets {
+            if unit.leaves(tree).iter().any(|&l| quantized(tree, l, k) != 0.0) {
+                elems.push((u, k));
             }
         }
     }
     if elems.is_empty() {
         return Err(err("every leaf is zero: the model is a constant".into()));
     }
-    let value = |l: &Option<Vec<(usize, f32)>>, t: usize| -> f64 {
-        let v: f64 = l.iter().flatten().filter(|w| w.0 == t).map(|w| w.1 as f64 * per_tree).sum();
-        (v / scale[t]).round()
-    };
     let params: Vec<ArrayD<f64>> = (0..len)
-        .map(|i| {
-            let vals = elems.iter().map(|&(u, t)| {
-                let unit = &units[u];
-                let (s, test) = (i as i64 % (unit.depth + 1), i as i64 / (unit.depth + 1));
-                match (s == unit.depth, test) {
-                    (true, 1) => value(&unit.on_true, t),
-                    (true, 0) => value(&unit.on_false, t),
-                    _ => 0.0,
-                }
+        .map(|v| {
+            let vals = elems.iter().map(|&(u, k)| {
+                let unit = &all_units[u];
+                let tree = &e.trees[unit.tree];
+                unit.leaf_at(tree, v as i64).map_or(0.0, |l| quantized(tree, l, k))
             });
             ArrayD::from_shape_vec(vec![elems.len()], vals.collect()).expect("one per element")
         })
         .collect();
-    let units_idx = ArrayD::from_shape_vec(vec![elems.len()], elems.iter().map(|&(u, _)| u as i64).collect())
-        .expect("one per element");
-    let per_elem =
-        out.add(Op::Gather { axis: 1, indices: units_idx }, &[packed], format!("{name}/reach_per_target"))?;
+    let per_elem = if elems.iter().enumerate().all(|(i, &(u, _))| u == i) && elems.len() == all_units.len() {
+        packed
+    } else {
+        let idx = ArrayD::from_shape_vec(vec![elems.len()], elems.iter().map(|&(u, _)| u as i64).collect())
+            .expect("one per element");
+        out.add(Op::Gather { axis: 1, indices: idx }, &[packed], format!("{name}/reach_per_target"))?
+    };
     let table = Expr::Table { index: Box::new(Expr::Input), first: 0, len };
-    let input = Range::new(0, len as i64 - 1);
-    let tlu = Tlu { expr: table, input, params, rounding: 0, label: "leaves".into() };
+    let tlu = Tlu { expr: table, input: Range::new(0, len as i64 - 1), params, rounding: 0, label: "leaves".into() };
     let leaves = out.add(Op::Tlu(Box::new(tlu)), &[per_elem], format!("{name}/leaves"))?;
     // sum per target
     let mut sum = Array2::<i64>::zeros((e.n_targets, elems.len()));
-    elems.iter().enumerate().for_each(|(k, &(_, t))| sum[[t, k]] = 1);
+    elems.iter().enumerate().for_each(|(i, &(_, k))| sum[[k, i]] = 1);
     let lin = Linear::new(LinearKind::Dense { weights: sum }, ArrayD::zeros(vec![e.n_targets]), TREE_LABEL);
     let sums = out.add(Op::Linear(Box::new(lin)), &[leaves], format!("{name}/scores"))?;
     // Exactly one leaf per tree is reached: the scores lie within Σ_trees [min, max] of
     // their leaves' integers, far inside the interval bound of a sum over all units.
-    let (mut lo_sum, mut hi_sum) = (vec![0i64; e.n_targets], vec![0i64; e.n_targets]);
-    for tree in e.trees.iter().filter(|t| !matches!(t[0], TreeNode::Leaf { .. })) {
-        for t in 0..e.n_targets {
-            let q = tree.iter().filter_map(|n| match n {
-                TreeNode::Leaf { weights } => Some(value(&Some(weights.clone()), t) as i64),
-                TreeNode::Branch { .. } => None,
-            });
-            let (l, h) = q.fold((i64::MAX, i64::MIN), |(l, h), v| (l.min(v), h.max(v)));
-            lo_sum[t] += l;
-            hi_sum[t] += h;
+    let (mut lo_sum, mut hi_sum) = (i64::MAX, i64::MIN);
+    for k in 0..e.n_targets {
+        let (mut l, mut h) = (0i64, 0i64);
+        for tree in e.trees.iter().filter(|t| !matches!(t[0], TreeNode::Leaf { .. })) {
+            let q: Vec<i64> = leaves_of(tree).into_iter().map(|leaf| quantized(tree, leaf, k) as i64).collect();
+            l += q.iter().copied().min().unwrap_or(0);
+            h += q.iter().copied().max().unwrap_or(0);
         }
+        (lo_sum, hi_sum) = (lo_sum.min(l), hi_sum.max(h));
     }
-    let exact = Range::new(lo_sum.iter().copied().min().unwrap_or(0), hi_sum.iter().copied().max().unwrap_or(0));
-    let node = out.add(Op::Assume { range: exact }, &[sums], format!("{name}/scores"))?;
-    let base = |t: usize| match e.base_values.len() {
+    let node = out.add(Op::Assume { range: Range::new(lo_sum, hi_sum) }, &[sums], format!("{name}/scores"))?;
+    let base = |k: usize| match e.base_values.len() {
         0 => 0.0,
         1 => e.base_values[0] as f64,
-        _ => e.base_values[t] as f64,
+        _ => e.base_values[k] as f64,
     };
-    let offset = (0..e.n_targets).map(|t| constant[t] + base(t)).collect();
+    let offset = (0..e.n_targets).map(|k| constant[k] + base(k)).collect();
     Ok(Scores { node, scale, offset })
 }
 
-/// Add the condition "edge taken when bit `b` == `holds`" to a unit's sum.
-fn add_condition(u: &mut Unit, b: usize, holds: bool) {
-    if holds {
-        *u.weights.entry(b).or_default() += 1;
-    } else {
-        *u.weights.entry(b).or_default() -= 1;
-        u.constant += 1;
+/// The comparison bits `[batch, bits]` in the order of `bits` ((feature, cut index)).
+fn comparison_bits(out: &mut Graph, features: &Features, bits: &[(usize, usize)], name: &str) -> Result<NodeId> {
+    match features {
+        Features::Unary { node, cuts } => {
+            // the client sent every cut's bit, feature by feature: pick the ones in use
+            let start: Vec<usize> = cuts.iter().scan(0, |at, c| Some(std::mem::replace(at, *at + c.len()))).collect();
+            let idx = bits.iter().map(|&(f, j)| (start[f] + j) as i64).collect();
+            let idx = ArrayD::from_shape_vec(vec![bits.len()], idx).expect("one per bit");
+            Ok(out.add(Op::Gather { axis: 1, indices: idx }, &[*node], format!("{name}/bits"))?)
+        }
+        Features::Ranks { node, cuts } => {
+            let rank_max = cuts.iter().map(|c| c.len()).max().unwrap_or(0) as i64;
+            let features = ArrayD::from_shape_vec(vec![bits.len()], bits.iter().map(|&(f, _)| f as i64).collect())
+                .expect("one per bit");
+            let gathered = out.add(Op::Gather { axis: 1, indices: features }, &[*node], format!("{name}/ranks"))?;
+            // b = [rank ≤ j] as a table over the ranks (a clamp would read as saturation
+            // to the overflow report)
+            let thresholds: Vec<ArrayD<f64>> = (0..=rank_max)
+                .map(|r| {
+                    let v = bits.iter().map(|&(_, j)| f64::from(u8::from(r <= j as i64))).collect();
+                    ArrayD::from_shape_vec(vec![bits.len()], v).expect("one per bit")
+                })
+                .collect();
+            let compare = Expr::Table { index: Box::new(Expr::Input), first: 0, len: rank_max as usize + 1 };
+            let input = Range::new(0, rank_max);
+            let tlu = Tlu { expr: compare, input, params: thresholds, rounding: 0, label: "compare".into() };
+            Ok(out.add(Op::Tlu(Box::new(tlu)), &[gathered], format!("{name}/compare"))?)
+        }
     }
 }
