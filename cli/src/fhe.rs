@@ -39,7 +39,7 @@ impl Timings {
     }
 }
 
-fn spinner(msg: &str) -> ProgressBar {
+pub(crate) fn spinner(msg: &str) -> ProgressBar {
     let pb = ProgressBar::new_spinner();
     pb.set_message(msg.to_string());
     pb.enable_steady_tick(Duration::from_millis(120));

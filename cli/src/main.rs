@@ -6,6 +6,7 @@ mod fhe;
 mod history;
 mod model;
 use veil_cli::npy;
+mod remote;
 mod report;
 mod train;
 mod train_files;
@@ -256,6 +257,28 @@ enum Command {
         #[arg(long, default_value_os_t = bench::default_models_dir())]
         models_dir: PathBuf,
     },
+    /// Serve compiled models over HTTP: data owners register a server key once, then send
+    /// ciphertexts (synchronously or as jobs). Keys and jobs persist in --data-dir.
+    Serve {
+        /// Compiled models (.veil), each served under its file name without extension.
+        #[arg(required = true)]
+        models: Vec<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        #[arg(long, default_value = "veil-data")]
+        data_dir: PathBuf,
+        /// Largest request other than a key upload (MB).
+        #[arg(long, default_value_t = 256)]
+        max_request_mb: usize,
+        /// Server keys kept loaded (each ~100–200 MB in memory).
+        #[arg(long, default_value_t = 4)]
+        cached_keys: usize,
+    },
+    /// Use a `veil serve` service: register a server key, run ciphertexts remotely.
+    Remote {
+        #[command(subcommand)]
+        action: RemoteAction,
+    },
     /// Measure every model in models/: compile, keygen, key size, lookups, precision,
     /// encrypted latency and accuracy (float / clear / simulate / execute); and every
     /// training set: lookups and seconds per batch, keys, accuracy per epoch vs float SGD.
@@ -323,6 +346,38 @@ struct CompileArgs {
 enum TreeTests {
     Server,
     Client,
+}
+
+#[derive(Subcommand)]
+enum RemoteAction {
+    /// Upload a server key for a served model once; writes a session file (server, key
+    /// id, access token) that `veil remote run` uses.
+    Register {
+        /// The service, e.g. http://127.0.0.1:8080
+        #[arg(long)]
+        server: String,
+        /// The model's name on the service (its file name without .veil).
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        server_key: PathBuf,
+        /// Where to write the session (it holds the access token: keep it private).
+        #[arg(long, short = 'o')]
+        session: PathBuf,
+    },
+    /// Send a ciphertext file (from veil encrypt); write the encrypted outputs (for veil
+    /// decrypt).
+    Run {
+        #[arg(long)]
+        session: PathBuf,
+        #[arg(long, short = 'i')]
+        input: PathBuf,
+        #[arg(long, short = 'o')]
+        output: PathBuf,
+        /// Submit as a job and poll until done, instead of one long request.
+        #[arg(long)]
+        job: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -482,6 +537,15 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Demo { model, samples, models_dir } => bench::demo(&models_dir, &model, samples),
+        Command::Serve { models, listen, data_dir, max_request_mb, cached_keys } => {
+            remote::serve(models, &listen, data_dir, max_request_mb, cached_keys)
+        }
+        Command::Remote { action: RemoteAction::Register { server, model, server_key, session } } => {
+            remote::register(&server, &model, &server_key, &session)
+        }
+        Command::Remote { action: RemoteAction::Run { session, input, output, job } } => {
+            remote::run(&session, &input, &output, job)
+        }
         Command::Bench { models, samples, train_batches, json, models_dir } => {
             bench::bench(&models_dir, &models, samples, train_batches, json.as_deref())
         }

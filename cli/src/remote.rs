@@ -1,0 +1,145 @@
+//! `veil serve` and `veil remote`: the service and its client.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// `veil serve`: run the service until Ctrl-C (requests in flight finish).
+pub fn serve(
+    models: Vec<PathBuf>,
+    listen: &str,
+    data_dir: PathBuf,
+    max_request_mb: usize,
+    cached_keys: usize,
+) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=info")),
+        )
+        .init();
+    let mut config = veil_service::Config::new(models, data_dir);
+    config.max_request_bytes = max_request_mb << 20;
+    config.cached_keys = cached_keys;
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listener =
+            tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+        eprintln!("veil serve: listening on http://{}", listener.local_addr()?);
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+            eprintln!("veil serve: shutting down (finishing requests in flight)");
+        };
+        veil_service::serve(config, listener, shutdown).await?;
+        Ok(())
+    })
+}
+
+/// What `veil remote register` saves: where the key lives and how to use it.
+#[derive(Serialize, Deserialize)]
+pub struct Session {
+    pub server: String,
+    pub model: String,
+    pub key_id: String,
+    pub token: String,
+}
+
+/// The server's error text, or the status line.
+fn describe(e: ureq::Error) -> anyhow::Error {
+    match e {
+        ureq::Error::Status(code, r) => {
+            let body = r.into_string().unwrap_or_default();
+            let msg = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or(body);
+            anyhow::anyhow!("the server answered {code}: {msg}")
+        }
+        ureq::Error::Transport(t) => anyhow::anyhow!("cannot reach the server: {t}"),
+    }
+}
+
+fn read_body(r: ureq::Response) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    r.into_reader().read_to_end(&mut out).context("reading the server's answer")?;
+    Ok(out)
+}
+
+/// `veil remote register`: upload a server key once; save the session (key id, token).
+pub fn register(server: &str, model: &str, server_key: &Path, session: &Path) -> Result<()> {
+    let server = server.trim_end_matches('/');
+    let file = std::fs::File::open(server_key).with_context(|| format!("cannot read {}", server_key.display()))?;
+    let len = file.metadata()?.len();
+    let start = Instant::now();
+    let r = ureq::post(&format!("{server}/models/{model}/keys"))
+        .set("Content-Length", &len.to_string())
+        .send(file)
+        .map_err(describe)?;
+    let v: serde_json::Value = serde_json::from_slice(&read_body(r)?).context("the server's answer is not JSON")?;
+    let (Some(key_id), Some(token)) = (v["key_id"].as_str(), v["token"].as_str()) else {
+        bail!("the server's answer has no key id and token: {v}");
+    };
+    let s = Session { server: server.into(), model: model.into(), key_id: key_id.into(), token: token.into() };
+    veil_backend::files::write_atomic(session, |w| serde_json::to_writer_pretty(w, &s).map_err(std::io::Error::other))
+        .with_context(|| format!("cannot write {}", session.display()))?;
+    eprintln!(
+        "registered {} ({:.1} MB) for model {model} in {:.1} s: key {key_id}; session (holds the token: keep it) → {}",
+        server_key.display(),
+        len as f64 / 1e6,
+        start.elapsed().as_secs_f64(),
+        session.display()
+    );
+    Ok(())
+}
+
+/// `veil remote run`: send ciphertexts, get the encrypted outputs back (synchronously, or
+/// as a job polled until done).
+pub fn run(session: &Path, input: &Path, output: &Path, job: bool) -> Result<()> {
+    let s: Session = serde_json::from_slice(
+        &std::fs::read(session).with_context(|| format!("cannot read session {}", session.display()))?,
+    )
+    .with_context(|| format!("{} is not a session file from veil remote register", session.display()))?;
+    let body = std::fs::read(input).with_context(|| format!("cannot read {}", input.display()))?;
+    let auth = format!("Bearer {}", s.token);
+    let start = Instant::now();
+    let out = if !job {
+        let r = ureq::post(&format!("{}/keys/{}/run", s.server, s.key_id))
+            .set("Authorization", &auth)
+            .send_bytes(&body)
+            .map_err(describe)?;
+        read_body(r)?
+    } else {
+        let r = ureq::post(&format!("{}/keys/{}/jobs", s.server, s.key_id))
+            .set("Authorization", &auth)
+            .send_bytes(&body)
+            .map_err(describe)?;
+        let v: serde_json::Value = serde_json::from_slice(&read_body(r)?)?;
+        let id = v["job_id"].as_str().context("the server's answer has no job id")?.to_string();
+        let sp = crate::fhe::spinner(&format!("job {id}"));
+        loop {
+            let st: serde_json::Value = serde_json::from_slice(&read_body(
+                ureq::get(&format!("{}/jobs/{id}", s.server)).set("Authorization", &auth).call().map_err(describe)?,
+            )?)?;
+            match st["state"].as_str() {
+                Some("done") => break,
+                Some("failed") => bail!("job {id} failed: {}", st["error"].as_str().unwrap_or("")),
+                Some(state) => sp.set_message(format!("job {id}: {state}")),
+                None => bail!("unexpected job status: {st}"),
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        sp.finish_and_clear();
+        read_body(
+            ureq::get(&format!("{}/jobs/{id}/result", s.server))
+                .set("Authorization", &auth)
+                .call()
+                .map_err(describe)?,
+        )?
+    };
+    veil_backend::files::write_atomic(output, |w| std::io::Write::write_all(w, &out))
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    eprintln!("{} ran remotely in {:.2} s → {}", input.display(), start.elapsed().as_secs_f64(), output.display());
+    Ok(())
+}

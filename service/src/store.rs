@@ -1,0 +1,146 @@
+//! What the service keeps in its data directory: registered keys (the key file and a
+//! record: model, SHA-256 of the token) and jobs (input, output, record), each record
+//! written atomically, so a restart finds every key and every unfinished job.
+
+use crate::error::ServiceError;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub model: String,
+    /// Hex SHA-256 of the access token (the token itself is never stored).
+    pub token_sha256: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Done,
+    Failed,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub key: String,
+    pub state: JobState,
+    pub samples: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+pub struct Store {
+    dir: PathBuf,
+    keys: Mutex<HashMap<String, KeyRecord>>,
+    jobs: Mutex<HashMap<String, JobRecord>>,
+}
+
+fn io(what: &str, path: &Path, e: impl std::fmt::Display) -> ServiceError {
+    ServiceError::Io(format!("{what} {}: {e}", path.display()))
+}
+
+/// Records `*.json` in `dir`, by file stem.
+fn load_records<T: for<'de> Deserialize<'de>>(dir: &Path) -> Result<HashMap<String, T>, ServiceError> {
+    let mut out = HashMap::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io("reading", dir, e))?.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let text = std::fs::read_to_string(&path).map_err(|e| io("reading", &path, e))?;
+            let rec = serde_json::from_str(&text).map_err(|e| io("parsing", &path, e))?;
+            let id = path.file_stem().unwrap_or_default().to_string_lossy().to_string();
+            out.insert(id, rec);
+        }
+    }
+    Ok(out)
+}
+
+fn write_record<T: Serialize>(path: &Path, rec: &T) -> Result<(), ServiceError> {
+    let text = serde_json::to_vec(rec).map_err(|e| io("encoding", path, e))?;
+    veil_backend::files::write_atomic(path, |w| std::io::Write::write_all(w, &text)).map_err(|e| io("writing", path, e))
+}
+
+/// A random id or token: `bytes` random bytes as hex.
+pub fn random_hex(bytes: usize) -> String {
+    let v: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
+    hex(&v)
+}
+
+pub fn hex(v: &[u8]) -> String {
+    v.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn sha256_hex(text: &str) -> String {
+    hex(&Sha256::digest(text.as_bytes()))
+}
+
+/// Ids are our own hex strings: anything else names no file of ours.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Store, ServiceError> {
+        for sub in ["keys", "jobs", "tmp"] {
+            let d = dir.join(sub);
+            std::fs::create_dir_all(&d).map_err(|e| io("creating", &d, e))?;
+        }
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            keys: Mutex::new(load_records(&dir.join("keys"))?),
+            jobs: Mutex::new(load_records(&dir.join("jobs"))?),
+        })
+    }
+
+    pub fn tmp_path(&self) -> PathBuf {
+        self.dir.join("tmp").join(random_hex(16))
+    }
+
+    pub fn key_file(&self, id: &str) -> PathBuf {
+        self.dir.join("keys").join(format!("{id}.key"))
+    }
+
+    pub fn job_input(&self, id: &str) -> PathBuf {
+        self.dir.join("jobs").join(format!("{id}.in"))
+    }
+
+    pub fn job_output(&self, id: &str) -> PathBuf {
+        self.dir.join("jobs").join(format!("{id}.out"))
+    }
+
+    pub fn add_key(&self, id: &str, rec: KeyRecord) -> Result<(), ServiceError> {
+        write_record(&self.dir.join("keys").join(format!("{id}.json")), &rec)?;
+        self.keys.lock().expect("keys lock").insert(id.to_string(), rec);
+        Ok(())
+    }
+
+    pub fn key(&self, id: &str) -> Option<KeyRecord> {
+        self.keys.lock().expect("keys lock").get(id).cloned()
+    }
+
+    pub fn set_job(&self, id: &str, rec: JobRecord) -> Result<(), ServiceError> {
+        write_record(&self.dir.join("jobs").join(format!("{id}.json")), &rec)?;
+        self.jobs.lock().expect("jobs lock").insert(id.to_string(), rec);
+        Ok(())
+    }
+
+    pub fn job(&self, id: &str) -> Option<JobRecord> {
+        self.jobs.lock().expect("jobs lock").get(id).cloned()
+    }
+
+    /// Jobs not finished (queued, or running when the service stopped).
+    pub fn unfinished_jobs(&self) -> Vec<String> {
+        let jobs = self.jobs.lock().expect("jobs lock");
+        let mut ids: Vec<String> = jobs
+            .iter()
+            .filter(|(_, j)| matches!(j.state, JobState::Queued | JobState::Running))
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+}
