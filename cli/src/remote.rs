@@ -14,7 +14,10 @@ pub fn serve(
     max_request_mb: usize,
     cached_keys: usize,
 ) -> Result<()> {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=info")),
@@ -70,6 +73,20 @@ fn read_body(r: ureq::Response) -> Result<Vec<u8>> {
 /// `veil remote register`: upload a server key once; save the session (key id, token).
 pub fn register(server: &str, model: &str, server_key: &Path, session: &Path) -> Result<()> {
     let server = server.trim_end_matches('/');
+    // Check locally that this is a server key (a secret client key must never leave the
+    // data owner) and that the service serves the model, before sending megabytes.
+    let _: veil_runtime::ServerKey = veil_runtime::files::read(server_key, veil_runtime::files::SERVER_KEY_LIMIT)
+        .with_context(|| {
+            format!("{} is not a server key (send keys/server.key, never client.key)", server_key.display())
+        })?;
+    let listed: serde_json::Value =
+        serde_json::from_slice(&read_body(ureq::get(&format!("{server}/models")).call().map_err(describe)?)?)
+            .context("the server's model list is not JSON")?;
+    let names: Vec<&str> =
+        listed["models"].as_array().into_iter().flatten().filter_map(|m| m["name"].as_str()).collect();
+    if !names.contains(&model) {
+        bail!("the server has no model '{model}'; it serves: {}", names.join(", "));
+    }
     let file = std::fs::File::open(server_key).with_context(|| format!("cannot read {}", server_key.display()))?;
     let len = file.metadata()?.len();
     let start = Instant::now();
@@ -84,6 +101,13 @@ pub fn register(server: &str, model: &str, server_key: &Path, session: &Path) ->
     let s = Session { server: server.into(), model: model.into(), key_id: key_id.into(), token: token.into() };
     veil_backend::files::write_atomic(session, |w| serde_json::to_writer_pretty(w, &s).map_err(std::io::Error::other))
         .with_context(|| format!("cannot write {}", session.display()))?;
+    // it holds the token: readable by its owner only
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(session, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot restrict {}", session.display()))?;
+    }
     eprintln!(
         "registered {} ({:.1} MB) for model {model} in {:.1} s: key {key_id}; session (holds the token: keep it) → {}",
         server_key.display(),

@@ -135,7 +135,7 @@ pub fn text(a: &Artifact, trials: bool) -> String {
     } else if !r.trials.is_empty() {
         let _ = writeln!(
             s,
-            "bit-width search: {} trials (veil inspect MODEL.veil --stage report lists them)",
+            "bit-width search: {} trial(s) (veil inspect MODEL.veil --stage report lists them)",
             r.trials.len()
         );
     }

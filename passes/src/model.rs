@@ -209,7 +209,12 @@ pub fn combine_digits(
 fn broadcast_sample(p: &ArrayD<f64>, dims: &[usize], what: &str) -> Result<ArrayD<f64>> {
     p.broadcast(dims.to_vec()).map(|v| v.to_owned()).ok_or_else(|| PassError::Quantize {
         node: what.into(),
-        msg: format!("parameters {:?} do not fit {:?}", p.shape(), dims),
+        msg: format!(
+            "takes samples of shape {:?}, got {:?} (a batch of {:?})",
+            p.shape(),
+            dims.get(1..).unwrap_or_default(),
+            dims
+        ),
     })
 }
 

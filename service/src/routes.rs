@@ -226,7 +226,8 @@ async fn stream_to(path: &std::path::Path, body: Body, limit: u64) -> Result<()>
 }
 
 fn load_key(a: &'static Artifact, path: &std::path::Path) -> Result<Arc<Evaluator<'static>>> {
-    let sk: ServerKey = files::read(path, SERVER_KEY_LIMIT)
+    let bytes = std::fs::read(path).map_err(|e| ServiceError::Io(e.to_string()))?;
+    let sk: ServerKey = files::from_bytes(&bytes, SERVER_KEY_LIMIT)
         .map_err(|e| ServiceError::BadRequest(format!("the body is not a valid server key: {e}")))?;
     veil_runtime::keys::check_fingerprint("the server key", &sk.fingerprint, &a.fingerprint)
         .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
