@@ -191,6 +191,8 @@ mod tests {
         #![proptest_config(ProptestConfig {
             cases: 512,
             failure_persistence: Some(Box::new(proptest::test_runner::FileFailurePersistence::Off)),
+            // reproducible in CI (tests/fuzz_readers.rs explains VEIL_FUZZ_SEED)
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0x5eed),
             ..ProptestConfig::default()
         })]
 

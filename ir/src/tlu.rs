@@ -373,19 +373,20 @@ impl Tlu {
         if self.rounding == 0 {
             return v;
         }
-        let step = 1i64 << self.rounding;
-        ((v + step / 2).div_euclid(step) * step).clamp(self.input.lo, self.input.hi)
+        let step = 1i64 << self.rounding.min(62);
+        v.saturating_add(step / 2).div_euclid(step).saturating_mul(step).clamp(self.input.lo, self.input.hi)
     }
 
     /// The bucket (table index before offsetting) a value falls in.
     pub fn bucket(&self, v: i64) -> i64 {
-        let step = 1i64 << self.rounding;
-        (v + step / 2).div_euclid(step)
+        let step = 1i64 << self.rounding.min(62);
+        v.saturating_add(step / 2).div_euclid(step)
     }
 
     /// Number of table entries the lookup needs for its input range.
     pub fn entries(&self) -> u64 {
-        (self.bucket(self.input.hi) - self.bucket(self.input.lo)) as u64 + 1
+        (self.bucket(self.input.hi) as i128 - self.bucket(self.input.lo) as i128).clamp(0, u64::MAX as i128 - 1) as u64
+            + 1
     }
 
     /// Precision of the lookup's input in bits: what the bootstrap must resolve.

@@ -162,6 +162,14 @@ impl Ctx {
     /// otherwise added to the graph.
     pub fn apply(&mut self, n: &NodeView, op: Op, inputs: &[(Value, String)], out: &str) -> Result<Value> {
         if inputs.iter().all(|(v, _)| matches!(v, Value::Const(_))) {
+            let (lo, hi) = op.arity();
+            if !(lo..=hi).contains(&inputs.len()) {
+                return Err(n.err(format!(
+                    "{} takes {lo} to {hi} inputs, this node has {}",
+                    op.mnemonic(),
+                    inputs.len()
+                )));
+            }
             let args: Vec<&Tensor> =
                 inputs.iter().map(|(v, _)| if let Value::Const(t) = v { t } else { unreachable!() }).collect();
             return eval_op(&op, &args).map(Value::Const).map_err(|e| n.err(e));
