@@ -193,8 +193,18 @@ struct Compiled {
 
 fn compiled() -> &'static Compiled {
     static C: OnceLock<Compiled> = OnceLock::new();
-    C.get_or_init(|| {
-        let dir = models_dir().join("extra/mlp_wine_skl_opset15");
+    C.get_or_init(|| compile_model("extra/mlp_wine_skl_opset15"))
+}
+
+/// A rank-encoded forest: its model file holds the features' cuts.
+fn compiled_forest() -> &'static Compiled {
+    static C: OnceLock<Compiled> = OnceLock::new();
+    C.get_or_init(|| compile_model("trees/rf_wine_3x3"))
+}
+
+fn compile_model(name: &str) -> Compiled {
+    {
+        let dir = models_dir().join(name);
         let g = veil_frontend::onnx::import_file(dir.join("model.onnx")).unwrap();
         let calib = read_npy(&dir.join("calib.npy"));
         let (artifact, _) = veil_backend::pipeline::compile(&g, &[calib], &Default::default()).unwrap();
@@ -214,7 +224,7 @@ fn compiled() -> &'static Compiled {
             outputs: files::to_bytes(&out, limit).unwrap(),
             artifact,
         }
-    })
+    }
 }
 
 /// Use a model file that read: clear execution, encoding, the circuit's simulation and
@@ -282,8 +292,7 @@ fn set_number(v: &mut serde_json::Value, k: usize, new: i64) {
 /// A model file whose circuit, parameters or client section has one number changed,
 /// written and stamped as a consistent file: validation, not the fingerprint, must
 /// catch what is wrong.
-fn edited_model(part: usize, k: usize, new: i64) -> Option<Vec<u8>> {
-    let c = compiled();
+fn edited_model(c: &Compiled, part: usize, k: usize, new: i64) -> Option<Vec<u8>> {
     let mut a = c.artifact.clone();
     match part {
         0 => {
@@ -323,7 +332,25 @@ proptest! {
         new in prop_oneof![-2i64..=70, Just(i64::MAX), Just(i64::MIN), Just(1 << 20), Just(1 << 32)],
     ) {
         let c = compiled();
-        if let Some(bytes) = edited_model(part, k, new) {
+        if let Some(bytes) = edited_model(c, part, k, new) {
+            if let Ok(a) = Artifact::from_bytes(&bytes, "edited.veil") {
+                exercise(&a, &c.x);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    #[test]
+    fn forest_model_files_with_edited_numbers_read_or_fail_cleanly(
+        part in 0usize..4,
+        k in any::<usize>(),
+        new in prop_oneof![-2i64..=70, Just(i64::MAX), Just(i64::MIN), Just(1 << 20), Just(1 << 32)],
+    ) {
+        let c = compiled_forest();
+        if let Some(bytes) = edited_model(c, part, k, new) {
             if let Ok(a) = Artifact::from_bytes(&bytes, "edited.veil") {
                 exercise(&a, &c.x);
             }
