@@ -109,18 +109,39 @@ impl<'a> Evaluator<'a> {
         for (k, per_sample) in inputs.into_iter().enumerate() {
             values[self.circuit.inputs[k]] = Some(per_sample);
         }
-        for ins in &self.circuit.instructions {
-            match ins {
-                Instruction::Linear(l) => values[l.output] = Some(self.linear(l, &values, samples)),
-                Instruction::Keyswitch(k) => values[k.output] = Some(self.keyswitch(k.input, &values)?),
-                Instruction::Lookup(l) => {
-                    let (first, second) = self.lookup(l, &values, samples, progress)?;
-                    values[l.output] = Some(first);
-                    if let Some(o) = l.second {
-                        values[o] = Some(second);
+        // Waves: run every linear map and keyswitch whose inputs are ready (in circuit
+        // order), then every lookup whose input is ready, all together in one parallel
+        // region, and again. Lookups that do not depend on each other (one per cut of a
+        // tree's feature, branches of a network) so share the cores even when each has
+        // few elements.
+        let mut remaining: Vec<&Instruction> = self.circuit.instructions.iter().collect();
+        while !remaining.is_empty() {
+            let mut wave: Vec<&LookupInstr> = Vec::new();
+            let mut rest = Vec::with_capacity(remaining.len());
+            for ins in remaining {
+                match ins {
+                    Instruction::Linear(l) if l.inputs.iter().all(|&v| values[v].is_some()) => {
+                        values[l.output] = Some(self.linear(l, &values, samples))
                     }
+                    Instruction::Keyswitch(k) if values[k.input].is_some() => {
+                        values[k.output] = Some(self.keyswitch(k.input, &values)?)
+                    }
+                    Instruction::Lookup(l) if values[l.input].is_some() => wave.push(l),
+                    _ => rest.push(ins),
                 }
             }
+            if wave.is_empty() && !rest.is_empty() {
+                return Err(RuntimeError::Invalid("an instruction reads a value never computed".into()));
+            }
+            let done =
+                wave.par_iter().map(|l| self.lookup(l, &values, samples, progress)).collect::<Result<Vec<_>>>()?;
+            for (l, (first, second)) in wave.into_iter().zip(done) {
+                values[l.output] = Some(first);
+                if let Some(o) = l.second {
+                    values[o] = Some(second);
+                }
+            }
+            remaining = rest;
         }
         self.circuit
             .outputs

@@ -276,22 +276,33 @@ fn comparison_bits(out: &mut Graph, features: &Features, bits: &[(usize, usize)]
             Ok(out.add(Op::Gather { axis: 1, indices: idx }, &[*node], format!("{name}/bits"))?)
         }
         Features::Ranks { node, cuts } => {
-            let rank_max = cuts.iter().map(|c| c.len()).max().unwrap_or(0) as i64;
-            let features = ArrayD::from_shape_vec(vec![bits.len()], bits.iter().map(|&(f, _)| f as i64).collect())
-                .expect("one per bit");
-            let gathered = out.add(Op::Gather { axis: 1, indices: features }, &[*node], format!("{name}/ranks"))?;
-            // b = [rank ≤ j] as a table over the ranks (a clamp would read as saturation
-            // to the overflow report)
-            let thresholds: Vec<ArrayD<f64>> = (0..=rank_max)
-                .map(|r| {
-                    let v = bits.iter().map(|&(_, j)| f64::from(u8::from(r <= j as i64))).collect();
-                    ArrayD::from_shape_vec(vec![bits.len()], v).expect("one per bit")
-                })
-                .collect();
-            let compare = Expr::Table { index: Box::new(Expr::Input), first: 0, len: rank_max as usize + 1 };
-            let input = Range::new(0, rank_max);
-            let tlu = Tlu { expr: compare, input, params: thresholds, rounding: 0, label: "compare".into() };
-            Ok(out.add(Op::Tlu(Box::new(tlu)), &[gathered], format!("{name}/compare"))?)
+            // Per feature: its rank (assumed within its own cut count, which the client's
+            // ranks never exceed), then one lookup per cut it is compared with. The
+            // lookups of one feature read one value, so the backend serves two of them
+            // with one bootstrap when the rank takes at most half the slots (and the
+            // evaluator runs independent lookups together).
+            let mut per_bit: Vec<Option<NodeId>> = vec![None; bits.len()];
+            let mut features: Vec<usize> = bits.iter().map(|&(f, _)| f).collect();
+            features.sort_unstable();
+            features.dedup();
+            for f in features {
+                let m = cuts[f].len() as i64;
+                let idx = ArrayD::from_shape_vec(vec![1], vec![f as i64]).expect("one index");
+                let rank = out.add(Op::Gather { axis: 1, indices: idx }, &[*node], format!("{name}/rank{f}"))?;
+                let rank = out.add(Op::Assume { range: Range::new(0, m) }, &[rank], format!("{name}/rank{f}"))?;
+                for (k, &(_, j)) in bits.iter().enumerate().filter(|(_, b)| b.0 == f) {
+                    // b = [rank ≤ j] as a table (a clamp would read as saturation to the
+                    // overflow report)
+                    let params =
+                        (0..=m).map(|r| ArrayD::from_elem(vec![1], f64::from(u8::from(r <= j as i64)))).collect();
+                    let compare = Expr::Table { index: Box::new(Expr::Input), first: 0, len: m as usize + 1 };
+                    let tlu =
+                        Tlu { expr: compare, input: Range::new(0, m), params, rounding: 0, label: "compare".into() };
+                    per_bit[k] = Some(out.add(Op::Tlu(Box::new(tlu)), &[rank], format!("{name}/cut{f}_{j}"))?);
+                }
+            }
+            let parts: Vec<NodeId> = per_bit.into_iter().map(|b| b.expect("every bit compared")).collect();
+            Ok(out.add(Op::Concat { axis: 1 }, &parts, format!("{name}/compare"))?)
         }
     }
 }
