@@ -113,14 +113,25 @@ impl State {
         Ok(ev)
     }
 
+    /// A ciphertext file (bytes) sent for `key`: read, and made for the key's model.
+    fn inputs_for(&self, key: &str, input: &[u8]) -> Result<EncryptedInputs> {
+        let cts: EncryptedInputs = files::from_bytes(input, CIPHERTEXT_LIMIT)
+            .map_err(|e| ServiceError::BadRequest(format!("the body is not a ciphertext file: {e}")))?;
+        let rec = self.store.key(key).ok_or_else(|| ServiceError::NotFound(format!("no key '{key}'")))?;
+        veil_runtime::keys::check_fingerprint(
+            "the ciphertexts",
+            &cts.fingerprint,
+            &self.model(&rec.model)?.fingerprint,
+        )
+        .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+        Ok(cts)
+    }
+
     /// Evaluate a ciphertext file (bytes) with a key's evaluator: the output file's bytes
     /// and the sample count (blocking).
     pub fn evaluate(&self, key: &str, input: &[u8]) -> Result<(Vec<u8>, usize)> {
-        let cts: EncryptedInputs = files::from_bytes(input, CIPHERTEXT_LIMIT)
-            .map_err(|e| ServiceError::BadRequest(format!("the body is not a ciphertext file: {e}")))?;
+        let cts = self.inputs_for(key, input)?;
         let ev = self.evaluator(key)?;
-        veil_runtime::keys::check_fingerprint("the ciphertexts", &cts.fingerprint, ev.fingerprint())
-            .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
         let start = Instant::now();
         let out = ev.run(&cts, &|_| {}).map_err(|e| match e {
             RuntimeError::Invalid(m) => ServiceError::BadRequest(m),
@@ -183,18 +194,14 @@ async fn register_key(
 ) -> Result<impl IntoResponse> {
     let a = s.model(&model)?;
     let tmp = s.store.tmp_path();
-    let written = stream_to(&tmp, body, s.config.max_key_bytes).await;
-    let loaded = match written {
-        Ok(()) => {
-            let tmp2 = tmp.clone();
-            tokio::task::spawn_blocking(move || load_key(a, &tmp2))
-                .await
-                .map_err(|e| ServiceError::Internal(e.to_string()))
-                .and_then(|r| r)
-        }
-        Err(e) => Err(e),
+    let loaded = async {
+        stream_to(&tmp, body, s.config.max_key_bytes).await?;
+        let path = tmp.clone();
+        tokio::task::spawn_blocking(move || load_key(a, &path))
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))?
     };
-    let ev = match loaded {
+    let ev = match loaded.await {
         Ok(ev) => ev,
         Err(e) => {
             let _ = tokio::fs::remove_file(&tmp).await;
@@ -260,11 +267,7 @@ async fn submit(
 ) -> Result<impl IntoResponse> {
     s.authorize(&key, &headers)?;
     // refuse what is not a ciphertext file for this model now, not in the worker
-    let cts: EncryptedInputs = files::from_bytes(&body, CIPHERTEXT_LIMIT)
-        .map_err(|e| ServiceError::BadRequest(format!("the body is not a ciphertext file: {e}")))?;
-    let model = s.store.key(&key).map(|k| k.model).unwrap_or_default();
-    veil_runtime::keys::check_fingerprint("the ciphertexts", &cts.fingerprint, &s.model(&model)?.fingerprint)
-        .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+    let cts = s.inputs_for(&key, &body)?;
     let id = random_hex(16);
     let input = s.store.job_input(&id);
     veil_backend::files::write_atomic(&input, |w| std::io::Write::write_all(w, &body))
