@@ -273,6 +273,37 @@ enum Command {
         /// Server keys kept loaded (each ~100–200 MB in memory).
         #[arg(long, default_value_t = 4)]
         cached_keys: usize,
+        /// Queue jobs in PostgreSQL (postgres://user:password@host/db) for `veil worker`
+        /// processes instead of evaluating them here. --data-dir must then be shared with
+        /// the workers.
+        #[arg(long)]
+        queue: Option<String>,
+        /// With --queue: split each job into tasks of this many samples.
+        #[arg(long, default_value_t = 1)]
+        samples_per_task: usize,
+    },
+    /// Evaluate jobs from a `veil serve --queue postgres://…` service: take tasks from the
+    /// queue, evaluate them with the server keys in the shared --data-dir, until Ctrl-C
+    /// or SIGTERM (the task in hand is finished first). Run as many as you have machines.
+    Worker {
+        /// The compiled models the service serves (the same files).
+        #[arg(required = true)]
+        models: Vec<PathBuf>,
+        #[arg(long)]
+        queue: String,
+        /// The service's data directory (shared: keys and job inputs are read from it,
+        /// outputs written to it).
+        #[arg(long, default_value = "veil-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        cached_keys: usize,
+        /// A task whose worker stops renewing its lease for this long goes to another
+        /// worker (the lease is renewed every third of it).
+        #[arg(long, default_value_t = 30.0)]
+        lease_seconds: f64,
+        /// The name recorded on the tasks this worker claims (default: host-pid).
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Use a `veil serve` service: register a server key, run ciphertexts remotely.
     Remote {
@@ -537,8 +568,25 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Demo { model, samples, models_dir } => bench::demo(&models_dir, &model, samples),
-        Command::Serve { models, listen, data_dir, max_request_mb, cached_keys } => {
-            remote::serve(models, &listen, data_dir, max_request_mb, cached_keys)
+        Command::Serve { models, listen, data_dir, max_request_mb, cached_keys, queue, samples_per_task } => {
+            let mut config = veil_service::Config::new(models, data_dir);
+            config.max_request_bytes = max_request_mb << 20;
+            config.cached_keys = cached_keys;
+            config.queue = queue;
+            config.samples_per_task = samples_per_task.max(1);
+            remote::serve(config, &listen)
+        }
+        Command::Worker { models, queue, data_dir, cached_keys, lease_seconds, name } => {
+            let mut config = veil_service::worker::WorkerConfig::new(models, data_dir, queue);
+            config.cached_keys = cached_keys;
+            if !(lease_seconds.is_finite() && lease_seconds >= 1.0) {
+                anyhow::bail!("--lease-seconds must be at least 1 (got {lease_seconds})");
+            }
+            config.lease = std::time::Duration::from_secs_f64(lease_seconds);
+            if let Some(name) = name {
+                config.name = name;
+            }
+            remote::worker(config)
         }
         Command::Remote { action: RemoteAction::Register { server, model, server_key, session } } => {
             remote::register(&server, &model, &server_key, &session)

@@ -3,41 +3,61 @@
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// `veil serve`: run the service until Ctrl-C (requests in flight finish).
-pub fn serve(
-    models: Vec<PathBuf>,
-    listen: &str,
-    data_dir: PathBuf,
-    max_request_mb: usize,
-    cached_keys: usize,
-) -> Result<()> {
+fn init_logs() {
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=info,sqlx=warn")),
         )
         .init();
-    let mut config = veil_service::Config::new(models, data_dir);
-    config.max_request_bytes = max_request_mb << 20;
-    config.cached_keys = cached_keys;
+}
+
+/// Completes on Ctrl-C or SIGTERM (what container runtimes send to stop a process).
+async fn stop_signal(what: &'static str) {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    eprintln!("{what}: shutting down (finishing the work in hand)");
+}
+
+/// `veil serve`: run the service until Ctrl-C or SIGTERM (requests in flight finish).
+pub fn serve(config: veil_service::Config, listen: &str) -> Result<()> {
+    init_logs();
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         let listener =
             tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
-        eprintln!("veil serve: listening on http://{}", listener.local_addr()?);
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-            eprintln!("veil serve: shutting down (finishing requests in flight)");
+        let jobs = match &config.queue {
+            Some(url) => format!("jobs queued in {}", veil_service::redact_url(url)),
+            None => "jobs run in this process".into(),
         };
-        veil_service::serve(config, listener, shutdown).await?;
+        eprintln!("veil serve: listening on http://{} ({jobs})", listener.local_addr()?);
+        veil_service::serve(config, listener, stop_signal("veil serve")).await?;
         Ok(())
     })
+}
+
+/// `veil worker`: evaluate queued tasks until Ctrl-C or SIGTERM.
+pub fn worker(config: veil_service::worker::WorkerConfig) -> Result<()> {
+    init_logs();
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    eprintln!("veil worker {}: taking tasks from {}", config.name, veil_service::redact_url(&config.queue));
+    rt.block_on(veil_service::worker::work(config, stop_signal("veil worker")))?;
+    Ok(())
 }
 
 /// What `veil remote register` saves: where the key lives and how to use it.

@@ -168,3 +168,48 @@ impl EncryptedInputs {
             .collect()
     }
 }
+
+impl EncryptedInputs {
+    /// Split the batch into consecutive groups of at most `per` samples (`per` ≥ 1), in
+    /// order: the parts a distributed queue hands to different workers.
+    pub fn split(&self, per: usize) -> Vec<EncryptedInputs> {
+        let per = per.max(1);
+        (0..self.samples)
+            .step_by(per)
+            .map(|first| {
+                let end = (first + per).min(self.samples);
+                EncryptedInputs {
+                    fingerprint: self.fingerprint.clone(),
+                    samples: end - first,
+                    values: self.values.iter().map(|v| v[first..end].to_vec()).collect(),
+                }
+            })
+            .collect()
+    }
+}
+
+impl EncryptedOutputs {
+    /// Join the outputs of consecutive parts of one batch (see [`EncryptedInputs::split`])
+    /// back into one batch, in order.
+    ///
+    /// Errors: no parts, parts made for different models, or different output counts.
+    pub fn concat(parts: Vec<EncryptedOutputs>) -> Result<EncryptedOutputs> {
+        let mut iter = parts.into_iter();
+        let mut out = iter.next().ok_or_else(|| RuntimeError::Invalid("no outputs to join".into()))?;
+        for part in iter {
+            check_fingerprint("a part of the outputs", &part.fingerprint, &out.fingerprint)?;
+            if part.values.len() != out.values.len() {
+                return Err(RuntimeError::Invalid(format!(
+                    "a part of the outputs holds {} output(s), the first {}",
+                    part.values.len(),
+                    out.values.len()
+                )));
+            }
+            for (all, more) in out.values.iter_mut().zip(part.values) {
+                all.extend(more);
+            }
+            out.samples += part.samples;
+        }
+        Ok(out)
+    }
+}

@@ -23,6 +23,9 @@ pub enum ServiceError {
     /// Starting the service: a model or the data directory cannot be read.
     #[error("{0}")]
     Startup(String),
+    /// The job queue's database refused or cannot be reached (503).
+    #[error("job queue: {0}")]
+    Queue(String),
     #[error("I/O: {0}")]
     Io(String),
     #[error("evaluation failed: {0}")]
@@ -37,6 +40,7 @@ impl ServiceError {
             ServiceError::NotFound(_) => StatusCode::NOT_FOUND,
             ServiceError::NotReady(_) => StatusCode::CONFLICT,
             ServiceError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ServiceError::Queue(_) => StatusCode::SERVICE_UNAVAILABLE,
             ServiceError::Startup(_) | ServiceError::Io(_) | ServiceError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

@@ -9,14 +9,24 @@
 //! and ciphertexts only. Evaluation runs on blocking threads (rayon inside), keys are
 //! loaded once and cached by id, and jobs and keys live in the data directory, so a
 //! restart loses neither.
+//!
+//! Jobs run in the service itself by default (no database needed). With
+//! `Config::queue` set to a PostgreSQL URL they are split into parts of a few samples,
+//! queued in the database, and evaluated by [`worker::work`] processes anywhere that
+//! reach the database and the shared data directory (see `pg_queue` for the protocol).
 
+mod engine;
 mod error;
-mod jobs;
+mod local_queue;
 mod metrics;
+mod pg_queue;
+mod queue;
 mod routes;
 mod store;
+pub mod worker;
 
 pub use error::ServiceError;
+pub use pg_queue::{redact as redact_url, MAX_ATTEMPTS};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,6 +47,11 @@ pub struct Config {
     pub cached_keys: usize,
     /// A synchronous request taking longer is answered 408 (jobs have no limit).
     pub request_timeout: Duration,
+    /// `postgres://…`: jobs go to this durable queue for `veil worker` processes. None:
+    /// jobs run inside the service.
+    pub queue: Option<String>,
+    /// With a PostgreSQL queue, a job is split into tasks of this many samples.
+    pub samples_per_task: usize,
 }
 
 impl Config {
@@ -48,15 +63,19 @@ impl Config {
             max_key_bytes: 4 << 30,
             cached_keys: 4,
             request_timeout: Duration::from_secs(600),
+            queue: None,
+            samples_per_task: 1,
         }
     }
 }
 
-/// The router and the state behind it (models loaded, keys and jobs restored, the job
-/// worker started). Must be called inside a tokio runtime.
-pub fn app(config: Config) -> Result<axum::Router, ServiceError> {
-    let state = Arc::new(routes::State::open(config)?);
-    jobs::start_worker(state.clone());
+/// The router and the state behind it (models loaded, keys and jobs restored, the queue
+/// connected, the in-process job worker started when there is no database).
+pub async fn app(config: Config) -> Result<axum::Router, ServiceError> {
+    let state = Arc::new(routes::State::open(config).await?);
+    if let queue::Queue::Local(q) = &state.queue {
+        q.start(state.engine.clone());
+    }
     Ok(routes::router(state))
 }
 
@@ -66,7 +85,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
-    let app = app(config)?;
+    let app = app(config).await?;
     tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "veil serve listening");
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(|e| ServiceError::Io(e.to_string()))
 }

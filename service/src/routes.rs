@@ -1,8 +1,11 @@
 //! The HTTP API and the state behind it.
 
+use crate::engine::Engine;
 use crate::error::ServiceError;
-use crate::metrics::Metrics;
-use crate::store::{random_hex, sha256_hex, valid_id, JobRecord, JobState, KeyRecord, Store};
+use crate::local_queue::LocalQueue;
+use crate::pg_queue::PgQueue;
+use crate::queue::{JobStatus, Queue};
+use crate::store::{random_hex, sha256_hex, valid_id, JobState, KeyRecord};
 use crate::Config;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, State as Extract};
@@ -11,76 +14,39 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
-use std::collections::HashMap;
-use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use veil_backend::artifact::Artifact;
-use veil_runtime::files::{self, CIPHERTEXT_LIMIT, SERVER_KEY_LIMIT};
-use veil_runtime::{EncryptedInputs, Evaluator, RuntimeError, ServerKey};
+use veil_runtime::files::{self, SERVER_KEY_LIMIT};
+use veil_runtime::{Evaluator, ServerKey};
 
 type Result<T> = std::result::Result<T, ServiceError>;
 
 pub struct State {
     pub config: Config,
-    /// Served models by name. Loaded once and kept for the process's life (evaluators
-    /// borrow their circuits).
-    pub models: HashMap<String, &'static Artifact>,
-    pub store: Store,
-    cache: Mutex<lru::LruCache<String, Arc<Evaluator<'static>>>>,
-    pub metrics: Metrics,
-    queue: tokio::sync::mpsc::UnboundedSender<String>,
-    queue_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
+    pub engine: Arc<Engine>,
+    pub queue: Queue,
 }
 
 impl State {
-    pub fn open(config: Config) -> Result<State> {
-        let mut models = HashMap::new();
-        for path in &config.models {
-            let a = Artifact::read(path).map_err(|e| ServiceError::Startup(format!("{}: {e}", path.display())))?;
-            if a.training.is_some() {
-                return Err(ServiceError::Startup(format!("{} is a training model", path.display())));
+    /// Load the models, open the data directory and connect the queue.
+    pub async fn open(config: Config) -> Result<State> {
+        let engine = Arc::new(Engine::open(&config.models, &config.data_dir, config.cached_keys)?);
+        let queue = match &config.queue {
+            None => Queue::Local(LocalQueue::new()),
+            Some(url) => {
+                Queue::Postgres { queue: PgQueue::connect(url, 8).await?, samples_per_task: config.samples_per_task }
             }
-            let name = path.file_stem().unwrap_or_default().to_string_lossy().to_string();
-            if models.insert(name.clone(), &*Box::leak(Box::new(a))).is_some() {
-                return Err(ServiceError::Startup(format!("two models are named {name}")));
-            }
-        }
-        let store = Store::open(&config.data_dir)?;
-        let cached = NonZeroUsize::new(config.cached_keys.max(1)).expect("at least one");
-        let (queue, rx) = tokio::sync::mpsc::unbounded_channel();
-        Ok(State {
-            config,
-            models,
-            store,
-            cache: Mutex::new(lru::LruCache::new(cached)),
-            metrics: Metrics::new(),
-            queue,
-            queue_rx: Mutex::new(Some(rx)),
-        })
-    }
-
-    pub fn take_queue(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<String>> {
-        self.queue_rx.lock().expect("queue lock").take()
-    }
-
-    pub fn enqueue(&self, job: String) {
-        self.metrics.queue_depth.inc();
-        // the receiver lives as long as the worker task, i.e. the runtime
-        let _ = self.queue.send(job);
-    }
-
-    fn model(&self, name: &str) -> Result<&'static Artifact> {
-        self.models.get(name).copied().ok_or_else(|| ServiceError::NotFound(format!("no model named '{name}'")))
+        };
+        Ok(State { config, engine, queue })
     }
 
     /// The key's record, if `headers` carry its token.
     fn authorize(&self, key: &str, headers: &HeaderMap) -> Result<KeyRecord> {
         let rec = valid_id(key)
-            .then(|| self.store.key(key))
+            .then(|| self.engine.store.key(key))
             .flatten()
             .ok_or_else(|| ServiceError::NotFound(format!("no key '{key}'")))?;
         let token = headers
@@ -94,54 +60,6 @@ impl State {
             return Err(ServiceError::Unauthorized(format!("wrong token for key '{key}'")));
         }
         Ok(rec)
-    }
-
-    /// The key's evaluator: cached, or loaded from its file (blocking: seconds).
-    fn evaluator(&self, key: &str) -> Result<Arc<Evaluator<'static>>> {
-        if let Some(ev) = self.cache.lock().expect("cache lock").get(key) {
-            return Ok(ev.clone());
-        }
-        let rec = self.store.key(key).ok_or_else(|| ServiceError::NotFound(format!("no key '{key}'")))?;
-        let a = self.model(&rec.model)?;
-        let sk: ServerKey = files::read(&self.store.key_file(key), SERVER_KEY_LIMIT)
-            .map_err(|e| ServiceError::Internal(format!("stored key {key}: {e}")))?;
-        let ev = Arc::new(
-            Evaluator::new(&a.circuit, &a.params, sk, &a.fingerprint)
-                .map_err(|e| ServiceError::Internal(format!("stored key {key}: {e}")))?,
-        );
-        self.cache.lock().expect("cache lock").put(key.to_string(), ev.clone());
-        Ok(ev)
-    }
-
-    /// A ciphertext file (bytes) sent for `key`: read, and made for the key's model.
-    fn inputs_for(&self, key: &str, input: &[u8]) -> Result<EncryptedInputs> {
-        let cts: EncryptedInputs = files::from_bytes(input, CIPHERTEXT_LIMIT)
-            .map_err(|e| ServiceError::BadRequest(format!("the body is not a ciphertext file: {e}")))?;
-        let rec = self.store.key(key).ok_or_else(|| ServiceError::NotFound(format!("no key '{key}'")))?;
-        veil_runtime::keys::check_fingerprint(
-            "the ciphertexts",
-            &cts.fingerprint,
-            &self.model(&rec.model)?.fingerprint,
-        )
-        .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
-        Ok(cts)
-    }
-
-    /// Evaluate a ciphertext file (bytes) with a key's evaluator: the output file's bytes
-    /// and the sample count (blocking).
-    pub fn evaluate(&self, key: &str, input: &[u8]) -> Result<(Vec<u8>, usize)> {
-        let cts = self.inputs_for(key, input)?;
-        let ev = self.evaluator(key)?;
-        let start = Instant::now();
-        let out = ev.run(&cts, &|_| {}).map_err(|e| match e {
-            RuntimeError::Invalid(m) => ServiceError::BadRequest(m),
-            other => ServiceError::Internal(other.to_string()),
-        })?;
-        self.metrics.eval_seconds.inc_by(start.elapsed().as_secs_f64());
-        self.metrics.samples.inc_by(cts.samples as u64);
-        self.metrics.lookups.inc_by((cts.samples * ev.circuit().lookups_per_sample()) as u64);
-        let bytes = files::to_bytes(&out, CIPHERTEXT_LIMIT).map_err(ServiceError::Internal)?;
-        Ok((bytes, cts.samples))
     }
 }
 
@@ -165,11 +83,15 @@ pub fn router(state: Arc<State>) -> Router {
 }
 
 async fn metrics(Extract(s): Extract<Arc<State>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
+    if let Some(depth) = s.queue.depth().await {
+        s.engine.metrics.queue_depth.set(depth);
+    }
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.engine.metrics.encode())
 }
 
 async fn models(Extract(s): Extract<Arc<State>>) -> Json<serde_json::Value> {
     let mut list: Vec<_> = s
+        .engine
         .models
         .iter()
         .map(|(name, a)| {
@@ -192,8 +114,8 @@ async fn register_key(
     Path(model): Path<String>,
     body: Body,
 ) -> Result<impl IntoResponse> {
-    let a = s.model(&model)?;
-    let tmp = s.store.tmp_path();
+    let a = s.engine.model(&model)?;
+    let tmp = s.engine.store.tmp_path();
     let loaded = async {
         stream_to(&tmp, body, s.config.max_key_bytes).await?;
         let path = tmp.clone();
@@ -209,10 +131,10 @@ async fn register_key(
         }
     };
     let (id, token) = (random_hex(16), random_hex(32));
-    tokio::fs::rename(&tmp, s.store.key_file(&id)).await.map_err(|e| ServiceError::Io(e.to_string()))?;
-    s.store.add_key(&id, KeyRecord { model: model.clone(), token_sha256: sha256_hex(&token) })?;
-    s.cache.lock().expect("cache lock").put(id.clone(), ev);
-    s.metrics.keys_registered.inc();
+    tokio::fs::rename(&tmp, s.engine.store.key_file(&id)).await.map_err(|e| ServiceError::Io(e.to_string()))?;
+    s.engine.store.add_key(&id, KeyRecord { model: model.clone(), token_sha256: sha256_hex(&token) })?;
+    s.engine.cache_evaluator(&id, ev);
+    s.engine.metrics.keys_registered.inc();
     tracing::info!(key = %id, model = %model, "server key registered");
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "key_id": id, "token": token, "model": model }))))
 }
@@ -251,8 +173,8 @@ async fn run(
     body: Bytes,
 ) -> Result<impl IntoResponse> {
     s.authorize(&key, &headers)?;
-    let s2 = s.clone();
-    let (out, samples) = tokio::task::spawn_blocking(move || s2.evaluate(&key, &body))
+    let e = s.engine.clone();
+    let (out, samples) = tokio::task::spawn_blocking(move || e.evaluate(&key, &body))
         .await
         .map_err(|e| ServiceError::Internal(e.to_string()))??;
     tracing::info!(samples, "evaluated");
@@ -267,32 +189,28 @@ async fn submit(
 ) -> Result<impl IntoResponse> {
     s.authorize(&key, &headers)?;
     // refuse what is not a ciphertext file for this model now, not in the worker
-    let cts = s.inputs_for(&key, &body)?;
-    let id = random_hex(16);
-    let input = s.store.job_input(&id);
-    veil_backend::files::write_atomic(&input, |w| std::io::Write::write_all(w, &body))
-        .map_err(|e| ServiceError::Io(e.to_string()))?;
-    s.store.set_job(&id, JobRecord { key, state: JobState::Queued, samples: cts.samples, error: None })?;
-    s.metrics.jobs_submitted.inc();
-    s.enqueue(id.clone());
+    let cts = s.engine.inputs_for(&key, &body)?;
+    let id = s.queue.submit(&s.engine, &key, &body, cts).await?;
+    s.engine.metrics.jobs_submitted.inc();
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "job_id": id }))))
 }
 
-fn authorized_job(s: &State, job: &str, headers: &HeaderMap) -> Result<JobRecord> {
-    let rec = valid_id(job)
-        .then(|| s.store.job(job))
-        .flatten()
-        .ok_or_else(|| ServiceError::NotFound(format!("no job '{job}'")))?;
-    s.authorize(&rec.key, headers)?;
-    Ok(rec)
+async fn authorized_job(s: &State, job: &str, headers: &HeaderMap) -> Result<JobStatus> {
+    let status = match valid_id(job) {
+        true => s.queue.status(&s.engine, job).await?,
+        false => None,
+    };
+    let status = status.ok_or_else(|| ServiceError::NotFound(format!("no job '{job}'")))?;
+    s.authorize(&status.key, headers)?;
+    Ok(status)
 }
 
 async fn job_status(
     Extract(s): Extract<Arc<State>>,
     Path(job): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<JobRecord>> {
-    Ok(Json(authorized_job(&s, &job, &headers)?))
+) -> Result<Json<JobStatus>> {
+    Ok(Json(authorized_job(&s, &job, &headers).await?))
 }
 
 async fn job_result(
@@ -300,15 +218,15 @@ async fn job_result(
     Path(job): Path<String>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse> {
-    let rec = authorized_job(&s, &job, &headers)?;
-    match rec.state {
+    let status = authorized_job(&s, &job, &headers).await?;
+    match status.state {
         JobState::Done => {
-            let bytes = tokio::fs::read(s.store.job_output(&job)).await.map_err(|e| ServiceError::Io(e.to_string()))?;
+            let bytes = s.queue.result(&s.engine, &job, &status).await?;
             Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes))
         }
         JobState::Failed => {
-            Err(ServiceError::BadRequest(format!("job {job} failed: {}", rec.error.unwrap_or_default())))
+            Err(ServiceError::BadRequest(format!("job {job} failed: {}", status.error.unwrap_or_default())))
         }
-        _ => Err(ServiceError::NotReady(format!("job {job} is {:?}", rec.state).to_lowercase())),
+        _ => Err(ServiceError::NotReady(format!("job {job} is {:?}", status.state).to_lowercase())),
     }
 }

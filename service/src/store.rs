@@ -112,14 +112,34 @@ impl Store {
         self.dir.join("jobs").join(format!("{id}.out"))
     }
 
+    /// Part `part` of a job split across workers (inputs, outputs).
+    pub fn part_input(&self, id: &str, part: usize) -> PathBuf {
+        self.dir.join("jobs").join(format!("{id}.{part}.in"))
+    }
+
+    pub fn part_output(&self, id: &str, part: usize) -> PathBuf {
+        self.dir.join("jobs").join(format!("{id}.{part}.out"))
+    }
+
     pub fn add_key(&self, id: &str, rec: KeyRecord) -> Result<(), ServiceError> {
         write_record(&self.dir.join("keys").join(format!("{id}.json")), &rec)?;
         self.keys.lock().expect("keys lock").insert(id.to_string(), rec);
         Ok(())
     }
 
+    /// The key's record. Keys registered by another process sharing the directory (a
+    /// second server, or the server when this is a worker) are read from disk on first use.
     pub fn key(&self, id: &str) -> Option<KeyRecord> {
-        self.keys.lock().expect("keys lock").get(id).cloned()
+        if let Some(rec) = self.keys.lock().expect("keys lock").get(id) {
+            return Some(rec.clone());
+        }
+        if !valid_id(id) {
+            return None;
+        }
+        let text = std::fs::read_to_string(self.dir.join("keys").join(format!("{id}.json"))).ok()?;
+        let rec: KeyRecord = serde_json::from_str(&text).ok()?;
+        self.keys.lock().expect("keys lock").insert(id.to_string(), rec.clone());
+        Some(rec)
     }
 
     pub fn set_job(&self, id: &str, rec: JobRecord) -> Result<(), ServiceError> {

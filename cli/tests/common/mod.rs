@@ -1,6 +1,8 @@
 //! Helpers for the CLI tests: run the real `veil` binary on real files.
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

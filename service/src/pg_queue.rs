@@ -1,0 +1,273 @@
+//! The durable job queue in PostgreSQL, for `veil serve --queue postgres://…` and
+//! `veil worker` processes on any machine that reaches the database and the shared data
+//! directory.
+//!
+//! A job is split into tasks of a few samples each (one row per task). A worker claims
+//! the oldest waiting task with `FOR UPDATE SKIP LOCKED` (concurrent workers never claim
+//! the same row) and holds it under a lease it renews while evaluating. A worker that
+//! dies stops renewing; once the lease has expired the task is claimed again by another
+//! worker. Completing needs the lease, so a task is completed once even if a worker that
+//! lost its lease finishes late. After [`MAX_ATTEMPTS`] claims whose workers all died the
+//! task fails rather than crash workers forever. Jobs and tasks are rows, so a server
+//! restart loses nothing; ciphertexts stay in the shared directory.
+
+use crate::error::ServiceError;
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use sqlx::Row;
+use std::time::Duration;
+
+/// Claims of one task before it is failed (each earlier claim's worker died).
+pub const MAX_ATTEMPTS: i32 = 3;
+
+/// The channel a submission notifies, so idle workers wake at once instead of polling.
+const CHANNEL: &str = "veil_tasks";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS veil_jobs (
+    id TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL,
+    samples INTEGER NOT NULL,
+    submitted_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS veil_tasks (
+    seq BIGSERIAL PRIMARY KEY,
+    job_id TEXT NOT NULL REFERENCES veil_jobs(id) ON DELETE CASCADE,
+    part INTEGER NOT NULL,
+    samples INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'running', 'done', 'failed')),
+    worker TEXT,
+    lease_until TIMESTAMPTZ,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    completions INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    finished_at TIMESTAMPTZ,
+    UNIQUE (job_id, part)
+);
+CREATE INDEX IF NOT EXISTS veil_tasks_waiting ON veil_tasks (seq) WHERE state IN ('queued', 'running');
+";
+
+/// A claimed task: part `part` of job `job`, evaluated with key `key`.
+#[derive(Clone, Debug)]
+pub struct Task {
+    pub job: String,
+    pub part: usize,
+    pub key: String,
+    pub attempts: i32,
+}
+
+/// A job's progress, counted over its tasks.
+#[derive(Clone, Debug)]
+pub struct PgJob {
+    pub key: String,
+    pub samples: usize,
+    pub tasks: usize,
+    pub done: usize,
+    pub running: usize,
+    pub failed: usize,
+    pub error: Option<String>,
+}
+
+pub struct PgQueue {
+    pool: PgPool,
+}
+
+/// The URL without its password, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let user = &url[s + 3..at];
+            let user = user.split(':').next().unwrap_or_default();
+            format!("{}{user}@{}", &url[..s + 3], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn db(e: sqlx::Error) -> ServiceError {
+    ServiceError::Queue(e.to_string())
+}
+
+impl PgQueue {
+    /// Connect (up to `connections` pooled connections) and create the tables if missing.
+    ///
+    /// Errors: the database cannot be reached or refuses the schema.
+    pub async fn connect(url: &str, connections: u32) -> Result<PgQueue, ServiceError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(connections.max(2))
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await
+            .map_err(|e| ServiceError::Startup(format!("cannot reach the job queue at {}: {e}", redact(url))))?;
+        // Two processes creating the tables at once would race on the catalog: serialise.
+        let mut tx = pool.begin().await.map_err(db)?;
+        sqlx::query("SELECT pg_advisory_xact_lock(7315861)").execute(&mut *tx).await.map_err(db)?;
+        sqlx::raw_sql(SCHEMA).execute(&mut *tx).await.map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(PgQueue { pool })
+    }
+
+    /// Queue job `id` for `key`: one task per entry of `parts` (its sample count).
+    pub async fn submit(&self, id: &str, key: &str, parts: &[usize]) -> Result<(), ServiceError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        sqlx::query("INSERT INTO veil_jobs (id, key_id, samples) VALUES ($1, $2, $3)")
+            .bind(id)
+            .bind(key)
+            .bind(parts.iter().sum::<usize>() as i32)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        for (part, &samples) in parts.iter().enumerate() {
+            sqlx::query("INSERT INTO veil_tasks (job_id, part, samples) VALUES ($1, $2, $3)")
+                .bind(id)
+                .bind(part as i32)
+                .bind(samples as i32)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL).bind(id).execute(&mut *tx).await.map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    pub async fn job(&self, id: &str) -> Result<Option<PgJob>, ServiceError> {
+        let row = sqlx::query(
+            "SELECT j.key_id, j.samples, count(t.seq),
+                    count(t.seq) FILTER (WHERE t.state = 'done'),
+                    count(t.seq) FILTER (WHERE t.state = 'running'),
+                    count(t.seq) FILTER (WHERE t.state = 'failed'),
+                    min(t.error) FILTER (WHERE t.state = 'failed')
+             FROM veil_jobs j LEFT JOIN veil_tasks t ON t.job_id = j.id
+             WHERE j.id = $1 GROUP BY j.id",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        let Some(r) = row else { return Ok(None) };
+        let n = |i: usize| r.try_get::<i64, _>(i).map(|v| v as usize);
+        Ok(Some(PgJob {
+            key: r.try_get(0).map_err(db)?,
+            samples: r.try_get::<i32, _>(1).map_err(db)? as usize,
+            tasks: n(2).map_err(db)?,
+            done: n(3).map_err(db)?,
+            running: n(4).map_err(db)?,
+            failed: n(5).map_err(db)?,
+            error: r.try_get(6).map_err(db)?,
+        }))
+    }
+
+    /// Claim the oldest task that is waiting, or whose worker's lease ran out, for
+    /// `worker` under a lease of `lease`. Tasks of failed jobs are left alone. A task
+    /// claimed more than [`MAX_ATTEMPTS`] times is failed instead and the next one tried.
+    pub async fn claim(&self, worker: &str, lease: Duration) -> Result<Option<Task>, ServiceError> {
+        loop {
+            let row = sqlx::query(
+                "UPDATE veil_tasks t
+                 SET state = 'running', worker = $1, attempts = t.attempts + 1,
+                     lease_until = now() + make_interval(secs => $2)
+                 FROM (SELECT seq FROM veil_tasks w
+                       WHERE (w.state = 'queued' OR (w.state = 'running' AND w.lease_until < now()))
+                         AND NOT EXISTS (SELECT 1 FROM veil_tasks f WHERE f.job_id = w.job_id AND f.state = 'failed')
+                       ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED) c
+                 WHERE t.seq = c.seq
+                 RETURNING t.job_id, t.part, t.attempts, (SELECT key_id FROM veil_jobs j WHERE j.id = t.job_id)",
+            )
+            .bind(worker)
+            .bind(lease.as_secs_f64())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+            let Some(r) = row else { return Ok(None) };
+            let task = Task {
+                job: r.try_get(0).map_err(db)?,
+                part: r.try_get::<i32, _>(1).map_err(db)? as usize,
+                attempts: r.try_get(2).map_err(db)?,
+                key: r.try_get(3).map_err(db)?,
+            };
+            if task.attempts <= MAX_ATTEMPTS {
+                return Ok(Some(task));
+            }
+            let why = format!(
+                "part {} was started {} times and each worker stopped before finishing it",
+                task.part, MAX_ATTEMPTS
+            );
+            tracing::warn!(job = %task.job, part = task.part, "giving up: {why}");
+            self.fail(&task, worker, &why).await?;
+        }
+    }
+
+    /// Extend the lease; false if the task is no longer ours (the lease ran out and
+    /// another worker claimed it).
+    pub async fn renew(&self, task: &Task, worker: &str, lease: Duration) -> Result<bool, ServiceError> {
+        let r = sqlx::query(
+            "UPDATE veil_tasks SET lease_until = now() + make_interval(secs => $4)
+             WHERE job_id = $1 AND part = $2 AND worker = $3 AND state = 'running'",
+        )
+        .bind(&task.job)
+        .bind(task.part as i32)
+        .bind(worker)
+        .bind(lease.as_secs_f64())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Mark the task done; false if it is no longer ours (its result is then not counted).
+    pub async fn complete(&self, task: &Task, worker: &str) -> Result<bool, ServiceError> {
+        let r = sqlx::query(
+            "UPDATE veil_tasks SET state = 'done', finished_at = now(), completions = completions + 1,
+                    lease_until = NULL
+             WHERE job_id = $1 AND part = $2 AND worker = $3 AND state = 'running'",
+        )
+        .bind(&task.job)
+        .bind(task.part as i32)
+        .bind(worker)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Mark the task failed with `error` (its job fails; its other tasks are skipped).
+    pub async fn fail(&self, task: &Task, worker: &str, error: &str) -> Result<(), ServiceError> {
+        sqlx::query(
+            "UPDATE veil_tasks SET state = 'failed', error = $4, finished_at = now(), lease_until = NULL
+             WHERE job_id = $1 AND part = $2 AND worker = $3 AND state = 'running'",
+        )
+        .bind(&task.job)
+        .bind(task.part as i32)
+        .bind(worker)
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    /// Jobs with tasks waiting or running.
+    pub async fn depth(&self) -> Result<i64, ServiceError> {
+        sqlx::query("SELECT count(DISTINCT job_id) FROM veil_tasks WHERE state IN ('queued', 'running')")
+            .fetch_one(&self.pool)
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(db)
+    }
+
+    /// A listener woken by every submission.
+    pub async fn listener(&self) -> Result<PgListener, ServiceError> {
+        let mut l = PgListener::connect_with(&self.pool).await.map_err(db)?;
+        l.listen(CHANNEL).await.map_err(db)?;
+        Ok(l)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redact_hides_the_password_only() {
+        assert_eq!(super::redact("postgres://veil:s3cret@db:5432/veil"), "postgres://veil@db:5432/veil");
+        assert_eq!(super::redact("postgres://db/veil"), "postgres://db/veil");
+        assert_eq!(super::redact("postgres://u@h/d"), "postgres://u@h/d");
+    }
+}
