@@ -275,8 +275,8 @@ enum Command {
         cached_keys: usize,
         /// Queue jobs in PostgreSQL (postgres://user:password@host/db) for `veil worker`
         /// processes instead of evaluating them here. --data-dir must then be shared with
-        /// the workers.
-        #[arg(long)]
+        /// the workers. Also read from VEIL_QUEUE (keeps the password out of `ps`).
+        #[arg(long, env = "VEIL_QUEUE", hide_env_values = true)]
         queue: Option<String>,
         /// With --queue: split each job into tasks of this many samples.
         #[arg(long, default_value_t = 1)]
@@ -289,7 +289,8 @@ enum Command {
         /// The compiled models the service serves (the same files).
         #[arg(required = true)]
         models: Vec<PathBuf>,
-        #[arg(long)]
+        /// The service's queue: postgres://user:password@host/db (or VEIL_QUEUE).
+        #[arg(long, env = "VEIL_QUEUE", hide_env_values = true)]
         queue: String,
         /// The service's data directory (shared: keys and job inputs are read from it,
         /// outputs written to it).

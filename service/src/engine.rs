@@ -31,7 +31,7 @@ impl Engine {
     pub fn open(models: &[PathBuf], data_dir: &Path, cached_keys: usize) -> Result<Engine> {
         let mut loaded = HashMap::new();
         for path in models {
-            let a = Artifact::read(path).map_err(|e| ServiceError::Startup(format!("{}: {e}", path.display())))?;
+            let a = Artifact::read(path).map_err(|e| ServiceError::Startup(e.to_string()))?;
             if a.training.is_some() {
                 return Err(ServiceError::Startup(format!("{} is a training model", path.display())));
             }

@@ -12,8 +12,9 @@
 //! restart loses nothing; ciphertexts stay in the shared directory.
 
 use crate::error::ServiceError;
-use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
-use sqlx::Row;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::{Connection, Row};
+use std::str::FromStr;
 use std::time::Duration;
 
 /// Claims of one task before it is failed (each earlier claim's worker died).
@@ -92,12 +93,24 @@ impl PgQueue {
     ///
     /// Errors: the database cannot be reached or refuses the schema.
     pub async fn connect(url: &str, connections: u32) -> Result<PgQueue, ServiceError> {
+        let unreachable =
+            |e: sqlx::Error| ServiceError::Startup(format!("cannot reach the job queue at {}: {e}", redact(url)));
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(ServiceError::Startup(format!(
+                "the job queue must be a PostgreSQL URL (postgres://user:password@host:port/database), not {}",
+                redact(url)
+            )));
+        }
+        let options = PgConnectOptions::from_str(url).map_err(unreachable)?;
+        // one connection first: its error says why (refused, unknown host, password),
+        // where the pool's would only say it timed out
+        PgConnection::connect_with(&options).await.map_err(unreachable)?.close().await.map_err(unreachable)?;
         let pool = PgPoolOptions::new()
             .max_connections(connections.max(2))
             .acquire_timeout(Duration::from_secs(10))
-            .connect(url)
+            .connect_with(options)
             .await
-            .map_err(|e| ServiceError::Startup(format!("cannot reach the job queue at {}: {e}", redact(url))))?;
+            .map_err(unreachable)?;
         // Two processes creating the tables at once would race on the catalog: serialise.
         let mut tx = pool.begin().await.map_err(db)?;
         sqlx::query("SELECT pg_advisory_xact_lock(7315861)").execute(&mut *tx).await.map_err(db)?;
