@@ -193,21 +193,24 @@ struct Compiled {
 
 fn compiled() -> &'static Compiled {
     static C: OnceLock<Compiled> = OnceLock::new();
-    C.get_or_init(|| compile_model("extra/mlp_wine_skl_opset15"))
+    C.get_or_init(|| compile_model("extra/mlp_wine_skl_opset15", false))
 }
 
 /// A rank-encoded forest: its model file holds the features' cuts.
 fn compiled_forest() -> &'static Compiled {
     static C: OnceLock<Compiled> = OnceLock::new();
-    C.get_or_init(|| compile_model("trees/rf_wine_3x3"))
+    C.get_or_init(|| compile_model("trees/rf_wine_3x3", true))
 }
 
-fn compile_model(name: &str) -> Compiled {
+/// Compile a shipped model; `server_tree_tests`: trees read ranks and compare on the server.
+fn compile_model(name: &str, server_tree_tests: bool) -> Compiled {
     {
         let dir = models_dir().join(name);
         let g = veil_frontend::onnx::import_file(dir.join("model.onnx")).unwrap();
         let calib = read_npy(&dir.join("calib.npy"));
-        let (artifact, _) = veil_backend::pipeline::compile(&g, &[calib], &Default::default()).unwrap();
+        let mut opts = veil_backend::pipeline::CompileOptions::default();
+        opts.search.client_tree_tests = !server_tree_tests;
+        let (artifact, _) = veil_backend::pipeline::compile(&g, &[calib], &opts).unwrap();
         let x = read_npy(&dir.join("test_x.npy"));
         let x = Tensor::F32(x.as_f32().unwrap().slice_axis(ndarray::Axis(0), ndarray::Slice::from(0..2)).to_owned());
         let (ck, sk) = veil_runtime::keygen(&artifact.params, &artifact.fingerprint).unwrap();

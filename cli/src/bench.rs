@@ -250,12 +250,12 @@ pub fn bench(
     );
     for dir in bench_dirs(models_dir, names)? {
         let d = load_dir(&dir)?;
-        // tree ensembles: with the threshold tests on the server (default) and the client
+        // tree ensembles: with the threshold tests on the client (default) and the server
         let mut variants = vec![(CompileOptions::default(), "")];
         if d.graph.node_ids().any(|n| matches!(d.graph.node(n).op, veil_ir::Op::TreeEnsemble(_))) {
-            let mut client = CompileOptions::default();
-            client.search.client_tree_tests = true;
-            variants.push((client, " [client tests]"));
+            let mut server = CompileOptions::default();
+            server.search.client_tree_tests = false;
+            variants.push((server, " [server tests]"));
         }
         for (opts, variant) in &variants {
             let row = match bench_one(&d, samples, opts, variant) {

@@ -65,7 +65,7 @@ impl Default for SearchOptions {
             task: None,
             strict: false,
             server_tail: false,
-            client_tree_tests: false,
+            client_tree_tests: true,
             lookup_cost: doubling_cost,
         }
     }
