@@ -216,3 +216,53 @@ fn a_small_forest_runs_encrypted_as_in_the_clear() {
         assert_eq!(fhe[0], float[0], "labels");
     }
 }
+
+#[test]
+fn two_precision_classes_run_with_two_parameter_sets() {
+    // 16 squares of 3-bit inputs (narrow lookups) summed in pairs, then the square of each
+    // 7-bit sum (a wide lookup): one set at 7 bits for all 24 lookups models about 2.7×
+    // the cost of two sets (3-bit lookups with their own keys, a keyswitch between).
+    use veil_ir::linear::{Linear, LinearKind};
+    use veil_ir::tlu::{Expr, Tlu};
+    use veil_ir::{BinaryFn, Elem, Graph, Op, Range, Shape, TensorType};
+    let enc = |lo, hi, n| TensorType::new(Elem::Enc(Range::new(lo, hi)), Shape::batched(&[n]));
+    let square = |lo, hi| Tlu {
+        expr: Expr::Binary(BinaryFn::Mul, Box::new(Expr::Input), Box::new(Expr::Input)),
+        input: Range::new(lo, hi),
+        params: vec![],
+        rounding: 0,
+        label: "square".into(),
+    };
+    let mut g = Graph::new("two-classes");
+    let x = g.add_input("x", enc(0, 7, 16));
+    let narrow = g.add(Op::Tlu(Box::new(square(0, 7))), &[x], "narrow").unwrap();
+    let pairs = Array2::from_shape_fn((8, 16), |(j, k)| i64::from(k / 2 == j));
+    let sum = Linear::new(LinearKind::Dense { weights: pairs }, ArrayD::zeros(vec![]), "pairs");
+    let sums = g.add(Op::Linear(Box::new(sum)), &[narrow], "sums").unwrap();
+    let wide = g.add(Op::Tlu(Box::new(square(0, 98))), &[sums], "wide").unwrap();
+    g.set_output("y", wide);
+
+    let part_of = |id| usize::from(id == wide);
+    let low = veil_backend::lower::lower_graph_partitioned(&g, &part_of, &[3, 7], &[]).unwrap();
+    assert_eq!(low.circuit.lookups_per_partition(), vec![16, 8]);
+    let single =
+        optimize(&veil_backend::params::Requirements { partitions: Vec::new(), ..low.requirements.clone() }).unwrap();
+    let (params, cost) = veil_backend::partitions::optimize(&low.requirements, &single)
+        .expect("two sets are cheaper than one at 7 bits");
+    assert_eq!(params.set_count(), 2);
+    assert_eq!((params.precision, params.partitions[0].precision), (3, 7));
+    assert!(params.polynomial_size < params.partitions[0].polynomial_size, "{params:?}");
+    assert!(cost < 0.5 * 24.0 * single.pbs_cost_ms, "two sets {cost} ms, one set {} ms", 24.0 * single.pbs_cost_ms);
+    params.check_partitions(&low.circuit).unwrap();
+
+    let xs = ArrayD::from_shape_vec(vec![2, 16], (0..32).map(|i| (i * 5 + 3) % 8).collect()).unwrap();
+    let fingerprint = b"two-classes-test".to_vec();
+    let (ck, sk) = keygen(&params, &fingerprint).unwrap();
+    let cts = ck.encrypt_for(&low.circuit, &low.encode_integers(std::slice::from_ref(&xs)).unwrap());
+    let ev = Evaluator::new(&low.circuit, &params, sk, &fingerprint).unwrap();
+    let out = ev.run(&cts, &|_| {}).unwrap();
+    let plain = ck.decrypt(&out).unwrap();
+    let got = veil_backend::lower::decode_rows(&plain[0], low.outputs[0].delta_log2, low.outputs[0].base, &[8]);
+    let want = veil_ir::interp::run(&g, &[Tensor::I64(xs)]).unwrap();
+    assert_eq!(&got, want[0].as_i64().unwrap());
+}

@@ -3,7 +3,7 @@
 use crate::circuit::{Circuit, Instruction, KeyswitchInstr, LinearInstr, LookupInstr};
 use crate::error::{BackendError, Result};
 use crate::lower::{ClientSpec, DerivedInput, InputEncoding, OutputEncoding};
-use crate::params::Params;
+use crate::params::{Conversion, Params};
 use crate::proto;
 use ndarray::{ArrayD, IxDyn};
 use prost::Message;
@@ -78,6 +78,7 @@ impl Artifact {
         let params = params_from_proto(p.params.as_ref().ok_or_else(|| bad(path, "no parameters"))?);
         params.validate().map_err(|e| bad(path, format!("invalid parameters: {e}")))?;
         let circuit = circuit_from_proto(p.circuit.ok_or_else(|| bad(path, "no circuit"))?, path)?;
+        params.check_partitions(&circuit).map_err(|e| bad(path, e))?;
         let client = client_from_proto(p.client.ok_or_else(|| bad(path, "no client section"))?, &circuit, path)?;
         let training = p.training.map(|t| training_from_proto(t, &circuit, path)).transpose()?;
         if fingerprint(&params, &circuit, training.as_ref()) != p.fingerprint {
@@ -266,6 +267,12 @@ fn params_to_proto(p: &Params) -> proto::Params {
         pbs_cost_ms: p.pbs_cost_ms,
         bootstrap_key_bytes: p.bootstrap_key_bytes,
         keyswitch_key_bytes: p.keyswitch_key_bytes,
+        partitions: p.partitions.iter().map(params_to_proto).collect(),
+        conversions: p
+            .conversions
+            .iter()
+            .map(|c| proto::Conversion { from: c.from, to: c.to, base_log: c.base_log, level: c.level })
+            .collect(),
     }
 }
 
@@ -286,6 +293,12 @@ fn params_from_proto(p: &proto::Params) -> Params {
         pbs_cost_ms: p.pbs_cost_ms,
         bootstrap_key_bytes: p.bootstrap_key_bytes,
         keyswitch_key_bytes: p.keyswitch_key_bytes,
+        partitions: p.partitions.iter().map(params_from_proto).collect(),
+        conversions: p
+            .conversions
+            .iter()
+            .map(|c| Conversion { from: c.from, to: c.to, base_log: c.base_log, level: c.level })
+            .collect(),
     }
 }
 
@@ -309,6 +322,7 @@ fn circuit_to_proto(c: &Circuit) -> proto::Circuit {
                     input: l.input as u32,
                     table: l.table.clone(),
                     second_output: l.second.map(|v| v as u32),
+                    partition: l.partition as u32,
                 }),
                 Instruction::Keyswitch(k) => proto::instruction::Kind::Keyswitch(proto::Keyswitch {
                     output: k.output as u32,
@@ -325,6 +339,8 @@ fn circuit_to_proto(c: &Circuit) -> proto::Circuit {
         tables: c.tables.iter().map(|t| proto::Table { slots: t.clone() }).collect(),
         state: c.state.iter().map(|&(i, o)| proto::StatePair { input: i as u32, output: o as u32 }).collect(),
         small_values: (0..c.value_len.len()).filter(|&v| c.is_small(v)).map(|v| v as u32).collect(),
+        partition_precisions: c.partition_precisions.clone(),
+        value_keys: c.keys.iter().map(|&k| k as u32).collect(),
     }
 }
 
@@ -338,13 +354,26 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
             .ok_or_else(|| bad(path, format!("circuit refers to missing value {v}")))
     };
     let tables: Vec<Vec<u64>> = p.tables.into_iter().map(|t| t.slots).collect();
-    let precision = match tables.first() {
-        Some(t) if t.len().is_power_of_two() => t.len().trailing_zeros(),
-        Some(_) => return Err(bad(path, "a lookup table's size is not a power of two")),
-        None => 0,
+    let parts = p.partition_precisions.len().max(1);
+    if parts > 8 || p.partition_precisions.iter().any(|&b| !(1..=16).contains(&b)) {
+        return Err(bad(path, "the circuit's partitions are malformed"));
+    }
+    let precision = match (tables.first(), p.partition_precisions.iter().max()) {
+        (_, Some(&m)) => m,
+        (Some(t), None) if t.len().is_power_of_two() => t.len().trailing_zeros(),
+        (Some(_), None) => return Err(bad(path, "a lookup table's size is not a power of two")),
+        (None, None) => 0,
     };
-    if tables.iter().any(|t| t.len() != 1 << precision) {
+    let part_precision = |q: usize| p.partition_precisions.get(q).copied().unwrap_or(precision);
+    if p.partition_precisions.is_empty() && tables.iter().any(|t| t.len() != 1 << precision) {
         return Err(bad(path, "lookup tables of different sizes"));
+    }
+    if !(p.value_keys.is_empty() || p.value_keys.len() == values) || p.value_keys.iter().any(|&k| k as usize >= parts) {
+        return Err(bad(path, "the circuit's value keys are malformed"));
+    }
+    let key = |v: usize| p.value_keys.get(v).copied().unwrap_or(0);
+    if parts > 1 && !p.small_values.is_empty() {
+        return Err(bad(path, "a circuit with several parameter sets has small-key values"));
     }
     let mut defined = vec![false; values];
     for &i in &p.inputs {
@@ -372,7 +401,7 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
                         .iter()
                         .zip(&l.term_index)
                         .all(|(&k, &e)| (k as usize) < inputs.len() && e < p.value_len[inputs[k as usize]]);
-                if !ok || inputs.iter().any(|&v| !defined[v] || small[v] != small[out]) {
+                if !ok || inputs.iter().any(|&v| !defined[v] || small[v] != small[out] || key(v) != key(out)) {
                     return Err(bad(path, "a linear instruction is malformed"));
                 }
                 defined[out] = true;
@@ -390,7 +419,14 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
                 let (out, input) = (val(l.output)?, val(l.input)?);
                 let second = l.second_output.map(val).transpose()?;
                 let n = p.value_len[out] as usize;
-                if !defined[input]
+                let q = l.partition as usize;
+                if q >= parts
+                    || key(out) as usize != q
+                    || second.is_some_and(|v| key(v) as usize != q)
+                    || l.table
+                        .iter()
+                        .any(|&t| tables.get(t as usize).is_some_and(|t| t.len() != 1 << part_precision(q)))
+                    || !defined[input]
                     || l.table.len() != n
                     || p.value_len[input] as usize != n
                     || small[out]
@@ -403,7 +439,7 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
                 if let Some(v) = second {
                     defined[v] = true;
                 }
-                Instruction::Lookup(LookupInstr { output: out, input, table: l.table, second })
+                Instruction::Lookup(LookupInstr { output: out, input, table: l.table, second, partition: q as u8 })
             }
             proto::instruction::Kind::Keyswitch(k) => {
                 let (out, input) = (val(k.output)?, val(k.input)?);
@@ -439,6 +475,8 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
         precision,
         state,
         small,
+        partition_precisions: p.partition_precisions,
+        keys: p.value_keys.iter().map(|&k| k as u8).collect(),
     })
 }
 

@@ -78,6 +78,11 @@ pub struct LookupInstr {
     /// receives that function's result.
     #[serde(default)]
     pub second: Option<usize>,
+    /// The parameter set (partition) the bootstrap runs in: its tables have
+    /// 2^`Circuit::precision_of(partition)` slots, its output is under that partition's
+    /// large key, and its input is keyswitched from its own key to the partition's small key.
+    #[serde(default)]
+    pub partition: u8,
 }
 
 /// The plaintext shift that reads a table's upper half: half of the 2^p slots.
@@ -116,9 +121,76 @@ pub struct Circuit {
     /// client under the small key.
     #[serde(default)]
     pub small: Vec<bool>,
+    /// Precision of each parameter set (partition) when there are several; empty: one
+    /// set, at `precision`.
+    #[serde(default)]
+    pub partition_precisions: Vec<u32>,
+    /// The large key (partition) each value is under; empty: all under partition 0's.
+    #[serde(default)]
+    pub keys: Vec<u8>,
 }
 
 impl Circuit {
+    /// Number of parameter sets the circuit runs with (at least one).
+    pub fn partitions(&self) -> usize {
+        self.partition_precisions.len().max(1)
+    }
+
+    /// Table precision (bits) of partition `q`.
+    pub fn precision_of(&self, q: usize) -> u32 {
+        self.partition_precisions.get(q).copied().unwrap_or(self.precision)
+    }
+
+    /// The partition whose large key value `v` is under.
+    pub fn key_of(&self, v: usize) -> usize {
+        self.keys.get(v).copied().unwrap_or(0) as usize
+    }
+
+    /// The partition of each table (that of the lookups reading it; 0 for an unread one).
+    pub fn table_partitions(&self) -> Vec<usize> {
+        let mut out = vec![0; self.tables.len()];
+        for ins in &self.instructions {
+            if let Instruction::Lookup(l) = ins {
+                for &t in &l.table {
+                    if let Some(slot) = out.get_mut(t as usize) {
+                        *slot = l.partition as usize;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Keyswitches per sample from each large key to each partition's small key:
+    /// `[from][to]`.
+    pub fn keyswitches_between(&self) -> Vec<Vec<usize>> {
+        let n = self.partitions();
+        let mut out = vec![vec![0; n]; n];
+        for ins in &self.instructions {
+            match ins {
+                Instruction::Lookup(l) if !self.is_small(l.input) => {
+                    out[self.key_of(l.input).min(n - 1)][(l.partition as usize).min(n - 1)] += l.table.len()
+                }
+                Instruction::Keyswitch(k) => out[self.key_of(k.input).min(n - 1)][0] += self.value_len[k.input],
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Lookups per sample in each partition.
+    pub fn lookups_per_partition(&self) -> Vec<usize> {
+        let mut out = vec![0; self.partitions()];
+        for ins in &self.instructions {
+            if let Instruction::Lookup(l) = ins {
+                if let Some(c) = out.get_mut(l.partition as usize) {
+                    *c += l.table.len();
+                }
+            }
+        }
+        out
+    }
+
     /// Is value `v` under the small key?
     pub fn is_small(&self, v: usize) -> bool {
         self.small.get(v).copied().unwrap_or(false)
@@ -213,7 +285,6 @@ impl Circuit {
         for (k, &v) in self.inputs.iter().enumerate() {
             values[v] = inputs[k].clone();
         }
-        let p = self.precision;
         for ins in &self.instructions {
             match ins {
                 Instruction::Linear(l) => {
@@ -233,10 +304,12 @@ impl Circuit {
                 // a keyswitch changes the key, not the plaintext
                 Instruction::Keyswitch(k) => values[k.output] = values[k.input].clone(),
                 Instruction::Lookup(l) => {
+                    let p = self.precision_of(l.partition as usize);
+                    let (from, to) = (self.key_of(l.input), l.partition as usize);
                     let std = |e: usize| -> f64 {
                         match (noise, &coefs) {
                             (Some(params), Some(c)) => {
-                                params.lookup_input_variance(&self.lookup_input_coefs(c, l, e)).sqrt()
+                                params.lookup_input_variance_between(from, to, &self.lookup_input_coefs(c, l, e)).sqrt()
                             }
                             _ => 0.0,
                         }

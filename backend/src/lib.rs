@@ -12,6 +12,7 @@ pub mod files;
 pub mod lower;
 pub mod noise;
 pub mod params;
+pub mod partitions;
 pub mod pipeline;
 pub mod security;
 pub mod training;

@@ -98,6 +98,26 @@ pub struct Requirements {
     pub outputs: Vec<(NoiseCoefs, f64)>,
     /// Failure probability allowed per lookup and per decryption.
     pub p_error: f64,
+    /// With several parameter sets (partitions), what each needs (the fields above then
+    /// describe the circuit as if it ran with one set); empty with one set.
+    #[serde(default)]
+    pub partitions: Vec<PartitionRequirements>,
+}
+
+/// What one partition's parameter set must satisfy (see [`crate::partitions`]).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PartitionRequirements {
+    pub precision: u32,
+    /// Lookups per sample in this partition.
+    pub lookups: usize,
+    /// Keyswitches per sample into this partition's small key, by the large key they
+    /// start from (a partition index).
+    pub keyswitches_from: Vec<usize>,
+    /// Noise at this partition's lookup inputs: (partition of the input's large key,
+    /// coefficients), keyswitch included.
+    pub lookup_noise: Vec<(usize, NoiseCoefs)>,
+    /// The circuit outputs under this partition's large key (indices into `outputs`).
+    pub outputs: Vec<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -121,9 +141,109 @@ pub struct Params {
     pub pbs_cost_ms: f64,
     pub bootstrap_key_bytes: u64,
     pub keyswitch_key_bytes: u64,
+    /// Further parameter sets (partitions 1, 2, …), each with its own keys; empty: the
+    /// circuit runs with this one set. A partition's own keyswitch (its large key to its
+    /// small key) uses its `ks_*` fields.
+    #[serde(default)]
+    pub partitions: Vec<Params>,
+    /// Keyswitches between partitions (large key of `from` to small key of `to`).
+    #[serde(default)]
+    pub conversions: Vec<Conversion>,
+}
+
+/// A keyswitching key from one partition's large key to another's small key.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Conversion {
+    pub from: u32,
+    pub to: u32,
+    pub base_log: u32,
+    pub level: u32,
 }
 
 impl Params {
+    /// Parameter set of partition `q` (0: this one).
+    pub fn set(&self, q: usize) -> &Params {
+        if q == 0 {
+            self
+        } else {
+            &self.partitions[q - 1]
+        }
+    }
+
+    /// Evaluation key bytes in memory over every set, conversion keys included:
+    /// (bootstrap, keyswitch).
+    pub fn total_key_bytes(&self) -> (u64, u64) {
+        let bsk = self.bootstrap_key_bytes + self.partitions.iter().map(|p| p.bootstrap_key_bytes).sum::<u64>();
+        let conv: u64 = self
+            .conversions
+            .iter()
+            .map(|c| {
+                let (from, to) = (self.set(c.from as usize), self.set(c.to as usize));
+                from.big_dimension() * c.level as u64 * (to.lwe_dimension + 1) * 8
+            })
+            .sum();
+        let ksk = self.keyswitch_key_bytes + self.partitions.iter().map(|p| p.keyswitch_key_bytes).sum::<u64>() + conv;
+        (bsk, ksk)
+    }
+
+    /// Number of parameter sets.
+    pub fn set_count(&self) -> usize {
+        1 + self.partitions.len()
+    }
+
+    /// The decomposition (base log, levels) keyswitching partition `from`'s large key to
+    /// partition `to`'s small key.
+    pub fn keyswitch_between(&self, from: usize, to: usize) -> Option<(u32, u32)> {
+        if from == to {
+            let s = self.set(from);
+            return Some((s.ks_base_log, s.ks_level));
+        }
+        self.conversions.iter().find(|c| c.from as usize == from && c.to as usize == to).map(|c| (c.base_log, c.level))
+    }
+
+    /// The circuit's partitions are these sets: as many, each at its precision, with a
+    /// keyswitching key for every pair of keys a lookup crosses. `Err` says what differs.
+    pub fn check_partitions(&self, circuit: &crate::circuit::Circuit) -> std::result::Result<(), String> {
+        if circuit.partition_precisions.is_empty() && self.partitions.is_empty() {
+            return Ok(());
+        }
+        if circuit.partitions() != self.set_count() {
+            return Err(format!(
+                "the circuit has {} parameter set(s), the parameters {}",
+                circuit.partitions(),
+                self.set_count()
+            ));
+        }
+        for q in 0..self.set_count() {
+            if self.set(q).precision != circuit.precision_of(q) {
+                return Err(format!("parameter set {q} is not at its partition's precision"));
+            }
+        }
+        for (from, row) in circuit.keyswitches_between().iter().enumerate() {
+            for (to, &count) in row.iter().enumerate() {
+                if count > 0 && self.keyswitch_between(from, to).is_none() {
+                    return Err(format!("no keyswitching key from set {from} to set {to}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Variance a bootstrap in partition `to` sees for an input under partition `from`'s
+    /// large key with coefficients `c` (the keyswitch included in `c`), modulus switch
+    /// included.
+    pub fn lookup_input_variance_between(&self, from: usize, to: usize, c: &NoiseCoefs) -> f64 {
+        if from == 0 && to == 0 && self.partitions.is_empty() {
+            return self.lookup_input_variance(c);
+        }
+        let (src, dst) = (self.set(from), self.set(to));
+        let var_ks = self
+            .keyswitch_between(from, to)
+            .map_or(f64::INFINITY, |(b, l)| noise::keyswitch(src.big_dimension(), dst.lwe_dimension, b, l));
+        c.variance_all(src.bootstrap_variance(), src.fresh_variance(), var_ks, dst.small_fresh_variance())
+            + dst.modulus_switch_variance()
+    }
+
     /// Dimension of the large key inputs, accumulators and outputs use.
     pub fn big_dimension(&self) -> u64 {
         self.glwe_dimension * self.polynomial_size
@@ -167,6 +287,23 @@ impl Params {
         }
         if !self.is_secure() {
             return Err("the parameters are below 128-bit security".into());
+        }
+        if self.partitions.len() > 7 {
+            return Err(format!("{} parameter sets (at most 8)", self.set_count()));
+        }
+        for (i, p) in self.partitions.iter().enumerate() {
+            if !p.partitions.is_empty() || !p.conversions.is_empty() || !p.has_lookups() {
+                return Err(format!("parameter set {} is malformed", i + 1));
+            }
+            p.validate().map_err(|e| format!("parameter set {}: {e}", i + 1))?;
+        }
+        for c in &self.conversions {
+            let n = self.set_count() as u32;
+            if c.from >= n || c.to >= n || c.from == c.to {
+                return Err(format!("a keyswitch from set {} to set {} (of {n})", c.from, c.to));
+            }
+            within("conversion keyswitch levels", c.level as u64, 1, 64)?;
+            within("conversion keyswitch base log", c.base_log as u64, 1, 64 / c.level as u64)?;
         }
         Ok(())
     }
@@ -265,16 +402,16 @@ pub fn keyswitch_cost_ms(n: u64, k: u64, poly: u64, ks_level: u32) -> f64 {
 }
 
 /// Modelled time of one sample's lookups and keyswitches: what the optimizer minimises.
-fn sample_cost(req: &Requirements, n: u64, k: u64, poly: u64, pbs_level: u32, ks_level: u32) -> f64 {
+pub(crate) fn sample_cost(req: &Requirements, n: u64, k: u64, poly: u64, pbs_level: u32, ks_level: u32) -> f64 {
     req.lookups.max(1) as f64 * rotation_cost_ms(n, k, poly, pbs_level)
         + req.keyswitches as f64 * keyswitch_cost_ms(n, k, poly, ks_level)
 }
 
 /// A decomposition: base log, levels, and the variance it gives.
-type Decomposition = (u32, u32, f64);
+pub(crate) type Decomposition = (u32, u32, f64);
 
 /// Best base (lowest variance) for each level count of a decomposition.
-fn best_bases(max_level: u32, var: impl Fn(u32, u32) -> f64) -> Vec<Decomposition> {
+pub(crate) fn best_bases(max_level: u32, var: impl Fn(u32, u32) -> f64) -> Vec<Decomposition> {
     (1..=max_level)
         .filter_map(|level| {
             (1..=64 / level)
@@ -359,6 +496,8 @@ pub fn optimize(req: &Requirements) -> Result<Params> {
                                 pbs_cost_ms: lookup_cost_ms(n, k, poly, pl, kl),
                                 bootstrap_key_bytes: n * (k + 1) * (k + 1) * pl as u64 * poly * 8,
                                 keyswitch_key_bytes: big * kl as u64 * (n + 1) * 8,
+                                partitions: Vec::new(),
+                                conversions: Vec::new(),
                             },
                         ));
                     }
@@ -404,6 +543,8 @@ fn optimize_without_lookups(req: &Requirements) -> Result<Params> {
         pbs_cost_ms: 0.0,
         bootstrap_key_bytes: 0,
         keyswitch_key_bytes: 0,
+        partitions: Vec::new(),
+        conversions: Vec::new(),
     })
 }
 
@@ -421,6 +562,7 @@ pub fn typical_requirements(precision: u32) -> Requirements {
         ],
         outputs: vec![(NoiseCoefs { bootstrapped: norm2, ..Default::default() }, 2f64.powi(-16))],
         p_error: 2f64.powi(-40),
+        partitions: Vec::new(),
     }
 }
 

@@ -5,8 +5,9 @@ use crate::error::Result;
 use crate::lower::{lower, Lowered};
 use crate::params::{optimize, Params};
 use crate::proto;
+use std::collections::HashMap;
 use std::time::Instant;
-use veil_ir::{Elem, Graph, Op, Tensor};
+use veil_ir::{Elem, Graph, NodeId, Op, Tensor};
 use veil_passes::bitwidth::{compile as search, Compiled, Metric, SearchOptions};
 use veil_passes::digits::split_outputs;
 use veil_passes::QuantizedModel;
@@ -18,6 +19,9 @@ pub struct CompileOptions {
     pub p_error: f64,
     /// If set, the failure probability allowed for a whole sample (split over its lookups).
     pub global_p_error: Option<f64>,
+    /// Let lookups of different precisions use different parameter sets when the modelled
+    /// cost is lower (see [`crate::partitions`]); false: one set for the whole circuit.
+    pub several_sets: bool,
 }
 
 impl Default for CompileOptions {
@@ -26,6 +30,7 @@ impl Default for CompileOptions {
             search: SearchOptions { lookup_cost: crate::params::typical_lookup_cost_ms, ..SearchOptions::default() },
             p_error: 2f64.powi(-40),
             global_p_error: None,
+            several_sets: true,
         }
     }
 }
@@ -36,7 +41,12 @@ pub fn compile(float: &Graph, calibration: &[Tensor], opts: &CompileOptions) -> 
     let mut search_opts = opts.search.clone();
     search_opts.p_error = opts.global_p_error.map_or(opts.p_error, |g| g.min(opts.p_error));
     let mut compiled = search(float, calibration, &search_opts)?;
-    let (model, digits, lowered, params) = cheapest_outputs(&compiled, calibration, opts)?;
+    let (model, digits, mut lowered, mut params) = cheapest_outputs(&compiled, calibration, opts)?;
+    if opts.several_sets {
+        if let Some((l, p)) = partitioned(&model, &lowered, &params, opts)? {
+            (lowered, params) = (l, p);
+        }
+    }
     compiled.model = model;
     let lookups = lowered.circuit.lookups_per_sample();
     let mut report = report(&compiled, lookups, start.elapsed().as_secs_f64());
@@ -75,12 +85,7 @@ fn cheapest_outputs(
         };
         let mut lowered = lower(&model, compiled.precision)?;
         let lookups = lowered.circuit.lookups_per_sample();
-        lowered.requirements.p_error = match opts.global_p_error {
-            // Union bound: lookups × p ≤ g.
-            Some(g) if lookups > 0 => (g / lookups as f64).min(opts.p_error),
-            Some(g) => g.min(opts.p_error),
-            None => opts.p_error,
-        };
+        lowered.requirements.p_error = per_lookup_p_error(lookups, opts);
         let params = match optimize(&lowered.requirements) {
             Ok(p) => p,
             Err(e) => {
@@ -98,6 +103,91 @@ fn cheapest_outputs(
         Some((_, model, digits, lowered, params)) => Ok((model, digits, lowered, params)),
         None => Err(first_err.expect("digits = 1 is always tried")),
     }
+}
+
+/// The failure probability per lookup for a circuit of `lookups` lookups.
+fn per_lookup_p_error(lookups: usize, opts: &CompileOptions) -> f64 {
+    match opts.global_p_error {
+        // Union bound: lookups × p ≤ g.
+        Some(g) if lookups > 0 => (g / lookups as f64).min(opts.p_error),
+        Some(g) => g.min(opts.p_error),
+        None => opts.p_error,
+    }
+}
+
+/// Lookup nodes whose outputs meet in a linear map must share a large key, so a
+/// partition holds whole groups: each lookup node's group (a representative node id).
+/// Maxima and saturations add their operand to their lookup's output, so they join their
+/// operands' group too.
+fn lookup_groups(g: &Graph, order: &[NodeId]) -> HashMap<NodeId, NodeId> {
+    let mut parent: HashMap<NodeId, NodeId> = order.iter().map(|&id| (id, id)).collect();
+    fn root(parent: &mut HashMap<NodeId, NodeId>, mut v: NodeId) -> NodeId {
+        while parent[&v] != v {
+            let up = parent[&parent[&v]];
+            parent.insert(v, up);
+            v = up;
+        }
+        v
+    }
+    for &id in order {
+        let starts_key = matches!(g.node(id).op, Op::Tlu(_));
+        if starts_key || !matches!(g.node(id).ty.elem, Elem::Enc(_)) {
+            continue;
+        }
+        for o in g.operands(id) {
+            if matches!(g.node(o).ty.elem, Elem::Enc(_)) {
+                let (a, b) = (root(&mut parent, o), root(&mut parent, id));
+                parent.insert(a, b);
+            }
+        }
+    }
+    order
+        .iter()
+        .filter(|&&id| veil_passes::bitwidth::max_precision_of(g, id) > 0)
+        .map(|&id| (id, root(&mut parent, id)))
+        .collect()
+}
+
+/// The model lowered in two partitions — lookup groups (see [`lookup_groups`]) whose
+/// widest lookup has at most t bits, and the rest — for the split t with the lowest
+/// modelled cost, when some split beats the single set `single` (see
+/// [`crate::partitions`]). Circuits with products of encrypted values keep one set.
+fn partitioned(
+    model: &QuantizedModel,
+    single_lowered: &Lowered,
+    single: &Params,
+    opts: &CompileOptions,
+) -> Result<Option<(Lowered, Params)>> {
+    let g = &model.graph;
+    let order = g.topo_order().unwrap_or_default();
+    if order.iter().any(|&id| matches!(g.node(id).op, Op::MatMulEnc)) || !single.has_lookups() {
+        return Ok(None);
+    }
+    let groups = lookup_groups(g, &order);
+    let mut group_bits: HashMap<NodeId, u32> = HashMap::new();
+    for (&id, &grp) in &groups {
+        let b = group_bits.entry(grp).or_insert(0);
+        *b = (*b).max(veil_passes::bitwidth::max_precision_of(g, id));
+    }
+    let mut widths: Vec<u32> = group_bits.values().copied().collect();
+    widths.sort_unstable();
+    widths.dedup();
+    let Some(&widest) = widths.last() else { return Ok(None) };
+    let mut best: Option<(f64, Lowered, Params)> = None;
+    for &t in &widths[..widths.len() - 1] {
+        let part_of = |id| groups.get(&id).map_or(0, |grp| usize::from(group_bits[grp] > t));
+        let Ok(mut lowered) = crate::lower::lower_partitioned(model, &part_of, &[t, widest]) else { continue };
+        if lowered.circuit.lookups_per_sample() != single_lowered.circuit.lookups_per_sample() {
+            continue; // a split changing what bootstraps share is not the same circuit
+        }
+        lowered.requirements.p_error = per_lookup_p_error(lowered.circuit.lookups_per_sample(), opts);
+        if let Some((params, cost)) = crate::partitions::optimize(&lowered.requirements, single) {
+            if best.as_ref().is_none_or(|b| cost < b.0) {
+                best = Some((cost, lowered, params));
+            }
+        }
+    }
+    Ok(best.map(|(_, l, p)| (l, p)))
 }
 
 /// Per-layer bit widths and lookup counts of the final integer graph.

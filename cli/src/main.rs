@@ -348,6 +348,11 @@ struct CompileArgs {
     /// divided by the lookups per sample (with --p-error too, the stricter of the two).
     #[arg(long)]
     global_p_error: Option<f64>,
+    /// Run every lookup with one parameter set. By default lookups of different
+    /// precisions may use different sets (keyswitching between them) when the modelled
+    /// cost is lower; `veil inspect --stage report` lists the sets.
+    #[arg(long)]
+    one_parameter_set: bool,
     /// Widest lookup precision allowed (bits).
     #[arg(long, default_value_t = veil_passes::bitwidth::MAX_PRECISION)]
     max_precision: u32,
@@ -460,6 +465,7 @@ impl CompileArgs {
                 (None, None) => CompileOptions::default().p_error,
             },
             global_p_error: self.global_p_error,
+            several_sets: !self.one_parameter_set,
         })
     }
 }

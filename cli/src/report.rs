@@ -73,26 +73,44 @@ pub fn text(a: &Artifact, trials: bool) -> String {
             // training tolerates failed lookups: say how many to expect, not a probability ≈ 1
             format!("≈{:.1} failed lookups expected per step", p.p_error * r.lookups_per_sample as f64)
         } else {
-            format!("2^{:.1} per sample", p.global_p_error.log2())
+            format!("failure probability 2^{:.1} per sample", p.global_p_error.log2())
         };
+        let lookups = a.circuit.lookups_per_partition();
+        for q in 0..p.set_count() {
+            let set = p.set(q);
+            let name = if p.set_count() == 1 {
+                "crypto:".to_string()
+            } else {
+                format!("set {q}: {}-bit lookups, {} per sample;", set.precision, lookups.get(q).copied().unwrap_or(0))
+            };
+            let _ = writeln!(
+                s,
+                "{name} n={} k={} N={} PBS 2^{}×{} KS 2^{}×{}; p_error 2^{:.1} per lookup; ≈{:.0} ms per lookup on one core",
+                set.lwe_dimension,
+                set.glwe_dimension,
+                set.polynomial_size,
+                set.pbs_base_log,
+                set.pbs_level,
+                set.ks_base_log,
+                set.ks_level,
+                set.p_error.log2(),
+                set.pbs_cost_ms,
+            );
+        }
+        if p.set_count() > 1 {
+            let conv: Vec<String> = p
+                .conversions
+                .iter()
+                .map(|c| format!("set {} → set {}: KS 2^{}×{}", c.from, c.to, c.base_log, c.level))
+                .collect();
+            let _ = writeln!(s, "keyswitching between sets: {}", conv.join(", "));
+        }
+        let (bsk, ksk) = p.total_key_bytes();
         let _ = writeln!(
             s,
-            "crypto: n={} k={} N={} PBS 2^{}×{} KS 2^{}×{}; p_error 2^{:.1} per lookup, {per_sample}",
-            p.lwe_dimension,
-            p.glwe_dimension,
-            p.polynomial_size,
-            p.pbs_base_log,
-            p.pbs_level,
-            p.ks_base_log,
-            p.ks_level,
-            p.p_error.log2(),
-        );
-        let _ = writeln!(
-            s,
-            "evaluation keys in memory: bootstrap {:.0} MB, keyswitch {:.0} MB; ≈{:.0} ms per lookup on one core",
-            p.bootstrap_key_bytes as f64 / 1e6,
-            p.keyswitch_key_bytes as f64 / 1e6,
-            p.pbs_cost_ms
+            "{per_sample}; evaluation keys in memory: bootstrap {:.0} MB, keyswitch {:.0} MB",
+            bsk as f64 / 1e6,
+            ksk as f64 / 1e6,
         );
     } else {
         let _ = writeln!(

@@ -36,6 +36,8 @@ pub struct EncryptedOutputs {
     pub fingerprint: Vec<u8>,
     pub samples: usize,
     pub(crate) values: Vec<Vec<LweCiphertextListOwned<u64>>>,
+    /// The parameter set whose large key each output is under (empty: all set 0).
+    pub(crate) keys: Vec<u8>,
 }
 
 #[derive(VersionsDispatch)]
@@ -52,17 +54,20 @@ impl ClientKey {
     /// Encrypt plaintexts `[input][sample][element]` under the large key.
     pub fn encrypt(&self, plaintexts: &[Vec<Vec<u64>>]) -> EncryptedInputs {
         let big = vec![false; plaintexts.len()];
-        self.encrypt_keys(plaintexts, &big)
+        self.encrypt_keys(plaintexts, &big, &[])
     }
 
     /// Encrypt plaintexts `[circuit input][sample][element]` for `circuit`: each input
     /// under the key the circuit reads it with (the small key for inputs only products read).
     pub fn encrypt_for(&self, circuit: &Circuit, plaintexts: &[Vec<Vec<u64>>]) -> EncryptedInputs {
         let small: Vec<bool> = circuit.inputs.iter().map(|&v| circuit.is_small(v)).collect();
-        self.encrypt_keys(plaintexts, &small)
+        let sets: Vec<usize> = circuit.inputs.iter().map(|&v| circuit.key_of(v)).collect();
+        self.encrypt_keys(plaintexts, &small, &sets)
     }
 
-    pub(crate) fn encrypt_keys(&self, plaintexts: &[Vec<Vec<u64>>], small: &[bool]) -> EncryptedInputs {
+    /// Encrypt each input `k` under the small key when `small[k]`, else under the large
+    /// key of parameter set `sets[k]` (set 0 when absent).
+    pub(crate) fn encrypt_keys(&self, plaintexts: &[Vec<Vec<u64>>], small: &[bool], sets: &[usize]) -> EncryptedInputs {
         let mut seeder = new_seeder();
         let samples = plaintexts.first().map_or(0, |v| v.len());
         let values = plaintexts
@@ -70,9 +75,10 @@ impl ClientKey {
             .enumerate()
             .map(|(k, per_sample)| {
                 let use_small = small.get(k).copied().unwrap_or(false) && self.small.is_some();
+                let big = self.big_of(sets.get(k).copied().unwrap_or(0)).unwrap_or((&self.big, self.big_noise_std));
                 let (key, noise) = match (&self.small, use_small) {
                     (Some(s), true) => (s, self.small_gaussian()),
-                    _ => (&self.big, self.gaussian()),
+                    _ => (big.0, crate::keys::gaussian(big.1)),
                 };
                 let size = key.lwe_dimension().to_lwe_size();
                 per_sample
@@ -102,17 +108,22 @@ impl ClientKey {
         crate::keys::check_key_pair("the encrypted outputs", &cts.fingerprint, &self.fingerprint)?;
         cts.values
             .iter()
-            .map(|per_sample| {
+            .enumerate()
+            .map(|(o, per_sample)| {
+                let set = cts.keys.get(o).copied().unwrap_or(0) as usize;
+                let (key, _) = self.big_of(set).ok_or_else(|| {
+                    RuntimeError::Invalid(format!("output {o} is under parameter set {set}, which this key lacks"))
+                })?;
                 per_sample
                     .iter()
                     .map(|list| {
-                        if list.lwe_size().to_lwe_dimension() != self.big.lwe_dimension() {
+                        if list.lwe_size().to_lwe_dimension() != key.lwe_dimension() {
                             return Err(RuntimeError::Invalid(
                                 "ciphertexts of the wrong dimension for this key".into(),
                             ));
                         }
                         let mut pt = PlaintextList::new(0u64, PlaintextCount(list.lwe_ciphertext_count().0));
-                        decrypt_lwe_ciphertext_list(&self.big, list, &mut pt);
+                        decrypt_lwe_ciphertext_list(key, list, &mut pt);
                         Ok(pt.into_container())
                     })
                     .collect()
@@ -122,9 +133,15 @@ impl ClientKey {
 }
 
 impl EncryptedInputs {
-    /// Check the batch fits the circuit: inputs, element counts, ciphertext size (the large
-    /// key's dimension, or the small key's for inputs under it).
-    pub fn check(&self, circuit: &Circuit, big_dimension: usize, small_dimension: usize) -> Result<()> {
+    /// Check the batch fits the circuit: inputs, element counts, ciphertext size (the
+    /// dimension of the large key of the input's parameter set, `big_dimension(set)`, or
+    /// the small key's for inputs under it).
+    pub fn check(
+        &self,
+        circuit: &Circuit,
+        big_dimension: &dyn Fn(usize) -> usize,
+        small_dimension: usize,
+    ) -> Result<()> {
         if self.values.len() != circuit.inputs.len() {
             return Err(RuntimeError::Invalid(format!(
                 "the ciphertexts hold {} input(s), the model takes {}",
@@ -148,7 +165,7 @@ impl EncryptedInputs {
                         circuit.value_len[v]
                     )));
                 }
-                let want = if circuit.is_small(v) { small_dimension } else { big_dimension };
+                let want = if circuit.is_small(v) { small_dimension } else { big_dimension(circuit.key_of(v)) };
                 if list.lwe_size().to_lwe_dimension().0 != want {
                     return Err(RuntimeError::Invalid(format!(
                         "input {k} is encrypted under a dimension-{} key, the model uses {want}",
@@ -204,6 +221,9 @@ impl EncryptedOutputs {
                     part.values.len(),
                     out.values.len()
                 )));
+            }
+            if part.keys != out.keys {
+                return Err(RuntimeError::Invalid("parts of the outputs are under different keys".into()));
             }
             for (all, more) in out.values.iter_mut().zip(part.values) {
                 all.extend(more);

@@ -3,8 +3,9 @@
 use crate::bootstrap::Bootstrapper;
 use crate::crypto::{EncryptedInputs, EncryptedOutputs};
 use crate::error::{Result, RuntimeError};
-use crate::keys::{check_fingerprint, ServerKey};
+use crate::keys::{check_fingerprint, ExpandedSet, ServerKey};
 use rayon::prelude::*;
+use std::collections::HashMap;
 use tfhe::core_crypto::algorithms::slice_algorithms::slice_wrapping_add_scalar_mul_assign;
 use tfhe::core_crypto::prelude::*;
 use veil_backend::circuit::{Circuit, Instruction, LinearInstr, LookupInstr};
@@ -17,11 +18,15 @@ pub struct Evaluator<'a> {
     fingerprint: Vec<u8>,
     /// The server key's stamp: model fingerprint and key-pair id.
     key_stamp: Vec<u8>,
-    big: usize,
-    /// Dimension of the small key (0 without lookups).
+    /// Dimension of each parameter set's large key.
+    bigs: Vec<usize>,
+    /// Dimension of set 0's small key (0 without lookups).
     small: usize,
-    keyswitch: Option<LweKeyswitchKeyOwned<u64>>,
-    bootstrap: Option<FourierLweBootstrapKeyOwned>,
+    /// Each parameter set's own keyswitch and bootstrap key (none without lookups).
+    sets: Vec<ExpandedSet>,
+    /// Keyswitching keys between sets, by (from, to).
+    conversions: HashMap<(usize, usize), LweKeyswitchKeyOwned<u64>>,
+    /// Each table as a bootstrap accumulator for its partition's key.
     accumulators: Vec<GlweCiphertextOwned<u64>>,
 }
 
@@ -29,31 +34,40 @@ impl<'a> Evaluator<'a> {
     pub fn new(circuit: &'a Circuit, params: &Params, key: ServerKey, fingerprint: &[u8]) -> Result<Evaluator<'a>> {
         check_fingerprint("the server key", &key.fingerprint, fingerprint)?;
         crate::validate::check_server_key(&key, params)?;
+        params.check_partitions(circuit).map_err(RuntimeError::Invalid)?;
         let key_stamp = key.fingerprint.clone();
-        let big = params.big_dimension() as usize;
+        let bigs: Vec<usize> = (0..params.set_count()).map(|q| params.set(q).big_dimension() as usize).collect();
         let has_lookups = circuit.lookups_per_sample() > 0;
-        let (keyswitch, bootstrap) = match key.expand() {
-            Some((ks, fourier)) => {
-                if ks.input_key_lwe_dimension().0 != big
-                    || fourier.polynomial_size().0 != params.polynomial_size as usize
-                {
+        let (sets, conversions) = match key.expand() {
+            Some(k) => {
+                let fits = k.sets.len() == params.set_count()
+                    && k.sets.iter().enumerate().all(|(q, (ks, b))| {
+                        ks.input_key_lwe_dimension().0 == bigs[q]
+                            && b.polynomial_size().0 == params.set(q).polynomial_size as usize
+                    });
+                if !fits {
                     return Err(RuntimeError::Invalid("the server key does not match the model's parameters".into()));
                 }
-                (Some(ks), Some(fourier))
+                (k.sets, k.conversions.into_iter().collect::<HashMap<_, _>>())
             }
             None if has_lookups => {
                 return Err(RuntimeError::Invalid(
                     "the server key has no bootstrap keys but the model needs them".into(),
                 ))
             }
-            None => (None, None),
+            None => (Vec::new(), HashMap::new()),
         };
-        let accumulators = match &bootstrap {
-            Some(b) => circuit
+        let accumulators = if sets.is_empty() {
+            Vec::new()
+        } else {
+            let parts = circuit.table_partitions();
+            circuit
                 .tables
                 .iter()
-                .map(|t| {
-                    if t.len() != 1 << circuit.precision {
+                .zip(parts)
+                .map(|(t, q)| {
+                    let b = &sets.get(q).ok_or_else(|| RuntimeError::Invalid("a table of a missing set".into()))?.1;
+                    if t.len() != 1 << circuit.precision_of(q) {
                         return Err(RuntimeError::Invalid("a lookup table has the wrong size".into()));
                     }
                     Ok(generate_programmable_bootstrap_glwe_lut(
@@ -65,18 +79,17 @@ impl<'a> Evaluator<'a> {
                         |slot| t[slot as usize],
                     ))
                 })
-                .collect::<Result<Vec<_>>>()?,
-            None => Vec::new(),
+                .collect::<Result<Vec<_>>>()?
         };
-        let small = keyswitch.as_ref().map_or(0, |k| k.output_key_lwe_dimension().0);
+        let small = sets.first().map_or(0, |(k, _)| k.output_key_lwe_dimension().0);
         Ok(Evaluator {
             circuit,
             fingerprint: fingerprint.to_vec(),
             key_stamp,
-            big,
+            bigs,
             small,
-            keyswitch,
-            bootstrap,
+            sets,
+            conversions,
             accumulators,
         })
     }
@@ -85,10 +98,14 @@ impl<'a> Evaluator<'a> {
     pub fn run(&self, inputs: &EncryptedInputs, progress: &(dyn Fn(usize) + Sync)) -> Result<EncryptedOutputs> {
         check_fingerprint("the encrypted inputs", &inputs.fingerprint, &self.fingerprint)?;
         self.check_key_pair("the encrypted inputs", &inputs.fingerprint)?;
-        inputs.check(self.circuit, self.big, self.small)?;
+        inputs.check(self.circuit, &|q| self.bigs.get(q).copied().unwrap_or(0), self.small)?;
         let samples = inputs.samples;
         let outputs = self.run_expanded(inputs.expand(), samples, progress)?;
-        Ok(EncryptedOutputs { fingerprint: inputs.fingerprint.clone(), samples, values: outputs })
+        let keys = match self.circuit.partitions() {
+            1 => Vec::new(),
+            _ => self.circuit.outputs.iter().map(|&v| self.circuit.key_of(v) as u8).collect(),
+        };
+        Ok(EncryptedOutputs { fingerprint: inputs.fingerprint.clone(), samples, values: outputs, keys })
     }
 
     /// Ciphertexts stamped `stamp` were encrypted for this evaluator's key pair.
@@ -162,7 +179,7 @@ impl<'a> Evaluator<'a> {
 
     /// Dimension of the key inputs and outputs are encrypted under.
     pub fn big_dimension(&self) -> usize {
-        self.big
+        self.bigs[0]
     }
 
     /// Dimension of the small key (inputs under it, and lookups' inputs).
@@ -172,12 +189,12 @@ impl<'a> Evaluator<'a> {
 
     /// LWE size of a value's ciphertexts.
     fn size_of(&self, v: usize) -> LweSize {
-        LweSize(if self.circuit.is_small(v) { self.small } else { self.big } + 1)
+        LweSize(if self.circuit.is_small(v) { self.small } else { self.bigs[self.circuit.key_of(v)] } + 1)
     }
 
     /// Keyswitch every element of every sample of a large-key value to the small key.
     fn keyswitch(&self, input: usize, values: &[Option<Vec<LweCiphertextListOwned<u64>>>]) -> Result<PerSample> {
-        let Some(ksk) = &self.keyswitch else {
+        let Some((ksk, _)) = self.sets.first() else {
             return Err(RuntimeError::Invalid("the circuit keyswitches but no keyswitching key was loaded".into()));
         };
         let lists = Self::get(values, input);
@@ -243,13 +260,21 @@ impl<'a> Evaluator<'a> {
         samples: usize,
         progress: &(dyn Fn(usize) + Sync),
     ) -> Result<(PerSample, PerSample)> {
-        let (Some(ksk), Some(bsk)) = (&self.keyswitch, &self.bootstrap) else {
+        let (from, to) = (self.circuit.key_of(l.input), l.partition as usize);
+        let Some((own, bsk)) = self.sets.get(to) else {
             return Err(RuntimeError::Invalid("the circuit has lookups but no bootstrap keys were loaded".into()));
+        };
+        let ksk = if from == to {
+            own
+        } else {
+            self.conversions.get(&(from, to)).ok_or_else(|| {
+                RuntimeError::Invalid(format!("no keyswitching key from parameter set {from} to set {to}"))
+            })?
         };
         let input = Self::get(values, l.input);
         let small_input = self.circuit.is_small(l.input);
         let n = l.table.len();
-        let size = LweSize(self.big + 1);
+        let size = LweSize(self.bigs[to] + 1);
         let new_ct = || LweCiphertext::new(0u64, size, CiphertextModulus::new_native());
         let jobs: Vec<(usize, usize)> = (0..samples).flat_map(|s| (0..n).map(move |e| (s, e))).collect();
         let results: Vec<(LweCiphertextOwned<u64>, Option<LweCiphertextOwned<u64>>)> = jobs
@@ -311,12 +336,12 @@ impl Evaluator<'_> {
     pub fn time_lookup(&self, ck: &crate::ClientKey, runs: usize) -> Result<(f64, f64)> {
         let cts = ck.encrypt(&[vec![vec![3u64 << 58]]]).expand();
         let ct = cts[0][0].get(0);
-        let (Some(ksk), Some(bsk)) = (&self.keyswitch, &self.bootstrap) else {
+        let Some((ksk, bsk)) = self.sets.first() else {
             return Err(RuntimeError::Invalid("the model has no lookups to time".into()));
         };
         let acc = self.accumulators.first().ok_or_else(|| RuntimeError::Invalid("no lookup tables".into()))?;
         let mut worker = Bootstrapper::new(ksk, bsk);
-        let mut out = LweCiphertext::new(0u64, LweSize(self.big + 1), CiphertextModulus::new_native());
+        let mut out = LweCiphertext::new(0u64, LweSize(self.bigs[0] + 1), CiphertextModulus::new_native());
         let (mut ks, mut br) = (Vec::new(), Vec::new());
         for _ in 0..runs.max(1) {
             let t = std::time::Instant::now();

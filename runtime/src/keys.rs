@@ -17,6 +17,23 @@ pub struct ClientKey {
     pub(crate) big: LweSecretKeyOwned<u64>,
     pub(crate) small: Option<LweSecretKeyOwned<u64>>,
     pub(crate) big_noise_std: f64,
+    /// The keys of parameter sets 1, 2, … (empty with one set).
+    pub(crate) more: Vec<ClientSetKey>,
+}
+
+/// One further parameter set's secret keys.
+#[derive(Clone, Serialize, Deserialize, Versionize)]
+#[versionize(ClientSetKeyVersions)]
+pub struct ClientSetKey {
+    pub(crate) big: LweSecretKeyOwned<u64>,
+    pub(crate) small: LweSecretKeyOwned<u64>,
+    pub(crate) big_noise_std: f64,
+}
+
+#[derive(VersionsDispatch)]
+#[allow(unused)]
+pub enum ClientSetKeyVersions {
+    V0(ClientSetKey),
 }
 
 #[derive(VersionsDispatch)]
@@ -36,6 +53,39 @@ pub struct ServerKey {
     pub fingerprint: Vec<u8>,
     pub(crate) bootstrap: Option<SeededLweBootstrapKeyOwned<u64>>,
     pub(crate) keyswitch: Option<SeededLweKeyswitchKeyOwned<u64>>,
+    /// The keys of parameter sets 1, 2, … (empty with one set).
+    pub(crate) more: Vec<ServerSetKey>,
+    /// Keyswitching keys from one set's large key to another's small key.
+    pub(crate) conversions: Vec<ConversionKey>,
+}
+
+/// One further parameter set's evaluation keys: its bootstrap key and its own keyswitch.
+#[derive(Clone, Serialize, Deserialize, Versionize)]
+#[versionize(ServerSetKeyVersions)]
+pub struct ServerSetKey {
+    pub(crate) bootstrap: SeededLweBootstrapKeyOwned<u64>,
+    pub(crate) keyswitch: SeededLweKeyswitchKeyOwned<u64>,
+}
+
+#[derive(VersionsDispatch)]
+#[allow(unused)]
+pub enum ServerSetKeyVersions {
+    V0(ServerSetKey),
+}
+
+/// A keyswitching key from set `from`'s large key to set `to`'s small key.
+#[derive(Clone, Serialize, Deserialize, Versionize)]
+#[versionize(ConversionKeyVersions)]
+pub struct ConversionKey {
+    pub(crate) from: u32,
+    pub(crate) to: u32,
+    pub(crate) key: SeededLweKeyswitchKeyOwned<u64>,
+}
+
+#[derive(VersionsDispatch)]
+#[allow(unused)]
+pub enum ConversionKeyVersions {
+    V0(ConversionKey),
 }
 
 #[derive(VersionsDispatch)]
@@ -97,7 +147,7 @@ fn new_stamp(fingerprint: &[u8], seeder: &mut dyn Seeder) -> Vec<u8> {
     s
 }
 
-fn gaussian(std: f64) -> DynamicDistribution<u64> {
+pub(crate) fn gaussian(std: f64) -> DynamicDistribution<u64> {
     DynamicDistribution::new_gaussian_from_std_dev(StandardDev(std))
 }
 
@@ -112,59 +162,126 @@ pub fn keygen(params: &Params, fingerprint: &[u8]) -> Result<(ClientKey, ServerK
     let modulus = CiphertextModulus::new_native();
     if !params.has_lookups() {
         let big = LweSecretKey::generate_new_binary(LweDimension(params.big_dimension() as usize), &mut secret);
-        let client =
-            ClientKey { fingerprint: fingerprint.to_vec(), big, small: None, big_noise_std: params.glwe_noise_std };
-        let server = ServerKey { fingerprint: fingerprint.to_vec(), bootstrap: None, keyswitch: None };
+        let client = ClientKey {
+            fingerprint: fingerprint.to_vec(),
+            big,
+            small: None,
+            big_noise_std: params.glwe_noise_std,
+            more: Vec::new(),
+        };
+        let server = ServerKey {
+            fingerprint: fingerprint.to_vec(),
+            bootstrap: None,
+            keyswitch: None,
+            more: Vec::new(),
+            conversions: Vec::new(),
+        };
         return Ok((client, server));
     }
-    let glwe = GlweSecretKey::generate_new_binary(
-        GlweDimension(params.glwe_dimension as usize),
-        PolynomialSize(params.polynomial_size as usize),
-        &mut secret,
-    );
-    let small = LweSecretKey::generate_new_binary(LweDimension(params.lwe_dimension as usize), &mut secret);
-    let big = glwe.clone().into_lwe_secret_key();
-    let bootstrap = par_allocate_and_generate_new_seeded_lwe_bootstrap_key(
-        &small,
-        &glwe,
-        DecompositionBaseLog(params.pbs_base_log as usize),
-        DecompositionLevelCount(params.pbs_level as usize),
-        gaussian(params.glwe_noise_std),
-        modulus,
-        seeder,
-    );
-    let keyswitch = allocate_and_generate_new_seeded_lwe_keyswitch_key(
-        &big,
-        &small,
-        DecompositionBaseLog(params.ks_base_log as usize),
-        DecompositionLevelCount(params.ks_level as usize),
-        gaussian(params.lwe_noise_std),
-        modulus,
-        seeder,
-    );
+    // every set: large key (from its GLWE key), small key, bootstrap key, own keyswitch
+    let mut sets = Vec::with_capacity(params.set_count());
+    for q in 0..params.set_count() {
+        let p = params.set(q);
+        let glwe = GlweSecretKey::generate_new_binary(
+            GlweDimension(p.glwe_dimension as usize),
+            PolynomialSize(p.polynomial_size as usize),
+            &mut secret,
+        );
+        let small = LweSecretKey::generate_new_binary(LweDimension(p.lwe_dimension as usize), &mut secret);
+        let big = glwe.clone().into_lwe_secret_key();
+        let bootstrap = par_allocate_and_generate_new_seeded_lwe_bootstrap_key(
+            &small,
+            &glwe,
+            DecompositionBaseLog(p.pbs_base_log as usize),
+            DecompositionLevelCount(p.pbs_level as usize),
+            gaussian(p.glwe_noise_std),
+            modulus,
+            seeder,
+        );
+        let keyswitch = allocate_and_generate_new_seeded_lwe_keyswitch_key(
+            &big,
+            &small,
+            DecompositionBaseLog(p.ks_base_log as usize),
+            DecompositionLevelCount(p.ks_level as usize),
+            gaussian(p.lwe_noise_std),
+            modulus,
+            seeder,
+        );
+        sets.push((big, small, bootstrap, keyswitch, p.glwe_noise_std));
+    }
+    let conversions = params
+        .conversions
+        .iter()
+        .map(|c| ConversionKey {
+            from: c.from,
+            to: c.to,
+            key: allocate_and_generate_new_seeded_lwe_keyswitch_key(
+                &sets[c.from as usize].0,
+                &sets[c.to as usize].1,
+                DecompositionBaseLog(c.base_log as usize),
+                DecompositionLevelCount(c.level as usize),
+                gaussian(params.set(c.to as usize).lwe_noise_std),
+                modulus,
+                seeder,
+            ),
+        })
+        .collect();
+    let mut sets = sets.into_iter();
+    let (big, small, bootstrap, keyswitch, big_noise_std) = sets.next().expect("at least one set");
+    let (more_client, more_server): (Vec<_>, Vec<_>) = sets
+        .map(|(big, small, bootstrap, keyswitch, big_noise_std)| {
+            (ClientSetKey { big, small, big_noise_std }, ServerSetKey { bootstrap, keyswitch })
+        })
+        .unzip();
     let client =
-        ClientKey { fingerprint: fingerprint.to_vec(), big, small: Some(small), big_noise_std: params.glwe_noise_std };
-    let server =
-        ServerKey { fingerprint: fingerprint.to_vec(), bootstrap: Some(bootstrap), keyswitch: Some(keyswitch) };
+        ClientKey { fingerprint: fingerprint.to_vec(), big, small: Some(small), big_noise_std, more: more_client };
+    let server = ServerKey {
+        fingerprint: fingerprint.to_vec(),
+        bootstrap: Some(bootstrap),
+        keyswitch: Some(keyswitch),
+        more: more_server,
+        conversions,
+    };
     Ok((client, server))
+}
+
+/// Evaluation keys of one set, ready: keyswitch expanded, bootstrap key in the Fourier
+/// domain.
+pub(crate) type ExpandedSet = (LweKeyswitchKeyOwned<u64>, FourierLweBootstrapKeyOwned);
+
+fn expand_set(ks: SeededLweKeyswitchKeyOwned<u64>, bs: SeededLweBootstrapKeyOwned<u64>) -> ExpandedSet {
+    let ks = ks.decompress_into_lwe_keyswitch_key();
+    let bs = bs.par_decompress_into_lwe_bootstrap_key();
+    let mut fourier = FourierLweBootstrapKey::new(
+        bs.input_lwe_dimension(),
+        bs.glwe_size(),
+        bs.polynomial_size(),
+        bs.decomposition_base_log(),
+        bs.decomposition_level_count(),
+    );
+    par_convert_standard_lwe_bootstrap_key_to_fourier(&bs, &mut fourier);
+    (ks, fourier)
+}
+
+/// Every set's expanded keys, and the conversion keys by (from, to).
+pub(crate) struct ExpandedKeys {
+    pub sets: Vec<ExpandedSet>,
+    pub conversions: Vec<((usize, usize), LweKeyswitchKeyOwned<u64>)>,
 }
 
 impl ServerKey {
     /// The keys as evaluation uses them: the keyswitch key expanded from its seed, the
     /// bootstrap key expanded and converted to the Fourier domain. `None` without lookups.
-    pub(crate) fn expand(self) -> Option<(LweKeyswitchKeyOwned<u64>, FourierLweBootstrapKeyOwned)> {
-        let (ks, bs) = (self.keyswitch?, self.bootstrap?);
-        let ks = ks.decompress_into_lwe_keyswitch_key();
-        let bs = bs.par_decompress_into_lwe_bootstrap_key();
-        let mut fourier = FourierLweBootstrapKey::new(
-            bs.input_lwe_dimension(),
-            bs.glwe_size(),
-            bs.polynomial_size(),
-            bs.decomposition_base_log(),
-            bs.decomposition_level_count(),
-        );
-        par_convert_standard_lwe_bootstrap_key_to_fourier(&bs, &mut fourier);
-        Some((ks, fourier))
+    pub(crate) fn expand(self) -> Option<ExpandedKeys> {
+        let first = expand_set(self.keyswitch?, self.bootstrap?);
+        let mut sets = vec![first];
+        sets.extend(self.more.into_iter().map(|s| expand_set(s.keyswitch, s.bootstrap)));
+        let conversions = self
+            .conversions
+            .into_iter()
+            .map(|c| ((c.from as usize, c.to as usize), c.key.decompress_into_lwe_keyswitch_key()))
+            .collect();
+        Some(ExpandedKeys { sets, conversions })
     }
 }
 
@@ -174,8 +291,17 @@ impl ClientKey {
         self.big.lwe_dimension().0
     }
 
-    pub(crate) fn gaussian(&self) -> DynamicDistribution<u64> {
-        gaussian(self.big_noise_std)
+    /// Large key of parameter set `q` and the noise of fresh encryptions under it.
+    pub(crate) fn big_of(&self, q: usize) -> Option<(&LweSecretKeyOwned<u64>, f64)> {
+        match q {
+            0 => Some((&self.big, self.big_noise_std)),
+            _ => self.more.get(q - 1).map(|s| (&s.big, s.big_noise_std)),
+        }
+    }
+
+    /// Number of parameter sets the key is for.
+    pub fn set_count(&self) -> usize {
+        1 + self.more.len()
     }
 
     /// Noise of fresh encryptions under the small key: the 128-bit minimum for its

@@ -25,6 +25,8 @@ fn params(n: u64, k: u64, poly: u64, pbs: (u32, u32), ks: (u32, u32), precision:
         pbs_cost_ms: 0.0,
         bootstrap_key_bytes: 0,
         keyswitch_key_bytes: 0,
+        partitions: Vec::new(),
+        conversions: Vec::new(),
     }
 }
 
@@ -45,7 +47,7 @@ struct Run {
 /// table, and record the errors.
 fn measure(p: &Params, count: usize) -> Run {
     let (ck, sk) = keygen(p, b"noise-test").unwrap();
-    let (ksk, fourier) = sk.expand().unwrap();
+    let (ksk, fourier) = sk.expand().unwrap().sets.remove(0);
     let slots = 1usize << p.precision;
     let delta = 1u64 << (63 - p.precision);
     let acc = generate_programmable_bootstrap_glwe_lut(
@@ -195,7 +197,7 @@ fn failure_rate_dominated_by_the_modulus_switch_matches_the_centred_model() {
 /// Median milliseconds of one keyswitch and one bootstrap with `p`'s real keys.
 fn lookup_time(p: &Params) -> (f64, f64) {
     let (ck, sk) = keygen(p, b"timing-test").unwrap();
-    let (ksk, fourier) = sk.expand().unwrap();
+    let (ksk, fourier) = sk.expand().unwrap().sets.remove(0);
     // a real encryption (all-zero masks would skip work)
     let cts = ck.encrypt(&[vec![vec![3u64 << 58]]]).expand();
     let acc = GlweCiphertext::new(

@@ -155,7 +155,7 @@ impl ClientKey {
                 }
                 let rows: Vec<Vec<Vec<u64>>> = keep.iter().map(|&k| vec![inputs[k].clone()]).collect();
                 let small: Vec<bool> = keep.iter().map(|&k| circuit.is_small(circuit.inputs[k])).collect();
-                let enc = self.encrypt_keys(&rows, &small);
+                let enc = self.encrypt_keys(&rows, &small, &[]);
                 Ok(enc.values.into_iter().map(|mut per_sample| per_sample.remove(0)).collect())
             })
             .collect::<Result<Vec<_>>>()?;

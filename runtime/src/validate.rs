@@ -63,40 +63,66 @@ impl Validate for ClientKey {
         if !(self.big_noise_std.is_finite() && self.big_noise_std >= 0.0) {
             return Err(format!("noise level {} is not a standard deviation", self.big_noise_std));
         }
+        for s in &self.more {
+            size_ok("key dimension", s.big.lwe_dimension().0)?;
+            size_ok("small key dimension", s.small.lwe_dimension().0)?;
+            if !(s.big_noise_std.is_finite() && s.big_noise_std >= 0.0) {
+                return Err(format!("noise level {} is not a standard deviation", s.big_noise_std));
+            }
+        }
+        if self.more.len() > 7 {
+            return Err(format!("{} parameter sets (at most 8)", self.more.len() + 1));
+        }
         Ok(())
     }
+}
+
+/// A bootstrap key and a keyswitching key hold what their sizes say.
+fn set_ok(b: &SeededLweBootstrapKeyOwned<u64>, k: &SeededLweKeyswitchKeyOwned<u64>) -> std::result::Result<(), String> {
+    size_ok("bootstrap key polynomial size", b.polynomial_size().0)?;
+    if !b.polynomial_size().0.is_power_of_two() {
+        return Err("the bootstrap key's polynomial size is not a power of two".into());
+    }
+    size_ok("bootstrap key GLWE size", b.glwe_size().0)?;
+    size_ok("bootstrap key levels", b.decomposition_level_count().0)?;
+    let (base, levels) = (b.decomposition_base_log().0, b.decomposition_level_count().0);
+    if base == 0 || base * levels > 64 {
+        return Err(format!("the bootstrap key's decomposition 2^{base}×{levels} does not fit 64 bits"));
+    }
+    modulus_ok(b.ciphertext_modulus().is_native_modulus())?;
+    let ggsw = b.decomposition_level_count().0 * b.glwe_size().0 * b.polynomial_size().0;
+    if !b.as_ref().len().is_multiple_of(ggsw) || b.as_ref().is_empty() {
+        return Err("the bootstrap key's data does not match its sizes".into());
+    }
+    keyswitch_ok(k)
+}
+
+fn keyswitch_ok(k: &SeededLweKeyswitchKeyOwned<u64>) -> std::result::Result<(), String> {
+    size_ok("keyswitch key levels", k.decomposition_level_count().0)?;
+    size_ok("keyswitch key output size", k.output_lwe_size().0)?;
+    let (base, levels) = (k.decomposition_base_log().0, k.decomposition_level_count().0);
+    if base == 0 || base * levels > 64 {
+        return Err(format!("the keyswitch key's decomposition 2^{base}×{levels} does not fit 64 bits"));
+    }
+    modulus_ok(k.ciphertext_modulus().is_native_modulus())?;
+    let per_input = k.decomposition_level_count().0;
+    if !k.as_ref().len().is_multiple_of(per_input) || k.as_ref().is_empty() {
+        return Err("the keyswitch key's data does not match its sizes".into());
+    }
+    Ok(())
 }
 
 impl Validate for ServerKey {
     fn validate(&self) -> std::result::Result<(), String> {
         match (&self.bootstrap, &self.keyswitch) {
-            (None, None) => Ok(()),
+            (None, None) if self.more.is_empty() && self.conversions.is_empty() => Ok(()),
             (Some(b), Some(k)) => {
-                size_ok("bootstrap key polynomial size", b.polynomial_size().0)?;
-                if !b.polynomial_size().0.is_power_of_two() {
-                    return Err("the bootstrap key's polynomial size is not a power of two".into());
+                set_ok(b, k)?;
+                for s in &self.more {
+                    set_ok(&s.bootstrap, &s.keyswitch)?;
                 }
-                size_ok("bootstrap key GLWE size", b.glwe_size().0)?;
-                size_ok("bootstrap key levels", b.decomposition_level_count().0)?;
-                size_ok("keyswitch key levels", k.decomposition_level_count().0)?;
-                size_ok("keyswitch key output size", k.output_lwe_size().0)?;
-                for (what, base, levels) in [
-                    ("bootstrap", b.decomposition_base_log().0, b.decomposition_level_count().0),
-                    ("keyswitch", k.decomposition_base_log().0, k.decomposition_level_count().0),
-                ] {
-                    if base == 0 || base * levels > 64 {
-                        return Err(format!("the {what} key's decomposition 2^{base}×{levels} does not fit 64 bits"));
-                    }
-                }
-                modulus_ok(b.ciphertext_modulus().is_native_modulus())?;
-                modulus_ok(k.ciphertext_modulus().is_native_modulus())?;
-                let ggsw = b.decomposition_level_count().0 * b.glwe_size().0 * b.polynomial_size().0;
-                if !b.as_ref().len().is_multiple_of(ggsw) || b.as_ref().is_empty() {
-                    return Err("the bootstrap key's data does not match its sizes".into());
-                }
-                let per_input = k.decomposition_level_count().0;
-                if !k.as_ref().len().is_multiple_of(per_input) || k.as_ref().is_empty() {
-                    return Err("the keyswitch key's data does not match its sizes".into());
+                for c in &self.conversions {
+                    keyswitch_ok(&c.key)?;
                 }
                 Ok(())
             }
@@ -148,20 +174,46 @@ pub fn check_server_key(key: &ServerKey, params: &Params) -> Result<()> {
     let (Some(b), Some(k)) = (&key.bootstrap, &key.keyswitch) else {
         return Ok(()); // no lookups: Evaluator::new checks the circuit needs none
     };
-    let want = [
-        ("small dimension", b.input_lwe_dimension().0, params.lwe_dimension as usize),
-        ("GLWE dimension", b.glwe_size().0 - 1, params.glwe_dimension as usize),
-        ("polynomial size", b.polynomial_size().0, params.polynomial_size as usize),
-        ("bootstrap base log", b.decomposition_base_log().0, params.pbs_base_log as usize),
-        ("bootstrap levels", b.decomposition_level_count().0, params.pbs_level as usize),
-        ("keyswitch input dimension", k.input_key_lwe_dimension().0, params.big_dimension() as usize),
-        ("keyswitch output dimension", k.output_key_lwe_dimension().0, params.lwe_dimension as usize),
-        ("keyswitch base log", k.decomposition_base_log().0, params.ks_base_log as usize),
-        ("keyswitch levels", k.decomposition_level_count().0, params.ks_level as usize),
-    ];
-    for (what, found, expected) in want {
-        if found != expected {
-            return bad(format!("{what} {found}, the model's {expected}"));
+    if key.more.len() != params.partitions.len() || key.conversions.len() != params.conversions.len() {
+        return bad(format!(
+            "{} parameter set(s) and {} conversion key(s), the model's {} and {}",
+            1 + key.more.len(),
+            key.conversions.len(),
+            params.set_count(),
+            params.conversions.len()
+        ));
+    }
+    let sets = std::iter::once((b, k)).chain(key.more.iter().map(|s| (&s.bootstrap, &s.keyswitch)));
+    for (q, (b, k)) in sets.enumerate() {
+        let p = params.set(q);
+        let want = [
+            ("small dimension", b.input_lwe_dimension().0, p.lwe_dimension as usize),
+            ("GLWE dimension", b.glwe_size().0 - 1, p.glwe_dimension as usize),
+            ("polynomial size", b.polynomial_size().0, p.polynomial_size as usize),
+            ("bootstrap base log", b.decomposition_base_log().0, p.pbs_base_log as usize),
+            ("bootstrap levels", b.decomposition_level_count().0, p.pbs_level as usize),
+            ("keyswitch input dimension", k.input_key_lwe_dimension().0, p.big_dimension() as usize),
+            ("keyswitch output dimension", k.output_key_lwe_dimension().0, p.lwe_dimension as usize),
+            ("keyswitch base log", k.decomposition_base_log().0, p.ks_base_log as usize),
+            ("keyswitch levels", k.decomposition_level_count().0, p.ks_level as usize),
+        ];
+        for (what, found, expected) in want {
+            if found != expected {
+                let set = if params.partitions.is_empty() { String::new() } else { format!("set {q}: ") };
+                return bad(format!("{set}{what} {found}, the model's {expected}"));
+            }
+        }
+    }
+    for (c, want) in key.conversions.iter().zip(&params.conversions) {
+        let (from, to) = (params.set(want.from as usize), params.set(want.to as usize));
+        let fits = c.from == want.from
+            && c.to == want.to
+            && c.key.input_key_lwe_dimension().0 == from.big_dimension() as usize
+            && c.key.output_key_lwe_dimension().0 == to.lwe_dimension as usize
+            && c.key.decomposition_base_log().0 == want.base_log as usize
+            && c.key.decomposition_level_count().0 == want.level as usize;
+        if !fits {
+            return bad(format!("the keyswitching key from set {} to set {} has other sizes", want.from, want.to));
         }
     }
     Ok(())
@@ -179,6 +231,17 @@ impl ClientKey {
         let want = if params.has_lookups() { params.lwe_dimension as usize } else { 0 };
         if small != want {
             return bad(format!("small key dimension {small}, the model's {want}"));
+        }
+        if self.more.len() != params.partitions.len() {
+            return bad(format!("{} parameter set(s), the model's {}", self.set_count(), params.set_count()));
+        }
+        for (q, s) in self.more.iter().enumerate() {
+            let p = &params.partitions[q];
+            if s.big.lwe_dimension().0 != p.big_dimension() as usize
+                || s.small.lwe_dimension().0 != p.lwe_dimension as usize
+            {
+                return bad(format!("set {} has other dimensions than the model's", q + 1));
+            }
         }
         Ok(())
     }

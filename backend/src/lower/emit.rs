@@ -5,7 +5,7 @@ use super::deltas::{self, Demand};
 use super::{encode, err, DerivedInput, Encoding, LoweredGraph};
 use crate::circuit::{Circuit, Instruction, LinearInstr, LookupInstr};
 use crate::error::{BackendError, Result};
-use crate::params::{NoiseCoefs, Requirements};
+use crate::params::{NoiseCoefs, PartitionRequirements, Requirements};
 use ndarray::{ArrayD, Axis, IxDyn};
 use std::collections::HashMap;
 use veil_ir::{Graph, NodeId, Op, Range, Tensor};
@@ -71,7 +71,14 @@ fn is_affine(op: &Op) -> bool {
 
 pub(super) struct Emitter<'a> {
     pub g: &'a Graph,
+    /// Precision of the partition of the node being emitted.
     pub p: u32,
+    /// The partition of the node being emitted.
+    part: usize,
+    /// Table precision of each partition.
+    precisions: Vec<u32>,
+    /// The partition of each lookup node.
+    part_of: &'a dyn Fn(NodeId) -> usize,
     pub circuit: Circuit,
     /// Circuit value of each node.
     pub value: HashMap<NodeId, usize>,
@@ -82,9 +89,9 @@ pub(super) struct Emitter<'a> {
     pub base: HashMap<usize, i64>,
     /// Scale of each circuit value (log2 delta).
     pub scale: HashMap<usize, u32>,
-    /// Copies made for lookups, by (value, bits dropped, base): lookups reading the same
-    /// value the same way read one copy (and may share a bootstrap).
-    copies: HashMap<(usize, u32, i64), usize>,
+    /// Copies made for lookups, by (value, bits dropped, base, precision): lookups reading
+    /// the same value the same way read one copy (and may share a bootstrap).
+    copies: HashMap<(usize, u32, i64, u32), usize>,
     /// Slots each lookup instruction's input can reach (spares included), by instruction.
     pub slots_used: HashMap<usize, usize>,
     pub derived: Vec<DerivedInput>,
@@ -98,6 +105,20 @@ pub(super) struct Emitter<'a> {
 }
 
 pub(super) fn lower_graph(g: &Graph, precision: u32, state: &[(usize, usize)]) -> Result<LoweredGraph> {
+    lower_partitioned(g, &|_| 0, &[precision], state)
+}
+
+/// Lower with each lookup node in partition `part_of(node)`, read at that partition's
+/// precision `precisions[part]`. With one partition the circuit is the plain single-set
+/// one; with several, each value is assigned the large key of its partition, and a linear
+/// map mixing values of two partitions is an error (the caller then uses one set).
+pub(super) fn lower_partitioned(
+    g: &Graph,
+    part_of: &dyn Fn(NodeId) -> usize,
+    precisions: &[u32],
+    state: &[(usize, usize)],
+) -> Result<LoweredGraph> {
+    let precision = precisions.iter().copied().max().unwrap_or(0);
     let order = g.topo_order().ok_or_else(|| BackendError::Lower { node: g.name.clone(), msg: "cycle".into() })?;
     let mut state_nodes = Vec::new();
     for &(i, o) in state {
@@ -115,6 +136,9 @@ pub(super) fn lower_graph(g: &Graph, precision: u32, state: &[(usize, usize)]) -
     let mut e = Emitter {
         g,
         p: precision,
+        part: 0,
+        precisions: precisions.to_vec(),
+        part_of,
         circuit: Circuit {
             value_len: Vec::new(),
             inputs: Vec::new(),
@@ -124,6 +148,8 @@ pub(super) fn lower_graph(g: &Graph, precision: u32, state: &[(usize, usize)]) -
             precision,
             state: state.to_vec(),
             small: Vec::new(),
+            partition_precisions: if precisions.len() > 1 { precisions.to_vec() } else { Vec::new() },
+            keys: Vec::new(),
         },
         value: HashMap::new(),
         d: HashMap::new(),
@@ -154,6 +180,9 @@ pub(super) fn lower_graph(g: &Graph, precision: u32, state: &[(usize, usize)]) -
     }
     e.share_bootstraps();
     e.circuit.inputs = g.inputs().iter().map(|id| e.value[id]).chain(e.derived_values.iter().copied()).collect();
+    if precisions.len() > 1 {
+        e.circuit.keys = super::keys::assign(&e.circuit).map_err(|m| err(g, g.outputs()[0].node, m))?;
+    }
     let inputs = g.inputs().iter().map(|&id| e.encoding_of(id)).collect();
     let mut outputs = Vec::new();
     for o in g.outputs() {
@@ -172,7 +201,8 @@ impl Emitter<'_> {
 
     /// What node `id` asks of its operands' scales.
     fn demands(&self, id: NodeId) -> Vec<(usize, Demand)> {
-        let read = |k: u32| Demand::Read(63 - self.p - k);
+        let p = self.precisions.get((self.part_of)(id)).copied().unwrap_or(self.p);
+        let read = |k: u32| Demand::Read(63 - p - k);
         match &self.g.node(id).op {
             Op::Tlu(t) => vec![(0, read(t.rounding))],
             Op::MaxEnc { rounding, .. } => {
@@ -228,6 +258,8 @@ impl Emitter<'_> {
     }
 
     fn node(&mut self, id: NodeId) -> Result<()> {
+        self.part = (self.part_of)(id).min(self.precisions.len().saturating_sub(1));
+        self.p = self.precisions.get(self.part).copied().unwrap_or(self.p);
         let op = self.g.node(id).op.clone();
         let ops = self.g.operands(id);
         let d = self.d[&id];
@@ -405,7 +437,7 @@ impl Emitter<'_> {
 
     /// A read copy of one value, shared by every lookup reading it the same way.
     fn shared_copy(&mut self, v: usize, read: &Read) -> Result<usize> {
-        let key = (v, read.k, read.base);
+        let key = (v, read.k, read.base, self.p);
         if let Some(&c) = self.copies.get(&key) {
             return Ok(c);
         }
@@ -423,6 +455,7 @@ impl Emitter<'_> {
             input,
             table: tables,
             second: None,
+            partition: self.part as u8,
         }));
         out
     }
@@ -477,18 +510,20 @@ impl Emitter<'_> {
     /// Pair lookups that read the same copy and reach only the lower half of the slots:
     /// one bootstrap serves both, the second function living in the tables' upper half.
     fn share_bootstraps(&mut self) {
-        if self.p < 2 {
-            return;
-        }
-        let half = 1usize << (self.p - 1);
-        let fits = |i: usize, s: &HashMap<usize, usize>| s.get(&i).is_some_and(|&u| u <= half);
+        let precisions: Vec<u32> = (0..self.circuit.partitions()).map(|q| self.circuit.precision_of(q)).collect();
+        let half_of = |l: &LookupInstr| {
+            let p = precisions[l.partition as usize];
+            (p >= 2).then(|| 1usize << (p - 1))
+        };
         let mut waiting: HashMap<usize, usize> = HashMap::new(); // input value → instruction
         let mut merged: Vec<(usize, usize)> = Vec::new();
         for (i, ins) in self.circuit.instructions.iter().enumerate() {
             let Instruction::Lookup(l) = ins else { continue };
-            if !fits(i, &self.slots_used) {
+            let fits = half_of(l).is_some_and(|h| self.slots_used.get(&i).is_some_and(|&u| u <= h));
+            if !fits {
                 continue;
             }
+            // a copy is read at one precision, so lookups sharing it share a partition
             match waiting.remove(&l.input) {
                 Some(first) => merged.push((first, i)),
                 None => {
@@ -500,6 +535,7 @@ impl Emitter<'_> {
         for &(a, b) in &merged {
             let Instruction::Lookup(second) = self.circuit.instructions[b].clone() else { continue };
             let Instruction::Lookup(first) = &self.circuit.instructions[a] else { continue };
+            let half = half_of(first).expect("paired lookups fit half their tables");
             let tables: Vec<u32> = first
                 .table
                 .iter()
@@ -616,13 +652,47 @@ impl Emitter<'_> {
                 (worst, 2f64.powi(o.delta_log2 as i32 - 1 - 64))
             })
             .collect();
+        let precision = self.precisions.iter().copied().max().unwrap_or(0);
         Ok(Requirements {
-            precision: if self.circuit.lookups_per_sample() > 0 { self.p } else { 0 },
+            precision: if self.circuit.lookups_per_sample() > 0 { precision } else { 0 },
             lookups: self.circuit.lookups_per_sample(),
             keyswitches: self.circuit.keyswitches_per_sample(),
             lookup_noise,
             outputs: outs,
             p_error: 2f64.powi(-40),
+            partitions: if self.precisions.len() > 1 { self.partition_requirements(&coefs) } else { Vec::new() },
         })
+    }
+
+    /// Per partition: its lookups, keyswitches by source key, the noise at its lookups'
+    /// inputs by source key (undominated ones only), and the outputs under its key.
+    fn partition_requirements(&self, coefs: &[Vec<NoiseCoefs>]) -> Vec<PartitionRequirements> {
+        let c = &self.circuit;
+        let ks = c.keyswitches_between();
+        let lookups = c.lookups_per_partition();
+        let mut parts: Vec<PartitionRequirements> = (0..c.partitions())
+            .map(|q| PartitionRequirements {
+                precision: c.precision_of(q),
+                lookups: lookups[q],
+                keyswitches_from: ks.iter().map(|row| row[q]).collect(),
+                ..Default::default()
+            })
+            .collect();
+        for ins in &c.instructions {
+            if let Instruction::Lookup(l) = ins {
+                let (from, noise) = (c.key_of(l.input), &mut parts[l.partition as usize].lookup_noise);
+                for e in 0..l.table.len() {
+                    let coef = c.lookup_input_coefs(coefs, l, e);
+                    if !noise.iter().any(|(f, o)| *f == from && o.dominates(&coef)) {
+                        noise.retain(|(f, o)| !(*f == from && coef.dominates(o)));
+                        noise.push((from, coef));
+                    }
+                }
+            }
+        }
+        for (i, &v) in c.outputs.iter().enumerate() {
+            parts[c.key_of(v)].outputs.push(i);
+        }
+        parts
     }
 }

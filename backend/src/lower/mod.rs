@@ -16,6 +16,7 @@
 
 mod deltas;
 mod emit;
+mod keys;
 pub use emit::sample_dims;
 mod products;
 #[cfg(test)]
@@ -145,10 +146,32 @@ pub fn lower_graph(g: &Graph, precision: u32, state: &[(usize, usize)]) -> Resul
     emit::lower_graph(g, precision, state)
 }
 
+/// [`lower_graph`] with each lookup node in partition `part_of(node)`, read at
+/// `precisions[partition]` bits (see [`crate::partitions`]).
+pub fn lower_graph_partitioned(
+    g: &Graph,
+    part_of: &dyn Fn(NodeId) -> usize,
+    precisions: &[u32],
+    state: &[(usize, usize)],
+) -> Result<LoweredGraph> {
+    emit::lower_partitioned(g, part_of, precisions, state)
+}
+
 /// Lower a quantized model whose lookups read at most `precision` bits.
 pub fn lower(model: &QuantizedModel, precision: u32) -> Result<Lowered> {
+    lower_partitioned(model, &|_| 0, &[precision])
+}
+
+/// Lower a quantized model with each lookup node in partition `part_of(node)`, read at
+/// `precisions[partition]` bits (see [`crate::partitions`]). Errors when a linear map
+/// would mix values of two partitions.
+pub fn lower_partitioned(
+    model: &QuantizedModel,
+    part_of: &dyn Fn(NodeId) -> usize,
+    precisions: &[u32],
+) -> Result<Lowered> {
     let g = &model.graph;
-    let low = lower_graph(g, precision, &[])?;
+    let low = emit::lower_partitioned(g, part_of, precisions, &[])?;
     let inputs = g
         .inputs()
         .iter()
