@@ -241,3 +241,74 @@ fn build(req: &Requirements, sets: &[Set], e: &Evaluation) -> Params {
     first.conversions = conversions;
     first
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::{optimize as optimize_single, NoiseCoefs, PartitionRequirements};
+
+    /// 64 narrow lookups (3 bits) reading fresh inputs feed 8 wide ones (7 bits) reading
+    /// sums of 8 of them; the wide outputs are decrypted.
+    fn two_classes() -> Requirements {
+        let narrow_in = NoiseCoefs { fresh: 1.0, keyswitched: 1.0, ..Default::default() };
+        let wide_in = NoiseCoefs { bootstrapped: 8.0, keyswitched: 1.0, ..Default::default() };
+        let out = NoiseCoefs { bootstrapped: 1.0, ..Default::default() };
+        Requirements {
+            precision: 7,
+            lookups: 72,
+            keyswitches: 72,
+            lookup_noise: vec![narrow_in, wide_in],
+            outputs: vec![(out, 2f64.powi(-20))],
+            p_error: 2f64.powi(-40),
+            partitions: vec![
+                PartitionRequirements {
+                    precision: 3,
+                    lookups: 64,
+                    keyswitches_from: vec![64, 0],
+                    lookup_noise: vec![(0, narrow_in)],
+                    outputs: vec![],
+                },
+                PartitionRequirements {
+                    precision: 7,
+                    lookups: 8,
+                    keyswitches_from: vec![8, 0],
+                    lookup_noise: vec![(0, wide_in)],
+                    outputs: vec![0],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn two_sets_meet_every_budget_and_cost_less_than_one() {
+        let req = two_classes();
+        let single = optimize_single(&Requirements { partitions: Vec::new(), ..req.clone() }).unwrap();
+        let (p, cost) = optimize(&req, &single).expect("two sets are cheaper here");
+        assert_eq!(p.set_count(), 2);
+        assert!(p.is_secure() && p.partitions[0].is_secure(), "{p:?}");
+        assert!(p.validate().is_ok(), "{:?}", p.validate());
+        let single_cost = 72.0 * single.pbs_cost_ms;
+        assert!(cost < 0.5 * single_cost, "two sets {cost} ms, one {single_cost} ms");
+        // every lookup, recomputed from the parameters (Params' own noise formulas),
+        // stays within its partition's budget
+        for (q, part) in req.partitions.iter().enumerate() {
+            for (from, c) in &part.lookup_noise {
+                let var = p.lookup_input_variance_between(*from, q, c);
+                let perr = noise::p_error(var, noise::lookup_half_width(part.precision));
+                assert!(perr <= req.p_error * 1.0001, "set {q}: p_error {perr:e}");
+            }
+        }
+        // the decrypted output under set 1's key reads exactly
+        let (c, hw) = req.outputs[0];
+        let s1 = p.set(1);
+        assert!(c.variance(s1.bootstrap_variance(), s1.fresh_variance()) <= noise::max_variance(hw, req.p_error));
+    }
+
+    #[test]
+    fn one_partition_keeps_one_set() {
+        let mut req = two_classes();
+        req.partitions.truncate(1);
+        let single = optimize_single(&req).unwrap();
+        assert!(optimize(&req, &single).is_none());
+    }
+}
