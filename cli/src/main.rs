@@ -412,9 +412,20 @@ enum RemoteAction {
         input: PathBuf,
         #[arg(long, short = 'o')]
         output: PathBuf,
-        /// Submit as a job and poll until done, instead of one long request.
+        /// Submit as a job and poll until done, instead of one long request (the job is
+        /// deleted on the server once its result is fetched).
         #[arg(long)]
         job: bool,
+    },
+    /// Wait for a job submitted earlier (`veil remote run --job` prints its id) and write
+    /// its encrypted outputs; the job is then deleted on the server.
+    Fetch {
+        #[arg(long)]
+        session: PathBuf,
+        #[arg(long)]
+        job: String,
+        #[arg(long, short = 'o')]
+        output: PathBuf,
     },
 }
 
@@ -580,8 +591,17 @@ fn run(cli: Cli) -> Result<()> {
             let mut config = veil_service::Config::new(models, data_dir);
             config.max_request_bytes = max_request_mb << 20;
             config.cached_keys = cached_keys;
-            config.queue = queue;
-            config.samples_per_task = samples_per_task.max(1);
+            // an empty VEIL_QUEUE means the embedded queue
+            config.queue = queue.filter(|q| !q.trim().is_empty());
+            if samples_per_task == 0 {
+                anyhow::bail!("--samples-per-task must be at least 1");
+            }
+            if config.queue.is_none() && samples_per_task != 1 {
+                eprintln!(
+                    "warning: --samples-per-task only applies with --queue (the embedded queue runs each job whole)"
+                );
+            }
+            config.samples_per_task = samples_per_task;
             remote::serve(config, &listen)
         }
         Command::Worker { models, queue, data_dir, cached_keys, lease_seconds, name } => {
@@ -601,6 +621,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Remote { action: RemoteAction::Run { session, input, output, job } } => {
             remote::run(&session, &input, &output, job)
+        }
+        Command::Remote { action: RemoteAction::Fetch { session, job, output } } => {
+            remote::fetch(&session, &job, &output)
         }
         Command::Bench { models, samples, train_batches, json, models_dir } => {
             bench::bench(&models_dir, &models, samples, train_batches, json.as_deref())

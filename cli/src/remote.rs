@@ -18,12 +18,14 @@ fn init_logs() {
         .init();
 }
 
-/// Completes on Ctrl-C or SIGTERM (what container runtimes send to stop a process).
-async fn stop_signal(what: &'static str) {
+/// One Ctrl-C or SIGTERM (what container runtimes send to stop a process).
+async fn one_signal() {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -31,7 +33,17 @@ async fn stop_signal(what: &'static str) {
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
-    eprintln!("{what}: shutting down (finishing the work in hand)");
+}
+
+/// Completes on the first Ctrl-C or SIGTERM, saying so; a second one exits at once.
+async fn stop_signal(what: &'static str) {
+    one_signal().await;
+    eprintln!("{what}: shutting down, finishing the work in hand (Ctrl-C again to stop now)");
+    tokio::spawn(async move {
+        one_signal().await;
+        eprintln!("{what}: stopped before the work in hand was finished");
+        std::process::exit(130);
+    });
 }
 
 /// `veil serve`: run the service until Ctrl-C or SIGTERM (requests in flight finish).
@@ -45,8 +57,10 @@ pub fn serve(config: veil_service::Config, listen: &str) -> Result<()> {
             Some(url) => format!("jobs queued in {}", veil_service::redact_url(url)),
             None => "jobs run in this process".into(),
         };
+        // models loaded and the queue connected before saying anything is served
+        let app = veil_service::app(config).await?;
         eprintln!("veil serve: listening on http://{} ({jobs})", listener.local_addr()?);
-        veil_service::serve(config, listener, stop_signal("veil serve")).await?;
+        veil_service::serve_app(app, listener, stop_signal("veil serve")).await?;
         Ok(())
     })
 }
@@ -55,7 +69,6 @@ pub fn serve(config: veil_service::Config, listen: &str) -> Result<()> {
 pub fn worker(config: veil_service::worker::WorkerConfig) -> Result<()> {
     init_logs();
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    eprintln!("veil worker {}: taking tasks from {}", config.name, veil_service::redact_url(&config.queue));
     rt.block_on(veil_service::worker::work(config, stop_signal("veil worker")))?;
     Ok(())
 }
@@ -138,13 +151,89 @@ pub fn register(server: &str, model: &str, server_key: &Path, session: &Path) ->
     Ok(())
 }
 
+fn read_session(session: &Path) -> Result<Session> {
+    serde_json::from_slice(
+        &std::fs::read(session).with_context(|| format!("cannot read session {}", session.display()))?,
+    )
+    .with_context(|| format!("{} is not a session file from veil remote register", session.display()))
+}
+
+/// A request, retried while the server cannot be reached (a restart), for up to 10 minutes.
+fn with_retries(
+    what: &str,
+    mut call: impl FnMut() -> std::result::Result<ureq::Response, Box<ureq::Error>>,
+) -> Result<ureq::Response> {
+    let start = Instant::now();
+    let mut wait = Duration::from_millis(500);
+    loop {
+        match call().map_err(|e| *e) {
+            Ok(r) => return Ok(r),
+            Err(ureq::Error::Transport(t)) if start.elapsed() < Duration::from_secs(600) => {
+                eprintln!("cannot reach the server ({t}); retrying {what} in {:.0} s", wait.as_secs_f64());
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(describe(e)),
+        }
+    }
+}
+
+/// Poll job `id` until it is done; its result's bytes. The job is deleted on the server
+/// once fetched.
+fn fetch_job(s: &Session, id: &str, session_path: &Path, output: &Path) -> Result<Vec<u8>> {
+    let auth = format!("Bearer {}", s.token);
+    let resume = format!(
+        "resume with: veil remote fetch --session {} --job {id} -o {}",
+        session_path.display(),
+        output.display()
+    );
+    let sp = crate::fhe::spinner(&format!("job {id}"));
+    loop {
+        let st: serde_json::Value = serde_json::from_slice(&read_body(
+            with_retries("the job's status", || {
+                ureq::get(&format!("{}/jobs/{id}", s.server)).set("Authorization", &auth).call().map_err(Box::new)
+            })
+            .with_context(|| resume.clone())?,
+        )?)?;
+        match st["state"].as_str() {
+            Some("done") => break,
+            Some("failed") => bail!("job {id} failed: {}", st["error"].as_str().unwrap_or("")),
+            Some(state) => sp.set_message(format!(
+                "job {id}: {state}, {} of {} part(s) done",
+                st["tasks_done"].as_u64().unwrap_or(0),
+                st["tasks"].as_u64().unwrap_or(1)
+            )),
+            None => bail!("unexpected job status: {st}"),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    sp.finish_and_clear();
+    let out = read_body(
+        with_retries("the result", || {
+            ureq::get(&format!("{}/jobs/{id}/result", s.server)).set("Authorization", &auth).call().map_err(Box::new)
+        })
+        .with_context(|| resume.clone())?,
+    )?;
+    // the data owner has its result: the server need not keep the job's files
+    let _ = ureq::delete(&format!("{}/jobs/{id}", s.server)).set("Authorization", &auth).call();
+    Ok(out)
+}
+
+/// `veil remote fetch`: wait for a submitted job and write its encrypted outputs.
+pub fn fetch(session: &Path, job: &str, output: &Path) -> Result<()> {
+    let s = read_session(session)?;
+    let start = Instant::now();
+    let out = fetch_job(&s, job, session, output)?;
+    veil_backend::files::write_atomic(output, |w| std::io::Write::write_all(w, &out))
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    eprintln!("job {job} fetched in {:.2} s → {}", start.elapsed().as_secs_f64(), output.display());
+    Ok(())
+}
+
 /// `veil remote run`: send ciphertexts, get the encrypted outputs back (synchronously, or
 /// as a job polled until done).
 pub fn run(session: &Path, input: &Path, output: &Path, job: bool) -> Result<()> {
-    let s: Session = serde_json::from_slice(
-        &std::fs::read(session).with_context(|| format!("cannot read session {}", session.display()))?,
-    )
-    .with_context(|| format!("{} is not a session file from veil remote register", session.display()))?;
+    let s = read_session(session)?;
     let body = std::fs::read(input).with_context(|| format!("cannot read {}", input.display()))?;
     let auth = format!("Bearer {}", s.token);
     let start = Instant::now();
@@ -161,26 +250,8 @@ pub fn run(session: &Path, input: &Path, output: &Path, job: bool) -> Result<()>
             .map_err(describe)?;
         let v: serde_json::Value = serde_json::from_slice(&read_body(r)?)?;
         let id = v["job_id"].as_str().context("the server's answer has no job id")?.to_string();
-        let sp = crate::fhe::spinner(&format!("job {id}"));
-        loop {
-            let st: serde_json::Value = serde_json::from_slice(&read_body(
-                ureq::get(&format!("{}/jobs/{id}", s.server)).set("Authorization", &auth).call().map_err(describe)?,
-            )?)?;
-            match st["state"].as_str() {
-                Some("done") => break,
-                Some("failed") => bail!("job {id} failed: {}", st["error"].as_str().unwrap_or("")),
-                Some(state) => sp.set_message(format!("job {id}: {state}")),
-                None => bail!("unexpected job status: {st}"),
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        sp.finish_and_clear();
-        read_body(
-            ureq::get(&format!("{}/jobs/{id}/result", s.server))
-                .set("Authorization", &auth)
-                .call()
-                .map_err(describe)?,
-        )?
+        eprintln!("submitted as job {id}");
+        fetch_job(&s, &id, session, output)?
     };
     veil_backend::files::write_atomic(output, |w| std::io::Write::write_all(w, &out))
         .with_context(|| format!("cannot write {}", output.display()))?;

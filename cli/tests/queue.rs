@@ -1,7 +1,9 @@
 //! Scale-out through a real PostgreSQL queue: `veil serve --queue` splits a job into
 //! tasks, two `veil worker` processes share them, one is killed in the middle of a task,
 //! and the server is killed and restarted with the job queued. Every task is completed
-//! exactly once and the decrypted results equal clear execution.
+//! exactly once and the decrypted results equal clear execution. Misconfigured workers
+//! (another compile of the model, a data directory that is not the server's) take none
+//! of the work.
 
 mod common;
 
@@ -76,6 +78,20 @@ fn two_workers_share_a_postgres_queue_through_a_worker_kill_and_a_server_restart
     ok(&["encrypt", s(&model), "--client-key", s(&keys.join("client.key")), "-i", s(&x), "-o", s(&ct)]);
     let clear = dir.join("clear.npy");
     ok(&["predict", s(&model), "-i", s(&x), "-o", s(&clear), "--mode", "clear"]);
+    // the same forest compiled otherwise (another fingerprint), under the same file name
+    let other_dir = dir.join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let other = other_dir.join("forest.veil");
+    ok(&[
+        "compile",
+        s(&m.join("model.onnx")),
+        "--calib",
+        s(&m.join("calib.npy")),
+        "--tree-tests",
+        "server",
+        "-o",
+        s(&other),
+    ]);
 
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let (addr, url) = (format!("127.0.0.1:{port}"), format!("http://127.0.0.1:{port}"));
@@ -128,6 +144,15 @@ fn two_workers_share_a_postgres_queue_through_a_worker_kill_and_a_server_restart
             &dir.join(format!("{name}.log")),
         )
     };
+    // a worker given a directory the server does not use refuses to start
+    let lost = dir.join("not-the-data-dir");
+    let err = fails(&["worker", s(&model), "--queue", &pg.url, "--data-dir", s(&lost)]);
+    assert!(err.contains("not a veil serve data directory"), "{err}");
+    // a worker with another compile of the model waits without taking this job's tasks
+    let mut c = Proc::spawn(
+        &["worker", s(&other), "--queue", &pg.url, "--data-dir", s(&data), "--name", "worker-c"],
+        &dir.join("worker-c.log"),
+    );
     let mut a = worker("worker-a");
     let b = worker("worker-b");
 
@@ -161,6 +186,8 @@ fn two_workers_share_a_postgres_queue_through_a_worker_kill_and_a_server_restart
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    c.kill();
+    assert!(!c.log().contains("task claimed"), "worker-c took a task:\n{}", c.log());
     // every task completed exactly once; the killed one was taken over by worker-b
     let rows = pg.query(&format!(
         "SELECT part, state, completions, attempts, worker FROM veil_tasks WHERE job_id = '{job}' ORDER BY part"
@@ -174,12 +201,17 @@ fn two_workers_share_a_postgres_queue_through_a_worker_kill_and_a_server_restart
         }
     }
 
-    let r =
-        ureq::get(&format!("{url}/jobs/{job}/result")).set("Authorization", &format!("Bearer {token}")).call().unwrap();
-    let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut r.into_reader(), &mut bytes).unwrap();
+    let metrics = ureq::get(&format!("{url}/metrics")).call().unwrap().into_string().unwrap();
+    for line in ["veil_queue_depth 0", "veil_queue_tasks 0", "veil_queue_jobs_done 1", "veil_queue_samples 45"] {
+        assert!(metrics.lines().any(|l| l == line), "no '{line}' in\n{metrics}");
+    }
+    // the data owner fetches the result; the job is then gone from the server
     let (yct, y) = (dir.join("y.ct"), dir.join("y.npy"));
-    std::fs::write(&yct, bytes).unwrap();
+    ok(&["remote", "fetch", "--session", s(&session), "--job", &job, "-o", s(&yct)]);
+    let gone = ureq::get(&format!("{url}/jobs/{job}")).set("Authorization", &format!("Bearer {token}")).call();
+    assert!(matches!(gone, Err(ureq::Error::Status(404, _))), "the job is still there after its fetch");
+    assert_eq!(pg.query(&format!("SELECT count(*) FROM veil_tasks WHERE job_id = '{job}'")), ["0"]);
+    assert!(!data.join("jobs").join(format!("{job}.0.in")).exists());
     ok(&["decrypt", s(&model), "--client-key", s(&keys.join("client.key")), "-i", s(&yct), "-o", s(&y)]);
     use ndarray_npy::ReadNpyExt;
     let read = |p: &Path| ndarray::ArrayD::<f32>::read_npy(std::fs::File::open(p).unwrap()).unwrap();

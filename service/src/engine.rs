@@ -29,6 +29,15 @@ impl Engine {
     /// Load `models` (each named by its file stem; training models refused) and open the
     /// data directory, keeping up to `cached_keys` evaluators.
     pub fn open(models: &[PathBuf], data_dir: &Path, cached_keys: usize) -> Result<Engine> {
+        Engine::with_store(models, Store::open(data_dir)?, cached_keys)
+    }
+
+    /// [`Engine::open`] on a data directory that must exist already (a worker's).
+    pub fn open_existing(models: &[PathBuf], data_dir: &Path, cached_keys: usize) -> Result<Engine> {
+        Engine::with_store(models, Store::open_existing(data_dir)?, cached_keys)
+    }
+
+    fn with_store(models: &[PathBuf], store: Store, cached_keys: usize) -> Result<Engine> {
         let mut loaded = HashMap::new();
         for path in models {
             let a = Artifact::read(path).map_err(|e| ServiceError::Startup(e.to_string()))?;
@@ -41,16 +50,42 @@ impl Engine {
             }
         }
         let cached = NonZeroUsize::new(cached_keys.max(1)).expect("at least one");
-        Ok(Engine {
-            models: loaded,
-            store: Store::open(data_dir)?,
-            cache: Mutex::new(lru::LruCache::new(cached)),
-            metrics: Metrics::new(),
-        })
+        Ok(Engine { models: loaded, store, cache: Mutex::new(lru::LruCache::new(cached)), metrics: Metrics::new() })
     }
 
     pub fn model(&self, name: &str) -> Result<&'static Artifact> {
         self.models.get(name).copied().ok_or_else(|| ServiceError::NotFound(format!("no model named '{name}'")))
+    }
+
+    /// Fingerprints (hex) of the loaded models.
+    pub fn fingerprints(&self) -> Vec<String> {
+        self.models.values().map(|a| crate::store::hex(&a.fingerprint)).collect()
+    }
+
+    /// The model a key was registered for: by fingerprint when the record has it (a
+    /// worker's copy of the file may be named otherwise), else by name.
+    fn model_of(&self, rec: &crate::store::KeyRecord) -> Result<&'static Artifact> {
+        if rec.fingerprint.is_empty() {
+            return self.model(&rec.model);
+        }
+        self.models.values().copied().find(|a| crate::store::hex(&a.fingerprint) == rec.fingerprint).ok_or_else(|| {
+            ServiceError::Internal(format!(
+                "model '{}' (fingerprint {}) is not loaded in this process",
+                rec.model,
+                &rec.fingerprint[..16.min(rec.fingerprint.len())]
+            ))
+        })
+    }
+
+    /// The fingerprint (hex) of the model a key was registered for.
+    pub fn key_fingerprint(&self, key: &str) -> Result<String> {
+        let rec = self.store.key(key).ok_or_else(|| ServiceError::NotFound(format!("no key '{key}'")))?;
+        Ok(crate::store::hex(&self.model_of(&rec)?.fingerprint))
+    }
+
+    /// Lookups per sample of the key's model.
+    pub fn lookups_per_sample(&self, key: &str) -> usize {
+        self.store.key(key).and_then(|r| self.model_of(&r).ok()).map_or(0, |a| a.circuit.lookups_per_sample())
     }
 
     pub fn cache_evaluator(&self, key: &str, ev: Arc<Evaluator<'static>>) {
@@ -63,7 +98,7 @@ impl Engine {
             return Ok(ev.clone());
         }
         let rec = self.store.key(key).ok_or_else(|| ServiceError::NotFound(format!("no key '{key}'")))?;
-        let a = self.model(&rec.model)?;
+        let a = self.model_of(&rec)?;
         let sk: ServerKey = files::read(&self.store.key_file(key), SERVER_KEY_LIMIT)
             .map_err(|e| ServiceError::Internal(format!("stored key {key}: {e}")))?;
         let ev = Arc::new(
@@ -79,12 +114,8 @@ impl Engine {
         let cts: EncryptedInputs = files::from_bytes(input, CIPHERTEXT_LIMIT)
             .map_err(|e| ServiceError::BadRequest(format!("the body is not a ciphertext file: {e}")))?;
         let rec = self.store.key(key).ok_or_else(|| ServiceError::NotFound(format!("no key '{key}'")))?;
-        veil_runtime::keys::check_fingerprint(
-            "the ciphertexts",
-            &cts.fingerprint,
-            &self.model(&rec.model)?.fingerprint,
-        )
-        .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+        veil_runtime::keys::check_fingerprint("the ciphertexts", &cts.fingerprint, &self.model_of(&rec)?.fingerprint)
+            .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
         Ok(cts)
     }
 

@@ -85,7 +85,15 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
-    let app = app(config).await?;
+    serve_app(app(config).await?, listener, shutdown).await
+}
+
+/// Serve a router made by [`app`] on `listener` until `shutdown` completes.
+pub async fn serve_app(
+    app: axum::Router,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
     tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "veil serve listening");
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(|e| ServiceError::Io(e.to_string()))
 }

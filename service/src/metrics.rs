@@ -14,6 +14,13 @@ pub struct Metrics {
     pub jobs_failed: Counter,
     pub queue_depth: Gauge,
     pub keys_registered: Counter,
+    /// The PostgreSQL queue's totals (work done by `veil worker` processes).
+    pub queue_tasks: Gauge,
+    pub queue_jobs_done: Gauge,
+    pub queue_jobs_failed: Gauge,
+    pub queue_samples: Gauge,
+    pub queue_lookups: Gauge,
+    pub queue_eval_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Metrics {
@@ -29,6 +36,12 @@ impl Metrics {
             jobs_failed: Counter::default(),
             queue_depth: Gauge::default(),
             keys_registered: Counter::default(),
+            queue_tasks: Gauge::default(),
+            queue_jobs_done: Gauge::default(),
+            queue_jobs_failed: Gauge::default(),
+            queue_samples: Gauge::default(),
+            queue_lookups: Gauge::default(),
+            queue_eval_seconds: Gauge::default(),
         };
         registry.register("samples", "Samples evaluated encrypted", m.samples.clone());
         registry.register("lookups", "Programmable bootstraps run (lookups × samples)", m.lookups.clone());
@@ -38,6 +51,16 @@ impl Metrics {
         registry.register("jobs_failed", "Jobs failed", m.jobs_failed.clone());
         registry.register("queue_depth", "Jobs waiting or running", m.queue_depth.clone());
         registry.register("keys_registered", "Server keys registered", m.keys_registered.clone());
+        registry.register("queue_tasks", "PostgreSQL queue: tasks waiting or running", m.queue_tasks.clone());
+        registry.register("queue_jobs_done", "PostgreSQL queue: jobs done", m.queue_jobs_done.clone());
+        registry.register("queue_jobs_failed", "PostgreSQL queue: jobs failed", m.queue_jobs_failed.clone());
+        registry.register("queue_samples", "PostgreSQL queue: samples evaluated by workers", m.queue_samples.clone());
+        registry.register("queue_lookups", "PostgreSQL queue: bootstraps run by workers", m.queue_lookups.clone());
+        registry.register(
+            "queue_eval_seconds",
+            "PostgreSQL queue: seconds workers spent evaluating",
+            m.queue_eval_seconds.clone(),
+        );
         Metrics { registry, ..m }
     }
 

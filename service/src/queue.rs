@@ -5,7 +5,7 @@
 use crate::engine::Engine;
 use crate::error::ServiceError;
 use crate::local_queue::LocalQueue;
-use crate::pg_queue::PgQueue;
+use crate::pg_queue::{JobSpec, PgQueue, Totals};
 use crate::store::{random_hex, JobState};
 use serde::Serialize;
 use std::sync::Arc;
@@ -41,10 +41,15 @@ impl Queue {
             Queue::Postgres { queue, samples_per_task } => {
                 let id = random_hex(16);
                 let (e, job, per) = (engine.clone(), id.clone(), *samples_per_task);
+                let fingerprint = engine.key_fingerprint(key)?;
                 let parts = tokio::task::spawn_blocking(move || write_parts(&e, &job, &cts, per))
                     .await
                     .map_err(|e| ServiceError::Internal(e.to_string()))??;
-                queue.submit(&id, key, &parts).await?;
+                let spec = JobSpec { id: &id, key, fingerprint: &fingerprint, store_id: &engine.store.id };
+                if let Err(err) = queue.submit(&spec, &parts).await {
+                    engine.store.remove_parts(&id, parts.len());
+                    return Err(err);
+                }
                 Ok(id)
             }
         }
@@ -94,12 +99,39 @@ impl Queue {
         }
     }
 
-    /// Jobs waiting or running, for the metrics.
-    pub async fn depth(&self) -> Option<i64> {
+    /// Totals of the PostgreSQL queue, for the metrics (None: embedded queue, or the
+    /// database did not answer).
+    pub async fn totals(&self) -> Option<Totals> {
         match self {
             Queue::Local(_) => None,
-            Queue::Postgres { queue, .. } => queue.depth().await.ok(),
+            Queue::Postgres { queue, .. } => queue.totals().await.ok(),
         }
+    }
+
+    /// The queue can take jobs (the database answers).
+    pub async fn healthy(&self) -> bool {
+        match self {
+            Queue::Local(_) => true,
+            Queue::Postgres { queue, .. } => queue.healthy().await,
+        }
+    }
+
+    /// Forget a job and its files (a running job of the embedded queue cannot be).
+    pub async fn delete(&self, engine: &Engine, job: &str, status: &JobStatus) -> Result<()> {
+        match self {
+            Queue::Local(_) => {
+                if status.state == JobState::Running {
+                    return Err(ServiceError::NotReady(format!("job {job} is running; delete it when it is done")));
+                }
+                engine.store.remove_job(job);
+            }
+            Queue::Postgres { queue, .. } => {
+                if let Some(parts) = queue.delete(job).await? {
+                    engine.store.remove_parts(job, parts);
+                }
+            }
+        }
+        Ok(())
     }
 }
 

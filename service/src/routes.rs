@@ -68,12 +68,12 @@ pub fn router(state: Arc<State>) -> Router {
     let timeout = state.config.request_timeout;
     let keys = Router::new().route("/models/{model}/keys", post(register_key)).layer(DefaultBodyLimit::disable());
     Router::new()
-        .route("/health", get(|| async { "ok" }))
+        .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/models", get(models))
         .route("/keys/{key}/run", post(run))
         .route("/keys/{key}/jobs", post(submit))
-        .route("/jobs/{job}", get(job_status))
+        .route("/jobs/{job}", get(job_status).delete(delete_job))
         .route("/jobs/{job}/result", get(job_result))
         .layer(DefaultBodyLimit::max(limit))
         .merge(keys)
@@ -82,9 +82,25 @@ pub fn router(state: Arc<State>) -> Router {
         .with_state(state)
 }
 
+/// Liveness and readiness: 503 while the job queue's database does not answer.
+async fn health(Extract(s): Extract<Arc<State>>) -> impl IntoResponse {
+    if s.queue.healthy().await {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "the job queue's database does not answer")
+    }
+}
+
 async fn metrics(Extract(s): Extract<Arc<State>>) -> impl IntoResponse {
-    if let Some(depth) = s.queue.depth().await {
-        s.engine.metrics.queue_depth.set(depth);
+    if let Some(t) = s.queue.totals().await {
+        let m = &s.engine.metrics;
+        m.queue_depth.set(t.jobs_waiting);
+        m.queue_tasks.set(t.tasks_waiting);
+        m.queue_jobs_done.set(t.jobs_done);
+        m.queue_jobs_failed.set(t.jobs_failed);
+        m.queue_samples.set(t.samples);
+        m.queue_lookups.set(t.lookups);
+        m.queue_eval_seconds.set(t.eval_seconds);
     }
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.engine.metrics.encode())
 }
@@ -132,7 +148,12 @@ async fn register_key(
     };
     let (id, token) = (random_hex(16), random_hex(32));
     tokio::fs::rename(&tmp, s.engine.store.key_file(&id)).await.map_err(|e| ServiceError::Io(e.to_string()))?;
-    s.engine.store.add_key(&id, KeyRecord { model: model.clone(), token_sha256: sha256_hex(&token) })?;
+    let rec = KeyRecord {
+        model: model.clone(),
+        fingerprint: crate::store::hex(&a.fingerprint),
+        token_sha256: sha256_hex(&token),
+    };
+    s.engine.store.add_key(&id, rec)?;
     s.engine.cache_evaluator(&id, ev);
     s.engine.metrics.keys_registered.inc();
     tracing::info!(key = %id, model = %model, "server key registered");
@@ -211,6 +232,17 @@ async fn job_status(
     headers: HeaderMap,
 ) -> Result<Json<JobStatus>> {
     Ok(Json(authorized_job(&s, &job, &headers).await?))
+}
+
+async fn delete_job(
+    Extract(s): Extract<Arc<State>>,
+    Path(job): Path<String>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse> {
+    let status = authorized_job(&s, &job, &headers).await?;
+    s.queue.delete(&s.engine, &job, &status).await?;
+    tracing::info!(job = %job, "job deleted");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn job_result(

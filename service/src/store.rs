@@ -12,6 +12,10 @@ use std::sync::Mutex;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KeyRecord {
     pub model: String,
+    /// The compiled model's fingerprint (hex): workers find the model by it, whatever
+    /// their copy of the file is named.
+    #[serde(default)]
+    pub fingerprint: String,
     /// Hex SHA-256 of the access token (the token itself is never stored).
     pub token_sha256: String,
 }
@@ -36,6 +40,9 @@ pub struct JobRecord {
 
 pub struct Store {
     dir: PathBuf,
+    /// This directory's id (the `store-id` file): jobs queued in PostgreSQL name the
+    /// directory their files are in, so workers reading another one leave them alone.
+    pub id: String,
     keys: Mutex<HashMap<String, KeyRecord>>,
     jobs: Mutex<HashMap<String, JobRecord>>,
 }
@@ -84,13 +91,37 @@ pub fn valid_id(id: &str) -> bool {
 }
 
 impl Store {
+    /// Open (creating it if needed) the service's data directory.
     pub fn open(dir: &Path) -> Result<Store, ServiceError> {
         for sub in ["keys", "jobs", "tmp"] {
             let d = dir.join(sub);
             std::fs::create_dir_all(&d).map_err(|e| io("creating", &d, e))?;
         }
+        let id_file = dir.join("store-id");
+        if !id_file.exists() {
+            let id = random_hex(16);
+            veil_backend::files::write_atomic(&id_file, |w| std::io::Write::write_all(w, id.as_bytes()))
+                .map_err(|e| io("writing", &id_file, e))?;
+        }
+        Store::open_existing(dir)
+    }
+
+    /// Open a data directory a server made (a worker's view): it must exist, with its id.
+    pub fn open_existing(dir: &Path) -> Result<Store, ServiceError> {
+        let id_file = dir.join("store-id");
+        let id = std::fs::read_to_string(&id_file).map_err(|_| {
+            ServiceError::Startup(format!(
+                "{} is not a veil serve data directory (no store-id file): give workers the directory the server uses (--data-dir), shared between machines",
+                dir.display()
+            ))
+        })?;
+        let id = id.trim().to_string();
+        if !valid_id(&id) {
+            return Err(ServiceError::Startup(format!("{} is not a store id", id_file.display())));
+        }
         Ok(Store {
             dir: dir.to_path_buf(),
+            id,
             keys: Mutex::new(load_records(&dir.join("keys"))?),
             jobs: Mutex::new(load_records(&dir.join("jobs"))?),
         })
@@ -110,6 +141,22 @@ impl Store {
 
     pub fn job_output(&self, id: &str) -> PathBuf {
         self.dir.join("jobs").join(format!("{id}.out"))
+    }
+
+    /// Forget a job of the embedded queue: its record and files.
+    pub fn remove_job(&self, id: &str) {
+        for p in [self.job_input(id), self.job_output(id), self.dir.join("jobs").join(format!("{id}.json"))] {
+            let _ = std::fs::remove_file(p);
+        }
+        self.jobs.lock().expect("jobs lock").remove(id);
+    }
+
+    /// Remove the files of a job split in `parts` parts.
+    pub fn remove_parts(&self, id: &str, parts: usize) {
+        for i in 0..parts {
+            let _ = std::fs::remove_file(self.part_input(id, i));
+            let _ = std::fs::remove_file(self.part_output(id, i));
+        }
     }
 
     /// Part `part` of a job split across workers (inputs, outputs).

@@ -47,15 +47,24 @@ pub async fn work(
     config: WorkerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
-    let engine = Arc::new(Engine::open(&config.models, &config.data_dir, config.cached_keys)?);
+    let engine = Arc::new(Engine::open_existing(&config.models, &config.data_dir, config.cached_keys)?);
     let queue = Arc::new(PgQueue::connect(&config.queue, 4).await?);
     let mut listener = queue.listener().await?;
-    tracing::info!(worker = %config.name, models = engine.models.len(), "veil worker waiting for tasks");
+    let fingerprints = engine.fingerprints();
+    let mut names: Vec<&String> = engine.models.keys().collect();
+    names.sort();
+    tracing::info!(
+        worker = %config.name,
+        queue = %crate::pg_queue::redact(&config.queue),
+        models = ?names,
+        data_dir = %config.data_dir.display(),
+        "veil worker waiting for tasks (of these models, from this data directory)"
+    );
     tokio::pin!(shutdown);
     loop {
         let task = tokio::select! {
             _ = &mut shutdown => break,
-            t = queue.claim(&config.name, config.lease) => t,
+            t = queue.claim(&config.name, config.lease, &fingerprints, &engine.store.id) => t,
         };
         match task {
             Ok(Some(task)) => run_task(&engine, &queue, &config, task).await,
@@ -83,6 +92,7 @@ async fn run_task(engine: &Arc<Engine>, queue: &PgQueue, config: &WorkerConfig, 
     let me = config.name.as_str();
     tracing::info!(job = %task.job, part = task.part, attempt = task.attempts, "task claimed");
     let (e, t) = (engine.clone(), task.clone());
+    let started = std::time::Instant::now();
     let mut eval = tokio::task::spawn_blocking(move || {
         e.evaluate_file(&t.key, &e.store.part_input(&t.job, t.part), &e.store.part_output(&t.job, t.part))
     });
@@ -99,16 +109,26 @@ async fn run_task(engine: &Arc<Engine>, queue: &PgQueue, config: &WorkerConfig, 
         }
     };
     let recorded = match outcome {
-        Ok(Ok(samples)) => queue.complete(&task, me).await.map(|ours| {
-            if ours {
-                tracing::info!(job = %task.job, part = task.part, samples, "task done");
-            } else {
-                tracing::warn!(job = %task.job, part = task.part, "finished after losing the lease: not counted");
-            }
-        }),
+        Ok(Ok(samples)) => {
+            let lookups = (samples * engine.lookups_per_sample(&task.key)) as u64;
+            queue.complete(&task, me, lookups, started.elapsed()).await.map(|ours| {
+                if ours {
+                    tracing::info!(job = %task.job, part = task.part, samples, "task done");
+                } else {
+                    tracing::warn!(job = %task.job, part = task.part, "finished after losing the lease: not counted");
+                }
+            })
+        }
         Ok(Err(e)) => {
-            tracing::info!(job = %task.job, part = task.part, error = %e, "task failed");
-            queue.fail(&task, me, &e.to_string()).await
+            tracing::warn!(job = %task.job, part = task.part, error = %e, "task failed");
+            // the data owner sees the job's error: not this machine's paths
+            let shown = match &e {
+                ServiceError::Io(_) => {
+                    "a worker could not read or write the job's files (the worker's log says which)".to_string()
+                }
+                other => other.to_string(),
+            };
+            queue.fail(&task, me, &shown).await
         }
         Err(panic) => queue.fail(&task, me, &format!("the evaluation panicked: {panic}")).await,
     };
