@@ -220,8 +220,44 @@ fn a_small_forest_runs_encrypted_as_in_the_clear() {
 #[test]
 fn two_precision_classes_run_with_two_parameter_sets() {
     // 16 squares of 3-bit inputs (narrow lookups) summed in pairs, then the square of each
-    // 7-bit sum (a wide lookup): one set at 7 bits for all 24 lookups models about 2.7×
+    // 7-bit sum (a wide lookup): one set at 7 bits for all 24 lookups models about 3.4×
     // the cost of two sets (3-bit lookups with their own keys, a keyswitch between).
+    let (g, wide) = two_class_graph();
+    let part_of = |id| usize::from(id == wide);
+    let low = veil_backend::lower::lower_graph_partitioned(&g, &part_of, &[3, 7], &[]).unwrap();
+    assert_eq!(low.circuit.lookups_per_partition(), vec![16, 8]);
+    let single =
+        optimize(&veil_backend::params::Requirements { partitions: Vec::new(), ..low.requirements.clone() }).unwrap();
+    let (params, cost) = veil_backend::partitions::optimize(&low.requirements, &single)
+        .expect("two sets are cheaper than one at 7 bits");
+    assert_eq!(params.set_count(), 2);
+    assert_eq!((params.precision, params.partitions[0].precision), (3, 7));
+    assert!(params.polynomial_size < params.partitions[0].polynomial_size, "{params:?}");
+    eprintln!(
+        "two sets: {cost:.0} ms per sample modelled (N = {} and {}), one set: {:.0} ms (N = {})",
+        params.polynomial_size,
+        params.partitions[0].polynomial_size,
+        24.0 * single.pbs_cost_ms,
+        single.polynomial_size
+    );
+    assert!(cost < 0.5 * 24.0 * single.pbs_cost_ms, "two sets {cost} ms, one set {} ms", 24.0 * single.pbs_cost_ms);
+    params.check_partitions(&low.circuit).unwrap();
+
+    let xs = ArrayD::from_shape_vec(vec![2, 16], (0..32).map(|i| (i * 5 + 3) % 8).collect()).unwrap();
+    let fingerprint = b"two-classes-test".to_vec();
+    let (ck, sk) = keygen(&params, &fingerprint).unwrap();
+    let cts = ck.encrypt_for(&low.circuit, &low.encode_integers(std::slice::from_ref(&xs)).unwrap());
+    let ev = Evaluator::new(&low.circuit, &params, sk, &fingerprint).unwrap();
+    let out = ev.run(&cts, &|_| {}).unwrap();
+    let plain = ck.decrypt(&out).unwrap();
+    let got = veil_backend::lower::decode_rows(&plain[0], low.outputs[0].delta_log2, low.outputs[0].base, &[8]);
+    let want = veil_ir::interp::run(&g, &[Tensor::I64(xs)]).unwrap();
+    assert_eq!(&got, want[0].as_i64().unwrap());
+}
+
+/// 16 squares of 3-bit inputs, summed in pairs, then the square of each 7-bit sum: the
+/// graph and its wide lookup node.
+fn two_class_graph() -> (veil_ir::Graph, veil_ir::NodeId) {
     use veil_ir::linear::{Linear, LinearKind};
     use veil_ir::tlu::{Expr, Tlu};
     use veil_ir::{BinaryFn, Elem, Graph, Op, Range, Shape, TensorType};
@@ -242,27 +278,37 @@ fn two_precision_classes_run_with_two_parameter_sets() {
     let wide = g.add(Op::Tlu(Box::new(square(0, 98))), &[sums], "wide").unwrap();
     g.set_output("y", wide);
 
-    let part_of = |id| usize::from(id == wide);
-    let low = veil_backend::lower::lower_graph_partitioned(&g, &part_of, &[3, 7], &[]).unwrap();
-    assert_eq!(low.circuit.lookups_per_partition(), vec![16, 8]);
-    let single =
-        optimize(&veil_backend::params::Requirements { partitions: Vec::new(), ..low.requirements.clone() }).unwrap();
-    let (params, cost) = veil_backend::partitions::optimize(&low.requirements, &single)
-        .expect("two sets are cheaper than one at 7 bits");
-    assert_eq!(params.set_count(), 2);
-    assert_eq!((params.precision, params.partitions[0].precision), (3, 7));
-    assert!(params.polynomial_size < params.partitions[0].polynomial_size, "{params:?}");
-    assert!(cost < 0.5 * 24.0 * single.pbs_cost_ms, "two sets {cost} ms, one set {} ms", 24.0 * single.pbs_cost_ms);
-    params.check_partitions(&low.circuit).unwrap();
+    (g, wide)
+}
 
-    let xs = ArrayD::from_shape_vec(vec![2, 16], (0..32).map(|i| (i * 5 + 3) % 8).collect()).unwrap();
-    let fingerprint = b"two-classes-test".to_vec();
-    let (ck, sk) = keygen(&params, &fingerprint).unwrap();
-    let cts = ck.encrypt_for(&low.circuit, &low.encode_integers(std::slice::from_ref(&xs)).unwrap());
-    let ev = Evaluator::new(&low.circuit, &params, sk, &fingerprint).unwrap();
-    let out = ev.run(&cts, &|_| {}).unwrap();
-    let plain = ck.decrypt(&out).unwrap();
-    let got = veil_backend::lower::decode_rows(&plain[0], low.outputs[0].delta_log2, low.outputs[0].base, &[8]);
-    let want = veil_ir::interp::run(&g, &[Tensor::I64(xs)]).unwrap();
-    assert_eq!(&got, want[0].as_i64().unwrap());
+#[test]
+#[ignore = "measures one parameter set against two in real FHE; run with --ignored --nocapture"]
+fn two_parameter_sets_against_one_measured() {
+    let (g, wide) = two_class_graph();
+    let xs = ArrayD::from_shape_vec(vec![4, 16], (0..64).map(|i| (i * 5 + 3) % 8).collect()).unwrap();
+    let want = veil_ir::interp::run(&g, &[Tensor::I64(xs.clone())]).unwrap();
+    let one = veil_backend::lower::lower_graph(&g, 7, &[]).unwrap();
+    let part_of = |id| usize::from(id == wide);
+    let two = veil_backend::lower::lower_graph_partitioned(&g, &part_of, &[3, 7], &[]).unwrap();
+    let single = optimize(&one.requirements).unwrap();
+    let (multi, _) = veil_backend::partitions::optimize(&two.requirements, &single).unwrap();
+    for (name, low, params) in [("one set", &one, &single), ("two sets", &two, &multi)] {
+        let fp = name.as_bytes().to_vec();
+        let t = std::time::Instant::now();
+        let (ck, sk) = keygen(params, &fp).unwrap();
+        let keygen_s = t.elapsed().as_secs_f64();
+        let cts = ck.encrypt_for(&low.circuit, &low.encode_integers(std::slice::from_ref(&xs)).unwrap());
+        let ev = Evaluator::new(&low.circuit, params, sk, &fp).unwrap();
+        let t = std::time::Instant::now();
+        let out = ev.run(&cts, &|_| {}).unwrap();
+        let per_sample = t.elapsed().as_secs_f64() / 4.0;
+        let plain = ck.decrypt(&out).unwrap();
+        let got = veil_backend::lower::decode_rows(&plain[0], low.outputs[0].delta_log2, low.outputs[0].base, &[8]);
+        assert_eq!(&got, want[0].as_i64().unwrap());
+        let (bsk, ksk) = params.total_key_bytes();
+        eprintln!(
+            "{name}: {per_sample:.2} s per sample, keygen {keygen_s:.1} s, keys {:.0} MB in memory",
+            (bsk + ksk) as f64 / 1e6
+        );
+    }
 }
