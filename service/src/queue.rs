@@ -104,7 +104,10 @@ impl Queue {
     pub async fn totals(&self) -> Option<Totals> {
         match self {
             Queue::Local(_) => None,
-            Queue::Postgres { queue, .. } => queue.totals().await.ok(),
+            // a scrape must not hang on a database that does not answer: keep the last values
+            Queue::Postgres { queue, .. } => {
+                tokio::time::timeout(std::time::Duration::from_secs(2), queue.totals()).await.ok()?.ok()
+            }
         }
     }
 
