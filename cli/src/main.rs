@@ -275,7 +275,7 @@ enum Command {
         cached_keys: usize,
         /// Queue jobs in PostgreSQL (postgres://user:password@host/db) for `veil worker`
         /// processes instead of evaluating them here. --data-dir must then be shared with
-        /// the workers. Also read from VEIL_QUEUE (keeps the password out of `ps`).
+        /// the workers. VEIL_QUEUE keeps the password out of `ps`.
         #[arg(long, env = "VEIL_QUEUE", hide_env_values = true)]
         queue: Option<String>,
         /// With --queue: split each job into tasks of this many samples.
@@ -289,13 +289,15 @@ enum Command {
         /// The compiled models the service serves (the same files).
         #[arg(required = true)]
         models: Vec<PathBuf>,
-        /// The service's queue: postgres://user:password@host/db (or VEIL_QUEUE).
+        /// The service's queue: postgres://user:password@host/db (add ?sslmode=require for
+        /// TLS; percent-encode special characters in the password).
         #[arg(long, env = "VEIL_QUEUE", hide_env_values = true)]
         queue: String,
         /// The service's data directory (shared: keys and job inputs are read from it,
         /// outputs written to it).
         #[arg(long, default_value = "veil-data")]
         data_dir: PathBuf,
+        /// Server keys kept loaded (each ~100–200 MB in memory).
         #[arg(long, default_value_t = 4)]
         cached_keys: usize,
         /// A task whose worker stops renewing its lease for this long goes to another
@@ -349,8 +351,8 @@ struct CompileArgs {
     #[arg(long)]
     global_p_error: Option<f64>,
     /// Run every lookup with one parameter set. By default lookups of different
-    /// precisions may use different sets (keyswitching between them) when the modelled
-    /// cost is lower; `veil inspect --stage report` lists the sets.
+    /// precisions may use different sets (keyswitching between them) when that models at
+    /// least 10% cheaper; `veil inspect --stage report` lists the sets.
     #[arg(long)]
     one_parameter_set: bool,
     /// Widest lookup precision allowed (bits).
@@ -420,10 +422,13 @@ enum RemoteAction {
     /// Wait for a job submitted earlier (`veil remote run --job` prints its id) and write
     /// its encrypted outputs; the job is then deleted on the server.
     Fetch {
+        /// The session file written by `veil remote register`.
         #[arg(long)]
         session: PathBuf,
+        /// The job's id.
         #[arg(long)]
         job: String,
+        /// Where to write the encrypted outputs (for veil decrypt).
         #[arg(long, short = 'o')]
         output: PathBuf,
     },
