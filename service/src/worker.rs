@@ -111,13 +111,23 @@ async fn run_task(engine: &Arc<Engine>, queue: &PgQueue, config: &WorkerConfig, 
     let recorded = match outcome {
         Ok(Ok(samples)) => {
             let lookups = (samples * engine.lookups_per_sample(&task.key)) as u64;
-            queue.complete(&task, me, lookups, started.elapsed()).await.map(|ours| {
-                if ours {
+            match queue.complete(&task, me, lookups, started.elapsed()).await {
+                Ok(true) => {
                     tracing::info!(job = %task.job, part = task.part, samples, "task done");
-                } else {
-                    tracing::warn!(job = %task.job, part = task.part, "finished after losing the lease: not counted");
+                    Ok(())
                 }
-            })
+                Ok(false) => {
+                    // deleted while it ran: leave no output behind
+                    if matches!(queue.job(&task.job).await, Ok(None)) {
+                        let _ = std::fs::remove_file(engine.store.part_output(&task.job, task.part));
+                        tracing::info!(job = %task.job, part = task.part, "the job was deleted while its task ran");
+                    } else {
+                        tracing::warn!(job = %task.job, part = task.part, "finished after losing the lease: not counted");
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
         }
         Ok(Err(e)) => {
             tracing::warn!(job = %task.job, part = task.part, error = %e, "task failed");
