@@ -281,6 +281,10 @@ enum Command {
         /// With --queue: split each job into tasks of this many samples.
         #[arg(long, default_value_t = 1)]
         samples_per_task: usize,
+        /// Delete finished jobs and their files this long after they end (0: keep them
+        /// until a client deletes them).
+        #[arg(long, default_value_t = 72.0)]
+        keep_jobs_hours: f64,
     },
     /// Evaluate jobs from a `veil serve --queue postgres://…` service: take tasks from the
     /// queue, evaluate them with the server keys in the shared --data-dir, until Ctrl-C
@@ -592,7 +596,16 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Demo { model, samples, models_dir } => bench::demo(&models_dir, &model, samples),
-        Command::Serve { models, listen, data_dir, max_request_mb, cached_keys, queue, samples_per_task } => {
+        Command::Serve {
+            models,
+            listen,
+            data_dir,
+            max_request_mb,
+            cached_keys,
+            queue,
+            samples_per_task,
+            keep_jobs_hours,
+        } => {
             let mut config = veil_service::Config::new(models, data_dir);
             config.max_request_bytes = max_request_mb << 20;
             config.cached_keys = cached_keys;
@@ -607,6 +620,11 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             config.samples_per_task = samples_per_task;
+            if !(keep_jobs_hours.is_finite() && keep_jobs_hours >= 0.0) {
+                anyhow::bail!("--keep-jobs-hours must be a number of hours ≥ 0 (got {keep_jobs_hours})");
+            }
+            config.keep_jobs =
+                (keep_jobs_hours > 0.0).then(|| std::time::Duration::from_secs_f64(keep_jobs_hours * 3600.0));
             remote::serve(config, &listen)
         }
         Command::Worker { models, queue, data_dir, cached_keys, lease_seconds, name } => {

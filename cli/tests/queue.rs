@@ -216,5 +216,38 @@ fn two_workers_share_a_postgres_queue_through_a_worker_kill_and_a_server_restart
     use ndarray_npy::ReadNpyExt;
     let read = |p: &Path| ndarray::ArrayD::<f32>::read_npy(std::fs::File::open(p).unwrap()).unwrap();
     assert_eq!(read(&y), read(&clear), "encrypted through the queue vs clear");
+
+    // finished jobs expire: a server keeping them 7.2 s deletes a job nobody fetched
+    drop(server);
+    let mut args = serve_args.to_vec();
+    args.extend(["--keep-jobs-hours", "0.002"]);
+    let server = Proc::spawn(&args, &dir.join("serve3.log"));
+    wait_healthy(&url, &server);
+    let r = ureq::post(&format!("{url}/keys/{key}/jobs"))
+        .set("Authorization", &format!("Bearer {token}"))
+        .send_bytes(&std::fs::read(&ct).unwrap())
+        .unwrap();
+    let job2 = serde_json::from_reader::<_, serde_json::Value>(r.into_reader()).unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let start = Instant::now();
+    let mut seen_done = false;
+    loop {
+        match ureq::get(&format!("{url}/jobs/{job2}")).set("Authorization", &format!("Bearer {token}")).call() {
+            Ok(r) => {
+                let st: serde_json::Value = serde_json::from_reader(r.into_reader()).unwrap();
+                seen_done |= st["state"] == "done";
+            }
+            Err(ureq::Error::Status(404, _)) => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(start.elapsed() < Duration::from_secs(300), "job {job2} never expired:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(seen_done, "job {job2} vanished before it was done");
+    assert!(!data.join("jobs").join(format!("{job2}.0.in")).exists());
+    assert!(!data.join("jobs").join(format!("{job2}.0.out")).exists());
+    drop(b);
     drop(server);
 }

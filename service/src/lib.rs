@@ -52,6 +52,9 @@ pub struct Config {
     pub queue: Option<String>,
     /// With a PostgreSQL queue, a job is split into tasks of this many samples.
     pub samples_per_task: usize,
+    /// Finished jobs (and their files) are deleted this long after they end; `None`:
+    /// kept until deleted (`DELETE /jobs/{id}`).
+    pub keep_jobs: Option<Duration>,
 }
 
 impl Config {
@@ -65,6 +68,7 @@ impl Config {
             request_timeout: Duration::from_secs(600),
             queue: None,
             samples_per_task: 1,
+            keep_jobs: Some(Duration::from_secs(72 * 3600)),
         }
     }
 }
@@ -76,7 +80,25 @@ pub async fn app(config: Config) -> Result<axum::Router, ServiceError> {
     if let queue::Queue::Local(q) = &state.queue {
         q.start(state.engine.clone());
     }
+    if let Some(keep) = state.config.keep_jobs {
+        start_sweeper(state.clone(), keep);
+    }
     Ok(routes::router(state))
+}
+
+/// Delete finished jobs older than `keep`, checking every tenth of it (1 s to 10 min).
+fn start_sweeper(state: Arc<routes::State>, keep: Duration) {
+    let every = (keep / 10).clamp(Duration::from_secs(1), Duration::from_secs(600));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            match state.queue.sweep(&state.engine, keep).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(jobs = n, "finished jobs expired and deleted"),
+                Err(e) => tracing::warn!(error = %e, "cannot expire old jobs"),
+            }
+        }
+    });
 }
 
 /// Serve `config` on `listener` until `shutdown` completes; requests in flight finish.

@@ -386,6 +386,25 @@ impl PgQueue {
         Ok((r.rows_affected() == 1).then_some(parts as usize))
     }
 
+    /// Delete the jobs whose tasks all ended more than `keep` ago: their ids and part
+    /// counts (for their files).
+    pub async fn expire(&self, keep: Duration) -> Result<Vec<(String, usize)>, ServiceError> {
+        let rows = sqlx::query(
+            "WITH old AS (
+               SELECT j.id, count(t.seq) AS parts FROM veil_jobs j JOIN veil_tasks t ON t.job_id = j.id
+               GROUP BY j.id
+               HAVING bool_and(t.state IN ('done', 'failed', 'cancelled'))
+                  AND max(t.finished_at) < now() - make_interval(secs => $1)
+             )
+             DELETE FROM veil_jobs j USING old WHERE j.id = old.id RETURNING j.id, old.parts",
+        )
+        .bind(keep.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(|r| Ok((r.try_get(0).map_err(db)?, r.try_get::<i64, _>(1).map_err(db)? as usize))).collect()
+    }
+
     /// Totals for the metrics.
     pub async fn totals(&self) -> Result<Totals, ServiceError> {
         let r = sqlx::query(

@@ -119,6 +119,27 @@ impl Queue {
         }
     }
 
+    /// Delete finished jobs (and their files) that ended more than `keep` ago: how many.
+    pub async fn sweep(&self, engine: &Engine, keep: std::time::Duration) -> Result<usize> {
+        match self {
+            Queue::Local(_) => {
+                let cutoff = std::time::SystemTime::now() - keep;
+                let old = engine.store.finished_before(cutoff);
+                for id in &old {
+                    engine.store.remove_job(id);
+                }
+                Ok(old.len())
+            }
+            Queue::Postgres { queue, .. } => {
+                let old = queue.expire(keep).await?;
+                for (id, parts) in &old {
+                    engine.store.remove_parts(id, *parts);
+                }
+                Ok(old.len())
+            }
+        }
+    }
+
     /// Forget a job and its files (a running job of the embedded queue cannot be).
     pub async fn delete(&self, engine: &Engine, job: &str, status: &JobStatus) -> Result<()> {
         match self {

@@ -143,6 +143,21 @@ impl Store {
         self.dir.join("jobs").join(format!("{id}.out"))
     }
 
+    /// Finished jobs (done or failed) of the embedded queue whose record was last written
+    /// before `cutoff`.
+    pub fn finished_before(&self, cutoff: std::time::SystemTime) -> Vec<String> {
+        let jobs = self.jobs.lock().expect("jobs lock");
+        jobs.iter()
+            .filter(|(_, j)| matches!(j.state, JobState::Done | JobState::Failed))
+            .filter(|(id, _)| {
+                std::fs::metadata(self.dir.join("jobs").join(format!("{id}.json")))
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t < cutoff)
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     /// Forget a job of the embedded queue: its record and files.
     pub fn remove_job(&self, id: &str) {
         for p in [self.job_input(id), self.job_output(id), self.dir.join("jobs").join(format!("{id}.json"))] {
@@ -209,5 +224,32 @@ impl Store {
             .collect();
         ids.sort();
         ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_finished_jobs_expire() {
+        let dir = std::env::temp_dir().join(format!("veil-store-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).unwrap();
+        let rec = |state| JobRecord { key: "k".into(), state, samples: 1, error: None };
+        store.set_job("aa", rec(JobState::Done)).unwrap();
+        store.set_job("bb", rec(JobState::Queued)).unwrap();
+        store.set_job("cc", rec(JobState::Failed)).unwrap();
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(1);
+        let mut old = store.finished_before(later);
+        old.sort();
+        assert_eq!(old, ["aa", "cc"]);
+        assert!(store.finished_before(std::time::SystemTime::UNIX_EPOCH).is_empty());
+        store.remove_job("aa");
+        assert!(store.job("aa").is_none() && !dir.join("jobs").join("aa.json").exists());
+        // the id survives reopening
+        let id = store.id.clone();
+        assert_eq!(Store::open(&dir).unwrap().id, id);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
