@@ -119,16 +119,9 @@ fn per_lookup_p_error(lookups: usize, opts: &CompileOptions) -> f64 {
 /// partition holds whole groups: each lookup node's group (a representative node id).
 /// Maxima and saturations add their operand to their lookup's output, so they join their
 /// operands' group too.
-fn lookup_groups(g: &Graph, order: &[NodeId]) -> HashMap<NodeId, NodeId> {
-    let mut parent: HashMap<NodeId, NodeId> = order.iter().map(|&id| (id, id)).collect();
-    fn root(parent: &mut HashMap<NodeId, NodeId>, mut v: NodeId) -> NodeId {
-        while parent[&v] != v {
-            let up = parent[&parent[&v]];
-            parent.insert(v, up);
-            v = up;
-        }
-        v
-    }
+fn lookup_groups(g: &Graph, order: &[NodeId]) -> HashMap<NodeId, usize> {
+    let size = order.iter().map(|id| id.index() + 1).max().unwrap_or(0);
+    let mut groups = petgraph::unionfind::UnionFind::<usize>::new(size);
     for &id in order {
         let starts_key = matches!(g.node(id).op, Op::Tlu(_));
         if starts_key || !matches!(g.node(id).ty.elem, Elem::Enc(_)) {
@@ -136,15 +129,14 @@ fn lookup_groups(g: &Graph, order: &[NodeId]) -> HashMap<NodeId, NodeId> {
         }
         for o in g.operands(id) {
             if matches!(g.node(o).ty.elem, Elem::Enc(_)) {
-                let (a, b) = (root(&mut parent, o), root(&mut parent, id));
-                parent.insert(a, b);
+                groups.union(o.index(), id.index());
             }
         }
     }
     order
         .iter()
         .filter(|&&id| veil_passes::bitwidth::max_precision_of(g, id) > 0)
-        .map(|&id| (id, root(&mut parent, id)))
+        .map(|&id| (id, groups.find(id.index())))
         .collect()
 }
 
@@ -164,7 +156,7 @@ fn partitioned(
         return Ok(None);
     }
     let groups = lookup_groups(g, &order);
-    let mut group_bits: HashMap<NodeId, u32> = HashMap::new();
+    let mut group_bits: HashMap<usize, u32> = HashMap::new();
     for (&id, &grp) in &groups {
         let b = group_bits.entry(grp).or_insert(0);
         *b = (*b).max(veil_passes::bitwidth::max_precision_of(g, id));

@@ -4,26 +4,17 @@
 //! take the key of the partition whose lookups read them (partition 0 when several do).
 
 use crate::circuit::{Circuit, Instruction};
-
-/// Union-find root of `v`.
-fn root(parent: &mut [usize], mut v: usize) -> usize {
-    while parent[v] != v {
-        parent[v] = parent[parent[v]];
-        v = parent[v];
-    }
-    v
-}
+use petgraph::unionfind::UnionFind;
 
 /// The partition of every value's large key, or why the circuit cannot be split so (a
 /// linear map mixing values of two partitions).
 pub(super) fn assign(c: &Circuit) -> Result<Vec<u8>, String> {
     let n = c.value_len.len();
-    let mut parent: Vec<usize> = (0..n).collect();
+    let mut classes = UnionFind::<usize>::new(n);
     for ins in &c.instructions {
         if let Instruction::Linear(l) = ins {
             for &i in &l.inputs {
-                let (a, b) = (root(&mut parent, i), root(&mut parent, l.output));
-                parent[a] = b;
+                classes.union(i, l.output);
             }
         }
     }
@@ -32,7 +23,7 @@ pub(super) fn assign(c: &Circuit) -> Result<Vec<u8>, String> {
     for ins in &c.instructions {
         if let Instruction::Lookup(l) = ins {
             for out in std::iter::once(l.output).chain(l.second) {
-                let r = root(&mut parent, out);
+                let r = classes.find(out);
                 match fixed[r] {
                     Some(q) if q != l.partition => {
                         return Err(format!(
@@ -50,7 +41,7 @@ pub(super) fn assign(c: &Circuit) -> Result<Vec<u8>, String> {
     let mut readers: Vec<Option<Option<u8>>> = vec![None; n];
     for ins in &c.instructions {
         if let Instruction::Lookup(l) = ins {
-            let r = root(&mut parent, l.input);
+            let r = classes.find(l.input);
             readers[r] = match readers[r] {
                 None => Some(Some(l.partition)),
                 Some(Some(q)) if q == l.partition => Some(Some(q)),
@@ -60,7 +51,7 @@ pub(super) fn assign(c: &Circuit) -> Result<Vec<u8>, String> {
     }
     Ok((0..n)
         .map(|v| {
-            let r = root(&mut parent, v);
+            let r = classes.find(v);
             fixed[r].or(readers[r].flatten()).unwrap_or(0)
         })
         .collect())
