@@ -179,7 +179,7 @@ impl Params {
             .iter()
             .map(|c| {
                 let (from, to) = (self.set(c.from as usize), self.set(c.to as usize));
-                from.big_dimension() * c.level as u64 * (to.lwe_dimension + 1) * 8
+                keyswitch_key_bytes(from.big_dimension(), c.level, to.lwe_dimension)
             })
             .sum();
         let ksk = self.keyswitch_key_bytes + self.partitions.iter().map(|p| p.keyswitch_key_bytes).sum::<u64>() + conv;
@@ -396,6 +396,18 @@ pub fn rotation_cost_ms(n: u64, k: u64, poly: u64, pbs_level: u32) -> f64 {
     n * big_n * (2.12e-7 * ffts + 6.5e-7 * products)
 }
 
+/// Bytes of a bootstrap key in memory: n GGSW ciphertexts of (k+1)²·l polynomials of N
+/// 64-bit coefficients.
+pub fn bootstrap_key_bytes(n: u64, k: u64, poly: u64, pbs_level: u32) -> u64 {
+    n * (k + 1) * (k + 1) * pbs_level as u64 * poly * 8
+}
+
+/// Bytes of a keyswitching key from a dimension-`big` key to a dimension-`n` one: big·l
+/// LWE ciphertexts of n + 1 64-bit values.
+pub fn keyswitch_key_bytes(big: u64, ks_level: u32, n: u64) -> u64 {
+    big * ks_level as u64 * (n + 1) * 8
+}
+
 /// The keyswitch of [`lookup_cost_ms`]: k·N·l_ks·(n+1) multiply-adds.
 pub fn keyswitch_cost_ms(n: u64, k: u64, poly: u64, ks_level: u32) -> f64 {
     6.4e-7 * (k * poly) as f64 * ks_level as f64 * (n + 1) as f64
@@ -494,8 +506,8 @@ pub fn optimize(req: &Requirements) -> Result<Params> {
                                 p_error: p_err,
                                 global_p_error: 1.0 - (1.0 - p_err).powf(req.lookups as f64),
                                 pbs_cost_ms: lookup_cost_ms(n, k, poly, pl, kl),
-                                bootstrap_key_bytes: n * (k + 1) * (k + 1) * pl as u64 * poly * 8,
-                                keyswitch_key_bytes: big * kl as u64 * (n + 1) * 8,
+                                bootstrap_key_bytes: bootstrap_key_bytes(n, k, poly, pl),
+                                keyswitch_key_bytes: keyswitch_key_bytes(big, kl, n),
                                 partitions: Vec::new(),
                                 conversions: Vec::new(),
                             },

@@ -14,8 +14,8 @@
 
 use crate::noise;
 use crate::params::{
-    best_bases, keyswitch_cost_ms, lookup_cost_ms, rotation_cost_ms, sample_cost, Conversion, Decomposition, Params,
-    Requirements,
+    best_bases, bootstrap_key_bytes, keyswitch_cost_ms, keyswitch_key_bytes, lookup_cost_ms, rotation_cost_ms,
+    sample_cost, Conversion, Decomposition, Params, Requirements,
 };
 use crate::security::{key_variance, MIN_DIMENSION};
 use std::collections::HashMap;
@@ -185,6 +185,7 @@ pub fn optimize(req: &Requirements, single: &Params) -> Option<(Params, f64)> {
 }
 
 /// The parameters of an assignment: set 0 holds the others and the conversion keys.
+/// Failure probabilities are then read off the parameters' own noise formulas.
 fn build(req: &Requirements, sets: &[Set], e: &Evaluation) -> Params {
     let parts = &req.partitions;
     let mut all: Vec<Params> = sets
@@ -193,18 +194,6 @@ fn build(req: &Requirements, sets: &[Set], e: &Evaluation) -> Params {
         .map(|(q, s)| {
             let (kb, kl, _) = e.keyswitch[q][q].expect("every partition has its own keyswitch");
             let big = s.big();
-            // the worst lookup of this partition, as the noise model predicts it
-            let worst = parts[q]
-                .lookup_noise
-                .iter()
-                .map(|(from, c)| {
-                    let src = sets[*from];
-                    let (_, _, var_ks) = e.keyswitch[*from][q].expect("chosen with its lookups");
-                    c.variance_all(src.var_bootstrap, key_variance(src.big()), var_ks, key_variance(s.n))
-                        + noise::centered_modulus_switch(s.n, s.poly)
-                })
-                .fold(0.0, f64::max);
-            let p_err = noise::p_error(worst, noise::lookup_half_width(parts[q].precision));
             Params {
                 lwe_dimension: s.n,
                 glwe_dimension: s.k,
@@ -216,11 +205,11 @@ fn build(req: &Requirements, sets: &[Set], e: &Evaluation) -> Params {
                 lwe_noise_std: key_variance(s.n).sqrt(),
                 glwe_noise_std: key_variance(big).sqrt(),
                 precision: parts[q].precision,
-                p_error: p_err,
-                global_p_error: 1.0 - (1.0 - p_err).powf(parts[q].lookups as f64),
+                p_error: 0.0,
+                global_p_error: 0.0,
                 pbs_cost_ms: lookup_cost_ms(s.n, s.k, s.poly, s.pbs_level, kl),
-                bootstrap_key_bytes: s.n * (s.k + 1) * (s.k + 1) * s.pbs_level as u64 * s.poly * 8,
-                keyswitch_key_bytes: big * kl as u64 * (s.n + 1) * 8,
+                bootstrap_key_bytes: bootstrap_key_bytes(s.n, s.k, s.poly, s.pbs_level),
+                keyswitch_key_bytes: keyswitch_key_bytes(big, kl, s.n),
                 partitions: Vec::new(),
                 conversions: Vec::new(),
             }
@@ -234,11 +223,31 @@ fn build(req: &Requirements, sets: &[Set], e: &Evaluation) -> Params {
             }
         }
     }
-    let global = 1.0 - all.iter().map(|p| 1.0 - p.global_p_error).product::<f64>();
     let mut first = all.remove(0);
-    first.global_p_error = global;
     first.partitions = all;
     first.conversions = conversions;
+    // each set's worst lookup, as the noise model predicts it
+    let p_errors: Vec<f64> = parts
+        .iter()
+        .enumerate()
+        .map(|(q, part)| {
+            let worst = part
+                .lookup_noise
+                .iter()
+                .map(|(from, c)| first.lookup_input_variance_between(*from, q, c))
+                .fold(0.0, f64::max);
+            noise::p_error(worst, noise::lookup_half_width(part.precision))
+        })
+        .collect();
+    let mut global_ok = 1.0;
+    for (q, (&p_err, part)) in p_errors.iter().zip(parts).enumerate() {
+        let per_sample = 1.0 - (1.0 - p_err).powf(part.lookups as f64);
+        global_ok *= 1.0 - per_sample;
+        let set = if q == 0 { &mut first } else { &mut first.partitions[q - 1] };
+        set.p_error = p_err;
+        set.global_p_error = per_sample;
+    }
+    first.global_p_error = 1.0 - global_ok;
     first
 }
 
