@@ -77,6 +77,15 @@ impl Validate for ClientKey {
     }
 }
 
+/// A gadget decomposition (base 2^base, `levels` levels) fits 64 bits; `what` names the key.
+fn decomposition_ok(what: &str, base: usize, levels: usize) -> std::result::Result<(), String> {
+    size_ok(&format!("{what} key levels"), levels)?;
+    if base == 0 || base * levels > 64 {
+        return Err(format!("the {what} key's decomposition 2^{base}×{levels} does not fit 64 bits"));
+    }
+    Ok(())
+}
+
 /// A bootstrap key and a keyswitching key hold what their sizes say.
 fn set_ok(b: &SeededLweBootstrapKeyOwned<u64>, k: &SeededLweKeyswitchKeyOwned<u64>) -> std::result::Result<(), String> {
     size_ok("bootstrap key polynomial size", b.polynomial_size().0)?;
@@ -84,11 +93,7 @@ fn set_ok(b: &SeededLweBootstrapKeyOwned<u64>, k: &SeededLweKeyswitchKeyOwned<u6
         return Err("the bootstrap key's polynomial size is not a power of two".into());
     }
     size_ok("bootstrap key GLWE size", b.glwe_size().0)?;
-    size_ok("bootstrap key levels", b.decomposition_level_count().0)?;
-    let (base, levels) = (b.decomposition_base_log().0, b.decomposition_level_count().0);
-    if base == 0 || base * levels > 64 {
-        return Err(format!("the bootstrap key's decomposition 2^{base}×{levels} does not fit 64 bits"));
-    }
+    decomposition_ok("bootstrap", b.decomposition_base_log().0, b.decomposition_level_count().0)?;
     modulus_ok(b.ciphertext_modulus().is_native_modulus())?;
     let ggsw = b.decomposition_level_count().0 * b.glwe_size().0 * b.polynomial_size().0;
     if !b.as_ref().len().is_multiple_of(ggsw) || b.as_ref().is_empty() {
@@ -98,12 +103,8 @@ fn set_ok(b: &SeededLweBootstrapKeyOwned<u64>, k: &SeededLweKeyswitchKeyOwned<u6
 }
 
 fn keyswitch_ok(k: &SeededLweKeyswitchKeyOwned<u64>) -> std::result::Result<(), String> {
-    size_ok("keyswitch key levels", k.decomposition_level_count().0)?;
     size_ok("keyswitch key output size", k.output_lwe_size().0)?;
-    let (base, levels) = (k.decomposition_base_log().0, k.decomposition_level_count().0);
-    if base == 0 || base * levels > 64 {
-        return Err(format!("the keyswitch key's decomposition 2^{base}×{levels} does not fit 64 bits"));
-    }
+    decomposition_ok("keyswitch", k.decomposition_base_log().0, k.decomposition_level_count().0)?;
     modulus_ok(k.ciphertext_modulus().is_native_modulus())?;
     let per_input = k.decomposition_level_count().0;
     if !k.as_ref().len().is_multiple_of(per_input) || k.as_ref().is_empty() {
