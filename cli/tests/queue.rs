@@ -57,6 +57,16 @@ fn get(url: &str, token: &str) -> serde_json::Value {
     serde_json::from_reader(r.into_reader()).unwrap()
 }
 
+/// Submit the ciphertext file `ct` as a job for `key`: the job id.
+fn submit(url: &str, key: &str, token: &str, ct: &Path) -> String {
+    let r = ureq::post(&format!("{url}/keys/{key}/jobs"))
+        .set("Authorization", &format!("Bearer {token}"))
+        .send_bytes(&std::fs::read(ct).unwrap())
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_reader(r.into_reader()).unwrap();
+    v["job_id"].as_str().unwrap().to_string()
+}
+
 fn wait_healthy(url: &str, server: &Proc) {
     let start = Instant::now();
     while ureq::get(&format!("{url}/health")).call().is_err() {
@@ -117,14 +127,7 @@ fn two_workers_share_a_postgres_queue_through_a_worker_kill_and_a_server_restart
     let (key, token) = (sess["key_id"].as_str().unwrap(), sess["token"].as_str().unwrap());
 
     // submit with no worker running: 45 samples in 15 tasks of 3
-    let r = ureq::post(&format!("{url}/keys/{key}/jobs"))
-        .set("Authorization", &format!("Bearer {token}"))
-        .send_bytes(&std::fs::read(&ct).unwrap())
-        .unwrap();
-    let job = serde_json::from_reader::<_, serde_json::Value>(r.into_reader()).unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let job = submit(&url, key, token, &ct);
     let st = get(&format!("{url}/jobs/{job}"), token);
     assert_eq!(
         (st["state"].as_str(), st["tasks"].as_u64(), st["samples"].as_u64()),
@@ -223,14 +226,7 @@ fn two_workers_share_a_postgres_queue_through_a_worker_kill_and_a_server_restart
     args.extend(["--keep-jobs-hours", "0.002"]);
     let server = Proc::spawn(&args, &dir.join("serve3.log"));
     wait_healthy(&url, &server);
-    let r = ureq::post(&format!("{url}/keys/{key}/jobs"))
-        .set("Authorization", &format!("Bearer {token}"))
-        .send_bytes(&std::fs::read(&ct).unwrap())
-        .unwrap();
-    let job2 = serde_json::from_reader::<_, serde_json::Value>(r.into_reader()).unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let job2 = submit(&url, key, token, &ct);
     let start = Instant::now();
     let mut seen_done = false;
     loop {
