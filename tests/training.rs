@@ -48,7 +48,7 @@ fn encrypted_steps_give_exactly_the_clear_weights() {
     // client: keys, batches, starting weights
     let (ck, sk) = keygen(&a.params, &a.fingerprint).unwrap();
     let plain: Vec<Vec<Vec<u64>>> = steps.iter().map(|s| tc.step_plaintexts(s).unwrap()).collect();
-    let enc_batches = ck.encrypt_batches(&a.circuit, &plain).unwrap();
+    let enc_batches = ck.encrypt_batches(&a.circuit, &a.params, &plain).unwrap();
     let start = ck.encrypt_state(&a.circuit, &tc.state_plaintexts(&plan.initial_state())).unwrap();
 
     // server: two epochs with the server key only
@@ -115,7 +115,7 @@ fn simulation_predicts_how_often_encrypted_steps_go_wrong() {
     for _ in 0..runs {
         // every run starts from fresh encryptions of the same state and batch
         let state = ck.encrypt_state(&a.circuit, &state_plain).unwrap();
-        let one = ck.encrypt_batches(&a.circuit, std::slice::from_ref(&step_plain)).unwrap();
+        let one = ck.encrypt_batches(&a.circuit, &a.params, std::slice::from_ref(&step_plain)).unwrap();
         let out = ev.train(&[&one], state, 1, &|_| {}, &mut |_, _| Ok(())).unwrap();
         exec_wrong += wrong(&tc.decode_state(&ck.decrypt_state(&out).unwrap()));
     }

@@ -1,8 +1,8 @@
 //! The compiled-model file: prost messages generated from `proto/veil.proto`.
 
-use crate::circuit::{Circuit, Instruction, KeyswitchInstr, LinearInstr, LookupInstr};
+use crate::circuit::{Circuit, GgswValue, Instruction, KeyswitchInstr, LinearInstr, LookupInstr, ProductInstr};
 use crate::error::{BackendError, Result};
-use crate::lower::{ClientSpec, DerivedInput, InputEncoding, OutputEncoding};
+use crate::lower::{ClientSpec, DerivedInput, GgswInput, InputEncoding, OutputEncoding};
 use crate::params::{Conversion, Params};
 use crate::proto;
 use ndarray::{ArrayD, IxDyn};
@@ -273,6 +273,10 @@ fn params_to_proto(p: &Params) -> proto::Params {
             .iter()
             .map(|c| proto::Conversion { from: c.from, to: c.to, base_log: c.base_log, level: c.level })
             .collect(),
+        packing_base_log: p.products.packing_base_log,
+        packing_level: p.products.packing_level,
+        ggsw_base_log: p.products.ggsw_base_log,
+        ggsw_level: p.products.ggsw_level,
     }
 }
 
@@ -299,7 +303,32 @@ fn params_from_proto(p: &proto::Params) -> Params {
             .iter()
             .map(|c| Conversion { from: c.from, to: c.to, base_log: c.base_log, level: c.level })
             .collect(),
+        products: crate::params::ProductParams {
+            packing_base_log: p.packing_base_log,
+            packing_level: p.packing_level,
+            ggsw_base_log: p.ggsw_base_log,
+            ggsw_level: p.ggsw_level,
+        },
     }
+}
+
+/// Lists of items from a start-offset encoding (list k: items[start[k]..start[k+1]]);
+/// `None` when the offsets are malformed.
+fn from_starts<T: Clone>(start: &[u32], items: &[T]) -> Option<Vec<Vec<T>>> {
+    let ok = start.first() == Some(&0)
+        && start.windows(2).all(|w| w[0] <= w[1])
+        && start.last().copied() == Some(items.len() as u32);
+    ok.then(|| start.windows(2).map(|w| items[w[0] as usize..w[1] as usize].to_vec()).collect())
+}
+
+/// The start offsets of `lists`, for [`from_starts`].
+fn starts<T>(lists: &[Vec<T>]) -> Vec<u32> {
+    std::iter::once(0)
+        .chain(lists.iter().scan(0u32, |n, l| {
+            *n += l.len() as u32;
+            Some(*n)
+        }))
+        .collect()
 }
 
 fn circuit_to_proto(c: &Circuit) -> proto::Circuit {
@@ -328,6 +357,19 @@ fn circuit_to_proto(c: &Circuit) -> proto::Circuit {
                     output: k.output as u32,
                     input: k.input as u32,
                 }),
+                Instruction::Product(p) => proto::instruction::Kind::Product(proto::Product {
+                    output: p.output as u32,
+                    ggsw: p.ggsw as u32,
+                    input: p.input as u32,
+                    pack_start: starts(&p.packs),
+                    pack_element: p.packs.iter().flatten().map(|e| e.0).collect(),
+                    pack_exponent: p.packs.iter().flatten().map(|e| e.1).collect(),
+                    sum_start: starts(&p.sums),
+                    sum_ggsw: p.sums.iter().flatten().map(|e| e.0).collect(),
+                    sum_pack: p.sums.iter().flatten().map(|e| e.1).collect(),
+                    extract_sum: p.extract.iter().map(|e| e.0).collect(),
+                    extract_coefficient: p.extract.iter().map(|e| e.1).collect(),
+                }),
             }),
         })
         .collect();
@@ -341,6 +383,7 @@ fn circuit_to_proto(c: &Circuit) -> proto::Circuit {
         small_values: (0..c.value_len.len()).filter(|&v| c.is_small(v)).map(|v| v as u32).collect(),
         partition_precisions: c.partition_precisions.clone(),
         value_keys: c.keys.iter().map(|&k| k as u32).collect(),
+        ggsw: c.ggsw.iter().map(|g| proto::GgswValue { value: g.value as u32, span: g.span, norm2: g.norm2 }).collect(),
     }
 }
 
@@ -383,6 +426,16 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
     for &v in &p.small_values {
         small[val(v)?] = true;
     }
+    let mut ggsw = Vec::with_capacity(p.ggsw.len());
+    for g in &p.ggsw {
+        let v = val(g.value)?;
+        let ok = p.inputs.contains(&g.value) && g.span <= 1 << 16 && g.norm2.is_finite() && g.norm2 >= 0.0;
+        if !ok || small[v] || parts > 1 {
+            return Err(bad(path, "a GGSW input is malformed"));
+        }
+        ggsw.push(GgswValue { value: v, span: g.span, norm2: g.norm2 });
+    }
+    let is_ggsw = |v: usize| ggsw.iter().any(|g| g.value == v);
     let mut instructions = Vec::with_capacity(p.instructions.len());
     for ins in p.instructions {
         let i = match ins.kind.ok_or_else(|| bad(path, "empty instruction"))? {
@@ -401,7 +454,9 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
                         .iter()
                         .zip(&l.term_index)
                         .all(|(&k, &e)| (k as usize) < inputs.len() && e < p.value_len[inputs[k as usize]]);
-                if !ok || inputs.iter().any(|&v| !defined[v] || small[v] != small[out] || key(v) != key(out)) {
+                if !ok
+                    || inputs.iter().any(|&v| !defined[v] || small[v] != small[out] || key(v) != key(out) || is_ggsw(v))
+                {
                     return Err(bad(path, "a linear instruction is malformed"));
                 }
                 defined[out] = true;
@@ -427,6 +482,7 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
                         .iter()
                         .any(|&t| tables.get(t as usize).is_some_and(|t| t.len() != 1 << part_precision(q)))
                     || !defined[input]
+                    || is_ggsw(input)
                     || l.table.len() != n
                     || p.value_len[input] as usize != n
                     || small[out]
@@ -443,17 +499,59 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
             }
             proto::instruction::Kind::Keyswitch(k) => {
                 let (out, input) = (val(k.output)?, val(k.input)?);
-                if !defined[input] || small[input] || !small[out] || p.value_len[input] != p.value_len[out] {
+                if !defined[input]
+                    || small[input]
+                    || !small[out]
+                    || p.value_len[input] != p.value_len[out]
+                    || is_ggsw(input)
+                {
                     return Err(bad(path, "a keyswitch instruction is malformed"));
                 }
                 defined[out] = true;
                 Instruction::Keyswitch(KeyswitchInstr { output: out, input })
             }
+            proto::instruction::Kind::Product(q) => {
+                let (out, g, input) = (val(q.output)?, val(q.ggsw)?, val(q.input)?);
+                let malformed = || bad(path, "a product instruction is malformed");
+                let packs = (q.pack_element.len() == q.pack_exponent.len())
+                    .then(|| {
+                        let entries: Vec<(u32, i32)> =
+                            q.pack_element.iter().copied().zip(q.pack_exponent.iter().copied()).collect();
+                        from_starts(&q.pack_start, &entries)
+                    })
+                    .flatten()
+                    .ok_or_else(malformed)?;
+                let sums = (q.sum_ggsw.len() == q.sum_pack.len())
+                    .then(|| {
+                        let entries: Vec<(u32, u32)> =
+                            q.sum_ggsw.iter().copied().zip(q.sum_pack.iter().copied()).collect();
+                        from_starts(&q.sum_start, &entries)
+                    })
+                    .flatten()
+                    .ok_or_else(malformed)?;
+                let extract: Vec<(u32, u32)> =
+                    q.extract_sum.iter().copied().zip(q.extract_coefficient.iter().copied()).collect();
+                let ok = is_ggsw(g)
+                    && defined[input]
+                    && !small[input]
+                    && !small[out]
+                    && !is_ggsw(input)
+                    && q.extract_sum.len() == q.extract_coefficient.len()
+                    && extract.len() == p.value_len[out] as usize
+                    && packs.iter().flatten().all(|&(e, x)| e < p.value_len[input] && x.unsigned_abs() < 1 << 16)
+                    && sums.iter().flatten().all(|&(m, k)| m < p.value_len[g] && (k as usize) < packs.len())
+                    && extract.iter().all(|&(k, c)| (k as usize) < sums.len() && c < 1 << 16);
+                if !ok {
+                    return Err(malformed());
+                }
+                defined[out] = true;
+                Instruction::Product(ProductInstr { output: out, ggsw: g, input, packs, sums, extract })
+            }
         };
         instructions.push(i);
     }
     let outputs = p.outputs.iter().map(|&v| val(v)).collect::<Result<Vec<_>>>()?;
-    if outputs.iter().any(|&v| !defined[v] || small[v]) {
+    if outputs.iter().any(|&v| !defined[v] || small[v] || is_ggsw(v)) {
         return Err(bad(path, "an output is never computed, or is under the small key"));
     }
     let mut state = Vec::with_capacity(p.state.len());
@@ -477,6 +575,7 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
         small,
         partition_precisions: p.partition_precisions,
         keys: p.value_keys.iter().map(|&k| k as u8).collect(),
+        ggsw,
     })
 }
 
@@ -565,6 +664,16 @@ fn client_to_proto(c: &ClientSpec) -> proto::Client {
                 }
             })
             .collect(),
+        ggsw_inputs: c
+            .ggsw
+            .iter()
+            .map(|g| proto::GgswInput {
+                from: g.from as u32,
+                poly_start: starts(&g.polys),
+                elements: g.polys.iter().flatten().map(|e| e.0).collect(),
+                exponents: g.polys.iter().flatten().map(|e| e.1).collect(),
+            })
+            .collect(),
     }
 }
 
@@ -576,9 +685,29 @@ fn delta_log2(d: u64, path: &str) -> Result<u32> {
 }
 
 fn client_from_proto(p: proto::Client, circuit: &Circuit, path: &str) -> Result<ClientSpec> {
-    if p.inputs.len() + p.derived_inputs.len() != circuit.inputs.len() || p.outputs.len() != circuit.outputs.len() {
+    let own = p.inputs.len() + p.derived_inputs.len();
+    if own + p.ggsw_inputs.len() != circuit.inputs.len() || p.outputs.len() != circuit.outputs.len() {
         return Err(bad(path, "the client section does not match the circuit's inputs and outputs"));
     }
+    let ggsw = p
+        .ggsw_inputs
+        .iter()
+        .enumerate()
+        .map(|(k, g)| {
+            let from = g.from as usize;
+            let value = circuit.inputs[own + k];
+            let entries: Vec<(u32, u32)> = g.elements.iter().copied().zip(g.exponents.iter().copied()).collect();
+            let polys = (g.elements.len() == g.exponents.len()).then(|| from_starts(&g.poly_start, &entries)).flatten();
+            let per = circuit.inputs.get(from).map_or(0, |&v| circuit.value_len[v]) as u32;
+            let input = polys.map(|polys| GgswInput { from, polys }).filter(|gi| {
+                from < p.inputs.len()
+                    && gi.polys.len() == circuit.value_len[value]
+                    && gi.polys.iter().flatten().all(|&(e, _)| e < per)
+                    && circuit.ggsw_of(value).is_some_and(|c| c.span as usize == gi.span())
+            });
+            input.ok_or_else(|| bad(path, "a GGSW input is malformed"))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let derived = p
         .derived_inputs
         .iter()
@@ -689,6 +818,7 @@ fn client_from_proto(p: proto::Client, circuit: &Circuit, path: &str) -> Result<
     Ok(ClientSpec {
         inputs,
         derived,
+        ggsw,
         outputs,
         tail,
         tail_inputs,

@@ -95,11 +95,43 @@ pub struct KeyswitchInstr {
     pub input: usize,
 }
 
+/// Products with a client's GGSW ciphertexts (`lower::products`): LWE elements of `input`
+/// (large key) are packed into GLWEs, each GLWE is multiplied by GGSW encryptions of
+/// client polynomials (external products, summed), and LWE ciphertexts are extracted
+/// from the sums' coefficients. With M a GGSW's polynomial and P a packed GLWE holding
+/// element e at Y^x, coefficient c of M·P is Σ M_t·e over entries with t + x = c.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProductInstr {
+    /// LWE values under the large key, encoded with base 0 at `input`'s scale.
+    pub output: usize,
+    /// The client's GGSW input (one ciphertext per polynomial).
+    pub ggsw: usize,
+    pub input: usize,
+    /// The GLWEs to pack: entries (element of `input`, exponent of Y; negative exponents
+    /// x stand for −Y^(N+x) in the negacyclic ring).
+    pub packs: Vec<Vec<(u32, i32)>>,
+    /// Sums of external products: entries (GGSW polynomial, pack).
+    pub sums: Vec<Vec<(u32, u32)>>,
+    /// Output element j: (sum, coefficient) extracted.
+    pub extract: Vec<(u32, u32)>,
+}
+
+/// A circuit input the client encrypts as GGSW ciphertexts of integer polynomials
+/// (coefficients 0..span), one per element of the value.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GgswValue {
+    pub value: usize,
+    pub span: u32,
+    /// Worst ‖M‖²₂ of one polynomial over the values the client may send.
+    pub norm2: f64,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Instruction {
     Linear(LinearInstr),
     Lookup(LookupInstr),
     Keyswitch(KeyswitchInstr),
+    Product(ProductInstr),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -128,6 +160,9 @@ pub struct Circuit {
     /// The large key (partition) each value is under; empty: all under partition 0's.
     #[serde(default)]
     pub keys: Vec<u8>,
+    /// Inputs the client encrypts as GGSW ciphertexts (read by `Product` instructions).
+    #[serde(default)]
+    pub ggsw: Vec<GgswValue>,
 }
 
 impl Circuit {
@@ -258,9 +293,60 @@ impl Circuit {
                         coefs[out] = vec![NoiseCoefs { bootstrapped: 1.0, ..Default::default() }; l.table.len()];
                     }
                 }
+                Instruction::Product(p) => coefs[p.output] = self.product_coefs(p, &coefs[p.input]),
             }
         }
         coefs
+    }
+
+    /// What the products need from the parameters: packings and external products per
+    /// sample, and the smallest ring in which no product term wraps onto a read
+    /// coefficient (every exponent of M·P within one span of N).
+    pub fn product_requirements(&self) -> crate::params::ProductRequirements {
+        let mut r = crate::params::ProductRequirements::default();
+        for ins in &self.instructions {
+            if let Instruction::Product(p) = ins {
+                r.packings += p.packs.iter().map(|q| q.len()).sum::<usize>();
+                r.externals += p.sums.iter().map(|q| q.len()).sum::<usize>();
+                let span = self.ggsw_of(p.ggsw).map_or(1, |g| g.span.max(1) as i64);
+                let xs = p.packs.iter().flatten().map(|&(_, x)| x as i64);
+                let (lo, hi) = xs.fold((0i64, 0i64), |(a, b), x| (a.min(x), b.max(x)));
+                let width = (span - 1 + hi - lo + 1) as u64;
+                r.min_polynomial_size = r.min_polynomial_size.max(width.next_power_of_two());
+            }
+        }
+        r
+    }
+
+    /// The GGSW input `v` (its span and ‖M‖² bound), if `v` is one.
+    pub fn ggsw_of(&self, v: usize) -> Option<&GgswValue> {
+        self.ggsw.iter().find(|g| g.value == v)
+    }
+
+    /// Noise of a product's outputs: coefficient c of M·P sums M_t² times the noise of P's
+    /// coefficient c − t, which is at most that of the worst element packed into P plus
+    /// one packing keyswitch per element packed (each adds noise to every coefficient);
+    /// then one external product's own noise per term, all per unit of ‖M‖².
+    fn product_coefs(&self, p: &ProductInstr, input: &[NoiseCoefs]) -> Vec<NoiseCoefs> {
+        let norm2 = self.ggsw_of(p.ggsw).map_or(0.0, |g| g.norm2);
+        let packs: Vec<NoiseCoefs> = p
+            .packs
+            .iter()
+            .map(|pack| {
+                let worst = pack.iter().fold(NoiseCoefs::default(), |a, &(e, _)| a.max(&input[e as usize]));
+                NoiseCoefs { packed: worst.packed + pack.len() as f64, ..worst }
+            })
+            .collect();
+        let sums: Vec<NoiseCoefs> = p
+            .sums
+            .iter()
+            .map(|terms| {
+                terms.iter().fold(NoiseCoefs::default(), |a, &(_, q)| {
+                    a.plus(&NoiseCoefs { external: 1.0, ..packs[q as usize] }.scaled(norm2))
+                })
+            })
+            .collect();
+        p.extract.iter().map(|&(sum, _)| sums[sum as usize]).collect()
     }
 
     /// Noise a lookup's bootstrap sees at element `e` of its input (the keyswitch of a
@@ -303,6 +389,12 @@ impl Circuit {
                 }
                 // a keyswitch changes the key, not the plaintext
                 Instruction::Keyswitch(k) => values[k.output] = values[k.input].clone(),
+                Instruction::Product(p) => {
+                    let span = self.ggsw_of(p.ggsw).map_or(0, |g| g.span as usize);
+                    let out =
+                        (0..samples).map(|s| product_plain(p, &values[p.ggsw][s], span, &values[p.input][s])).collect();
+                    values[p.output] = out;
+                }
                 Instruction::Lookup(l) => {
                     let p = self.precision_of(l.partition as usize);
                     let (from, to) = (self.key_of(l.input), l.partition as usize);
@@ -344,6 +436,28 @@ impl Circuit {
         }
         self.outputs.iter().map(|&o| values[o].clone()).collect()
     }
+}
+
+/// A product on plaintexts: `ggsw` holds each polynomial's coefficients 0..span (signed
+/// integers), `input` the packed elements' plaintexts. Exact in Z[Y, 1/Y]; the negacyclic
+/// ring gives the same read coefficients when N is at least the lowering's minimum.
+pub fn product_plain(p: &ProductInstr, ggsw: &[u64], span: usize, input: &[u64]) -> Vec<u64> {
+    p.extract
+        .iter()
+        .map(|&(sum, c)| {
+            let mut acc = 0u64;
+            for &(g, q) in &p.sums[sum as usize] {
+                let poly = &ggsw[g as usize * span..(g as usize + 1) * span];
+                for &(e, x) in &p.packs[q as usize] {
+                    let t = c as i64 - x as i64;
+                    if (0..span as i64).contains(&t) {
+                        acc = acc.wrapping_add(poly[t as usize].wrapping_mul(input[e as usize]));
+                    }
+                }
+            }
+            acc
+        })
+        .collect()
 }
 
 /// What a programmable bootstrap computes on a plaintext: the slot nearest to m (slots

@@ -71,6 +71,22 @@ pub fn bootstrap(n: u64, glwe_dim: u64, poly_size: u64, base_log: u32, levels: u
     )
 }
 
+/// Packing keyswitch of a ciphertext under a dimension-`big` LWE key into a GLWE whose
+/// key flattens to that same dimension: the LWE keyswitch formula with the GLWE key's
+/// dimension as output, added to every coefficient of the GLWE.
+pub fn packing_keyswitch(big: u64, base_log: u32, levels: u32) -> f64 {
+    keyswitch(big, big, base_log, levels)
+}
+
+/// An external product GGSW(M) ⊡ GLWE per unit of ‖M‖²₂, M the GGSW's message
+/// polynomial: one CMUX of the blind rotation's formula (its decomposition term
+/// (k+1)·l·N·(B²+2)/12·σ² plus the rounding term that meets the message). The rounding
+/// term grows with ‖M‖² and the decomposition term does not, so scaling both by ‖M‖²
+/// overestimates (Chillotti et al., J. Cryptology 2020, Thm. 3.13, external product).
+pub fn external_product(glwe_dim: u64, poly_size: u64, base_log: u32, levels: u32) -> f64 {
+    bootstrap(1, glwe_dim, poly_size, base_log, levels)
+}
+
 /// Probability that Gaussian noise of variance `var` exceeds `half_width` in magnitude:
 /// erfc(half_width / √(2·var)).
 pub fn p_error(var: f64, half_width: f64) -> f64 {

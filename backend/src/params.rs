@@ -24,6 +24,13 @@ pub struct NoiseCoefs {
     pub keyswitched: f64,
     #[serde(default)]
     pub small_fresh: f64,
+    /// Packing keyswitches (LWE → GLWE) feeding the value, times ‖M‖² of the client
+    /// polynomial each packed ciphertext is then multiplied by (see `lower::products`).
+    #[serde(default)]
+    pub packed: f64,
+    /// External products feeding the value, times ‖M‖² of their client polynomial.
+    #[serde(default)]
+    pub external: f64,
 }
 
 impl NoiseCoefs {
@@ -37,6 +44,11 @@ impl NoiseCoefs {
         self.variance(var_bootstrapped, var_fresh) + self.keyswitched * var_ks + self.small_fresh * var_small
     }
 
+    /// Noise external products add: packing keyswitches and the products themselves.
+    pub fn product_variance(&self, var_packing: f64, var_external: f64) -> f64 {
+        self.packed * var_packing + self.external * var_external
+    }
+
     /// The same value keyswitched to the small key.
     pub fn keyswitch(self) -> NoiseCoefs {
         NoiseCoefs { keyswitched: self.keyswitched + 1.0, ..self }
@@ -48,6 +60,8 @@ impl NoiseCoefs {
             && self.fresh >= o.fresh
             && self.keyswitched >= o.keyswitched
             && self.small_fresh >= o.small_fresh
+            && self.packed >= o.packed
+            && self.external >= o.external
     }
 
     /// The larger of each kind.
@@ -57,6 +71,8 @@ impl NoiseCoefs {
             fresh: self.fresh.max(o.fresh),
             keyswitched: self.keyswitched.max(o.keyswitched),
             small_fresh: self.small_fresh.max(o.small_fresh),
+            packed: self.packed.max(o.packed),
+            external: self.external.max(o.external),
         }
     }
 
@@ -67,6 +83,8 @@ impl NoiseCoefs {
             fresh: w2 * self.fresh,
             keyswitched: w2 * self.keyswitched,
             small_fresh: w2 * self.small_fresh,
+            packed: w2 * self.packed,
+            external: w2 * self.external,
         }
     }
 
@@ -76,6 +94,8 @@ impl NoiseCoefs {
             fresh: self.fresh + o.fresh,
             keyswitched: self.keyswitched + o.keyswitched,
             small_fresh: self.small_fresh + o.small_fresh,
+            packed: self.packed + o.packed,
+            external: self.external + o.external,
         }
     }
 }
@@ -102,6 +122,19 @@ pub struct Requirements {
     /// describe the circuit as if it ran with one set); empty with one set.
     #[serde(default)]
     pub partitions: Vec<PartitionRequirements>,
+    /// External products of client GGSW ciphertexts (none: zeros).
+    #[serde(default)]
+    pub products: ProductRequirements,
+}
+
+/// What external products (`lower::products`) need: per sample, how many LWE ciphertexts
+/// are packed into GLWEs and how many external products run, and the smallest polynomial
+/// size whose ring holds the products without wrapping onto a read coefficient.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProductRequirements {
+    pub packings: usize,
+    pub externals: usize,
+    pub min_polynomial_size: u64,
 }
 
 /// What one partition's parameter set must satisfy (see [`crate::partitions`]).
@@ -149,6 +182,20 @@ pub struct Params {
     /// Keyswitches between partitions (large key of `from` to small key of `to`).
     #[serde(default)]
     pub conversions: Vec<Conversion>,
+    /// External products' decompositions (none without products).
+    #[serde(default)]
+    pub products: ProductParams,
+}
+
+/// Decompositions of external products (0 levels: the circuit has none): the packing
+/// keyswitching key (large LWE key → GLWE key, one per circuit) and the client's GGSW
+/// ciphertexts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProductParams {
+    pub packing_base_log: u32,
+    pub packing_level: u32,
+    pub ggsw_base_log: u32,
+    pub ggsw_level: u32,
 }
 
 /// A keyswitching key from one partition's large key to another's small key.
@@ -367,7 +414,25 @@ impl Params {
             self.fresh_variance(),
             self.keyswitch_variance(),
             self.small_fresh_variance(),
-        ) + self.modulus_switch_variance()
+        ) + self.product_variance(c)
+            + self.modulus_switch_variance()
+    }
+
+    /// The external products' share of the noise with coefficients `c`.
+    pub fn product_variance(&self, c: &NoiseCoefs) -> f64 {
+        let p = &self.products;
+        if p.packing_level == 0 {
+            return 0.0;
+        }
+        c.product_variance(
+            noise::packing_keyswitch(self.big_dimension(), p.packing_base_log, p.packing_level),
+            noise::external_product(self.glwe_dimension, self.polynomial_size, p.ggsw_base_log, p.ggsw_level),
+        )
+    }
+
+    /// Does the circuit multiply by client GGSW ciphertexts?
+    pub fn has_products(&self) -> bool {
+        self.products.packing_level > 0
     }
 
     /// Both keys meet the 128-bit curve.
@@ -434,6 +499,40 @@ pub(crate) fn best_bases(max_level: u32, var: impl Fn(u32, u32) -> f64) -> Vec<D
         .collect()
 }
 
+/// Levels of the packing keyswitch and of the client's GGSW ciphertexts: two each, at the
+/// base giving the least noise (their noise is multiplied by the client polynomials'
+/// ‖M‖², so they must be far more precise than a lookup's keyswitch; two levels measure
+/// well under the lookups' budget for training, and cost little next to the bootstraps).
+const PRODUCT_LEVELS: u32 = 2;
+
+/// The product decompositions for a (k, N) and their variances (packing, per-‖M‖²
+/// external product); zeros when `req` has no products.
+fn product_decompositions(req: &Requirements, k: u64, poly: u64) -> (ProductParams, f64, f64) {
+    if req.products.packings == 0 && req.products.externals == 0 {
+        return (ProductParams::default(), 0.0, 0.0);
+    }
+    let best = |var: &dyn Fn(u32) -> f64| {
+        (1..=64 / PRODUCT_LEVELS).map(|b| (b, var(b))).filter(|(_, v)| v.is_finite()).min_by(|a, b| a.1.total_cmp(&b.1))
+    };
+    let (pb, vp) = best(&|b| noise::packing_keyswitch(k * poly, b, PRODUCT_LEVELS)).unwrap_or((1, f64::INFINITY));
+    let (gb, vg) = best(&|b| noise::external_product(k, poly, b, PRODUCT_LEVELS)).unwrap_or((1, f64::INFINITY));
+    let p = ProductParams {
+        packing_base_log: pb,
+        packing_level: PRODUCT_LEVELS,
+        ggsw_base_log: gb,
+        ggsw_level: PRODUCT_LEVELS,
+    };
+    (p, vp, vg)
+}
+
+/// Modelled ms of a sample's packing keyswitches (k·N·l·(k+1)·N multiply-adds each, at
+/// the keyswitch's rate) and external products (one CMUX of the blind rotation each).
+pub fn product_cost_ms(req: &Requirements, k: u64, poly: u64, p: &ProductParams) -> f64 {
+    let packing = 6.4e-7 * (k * poly) as f64 * p.packing_level as f64 * ((k + 1) * poly) as f64;
+    let external = rotation_cost_ms(1, k, poly, p.ggsw_level);
+    req.products.packings as f64 * packing + req.products.externals as f64 * external
+}
+
 /// Choose parameters for `req`.
 pub fn optimize(req: &Requirements) -> Result<Params> {
     if req.lookups == 0 || req.precision == 0 {
@@ -452,11 +551,16 @@ pub fn optimize(req: &Requirements) -> Result<Params> {
                 continue;
             }
             let big = k * poly;
+            if poly < req.products.min_polynomial_size {
+                continue;
+            }
             let var_fresh = key_variance(big);
+            let (products, var_pack, var_ext) = product_decompositions(req, k, poly);
             let out_ok = |var_pbs: f64| {
-                req.outputs
-                    .iter()
-                    .all(|(c, hw)| c.variance(var_pbs, var_fresh) <= noise::max_variance(*hw, req.p_error))
+                req.outputs.iter().all(|(c, hw)| {
+                    c.variance(var_pbs, var_fresh) + c.product_variance(var_pack, var_ext)
+                        <= noise::max_variance(*hw, req.p_error)
+                })
             };
             for n in (MIN_DIMENSION..=1600).step_by(8) {
                 // Cost grows with n: once the cheapest decompositions cost more than the
@@ -479,12 +583,16 @@ pub fn optimize(req: &Requirements) -> Result<Params> {
                     }
                     let var_small = key_variance(n);
                     for &(kb, kl, var_ks) in &ks {
-                        let at = |c: &NoiseCoefs| c.variance_all(var_pbs, var_fresh, var_ks, var_small) + var_ms;
+                        let at = |c: &NoiseCoefs| {
+                            c.variance_all(var_pbs, var_fresh, var_ks, var_small)
+                                + c.product_variance(var_pack, var_ext)
+                                + var_ms
+                        };
                         let fits = req.lookup_noise.iter().all(|c| at(c) <= lookup_max);
                         if !fits {
                             continue;
                         }
-                        let cost = sample_cost(req, n, k, poly, pl, kl);
+                        let cost = sample_cost(req, n, k, poly, pl, kl) + product_cost_ms(req, k, poly, &products);
                         if best.as_ref().is_some_and(|(c, _)| *c <= cost) {
                             continue;
                         }
@@ -510,6 +618,7 @@ pub fn optimize(req: &Requirements) -> Result<Params> {
                                 keyswitch_key_bytes: keyswitch_key_bytes(big, kl, n),
                                 partitions: Vec::new(),
                                 conversions: Vec::new(),
+                                products,
                             },
                         ));
                     }
@@ -557,6 +666,7 @@ fn optimize_without_lookups(req: &Requirements) -> Result<Params> {
         keyswitch_key_bytes: 0,
         partitions: Vec::new(),
         conversions: Vec::new(),
+        products: ProductParams::default(),
     })
 }
 
@@ -575,6 +685,7 @@ pub fn typical_requirements(precision: u32) -> Requirements {
         outputs: vec![(NoiseCoefs { bootstrapped: norm2, ..Default::default() }, 2f64.powi(-16))],
         p_error: 2f64.powi(-40),
         partitions: Vec::new(),
+        products: ProductRequirements::default(),
     }
 }
 

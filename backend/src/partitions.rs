@@ -212,6 +212,7 @@ fn build(req: &Requirements, sets: &[Set], e: &Evaluation) -> Params {
                 keyswitch_key_bytes: keyswitch_key_bytes(big, kl, s.n),
                 partitions: Vec::new(),
                 conversions: Vec::new(),
+                products: Default::default(),
             }
         })
         .collect();
@@ -285,6 +286,7 @@ mod tests {
                     outputs: vec![0],
                 },
             ],
+            products: Default::default(),
         }
     }
 

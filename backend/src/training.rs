@@ -3,7 +3,7 @@
 
 use crate::artifact::{graph_to_json, Artifact};
 use crate::error::Result;
-use crate::lower::{lower_graph, ClientSpec, InputEncoding, LoweredGraph, OutputEncoding};
+use crate::lower::{lower_graph_external, ClientSpec, InputEncoding, LoweredGraph, OutputEncoding};
 use crate::params::optimize;
 use crate::proto;
 use ndarray::ArrayD;
@@ -25,7 +25,7 @@ pub fn compile_training(spec: TrainSpec, p_error: f64) -> Result<(Artifact, Trai
     let start = Instant::now();
     let plan = TrainingPlan::new(spec)?;
     let model = TrainingModel::new(plan.clone())?;
-    let low = lower_graph(&model.graph, plan.spec.precision, &STATE)?;
+    let low = lower_graph_external(&model.graph, plan.spec.precision, &STATE)?;
     let mut req = low.requirements.clone();
     req.p_error = p_error;
     let params = optimize(&req)?;
@@ -175,6 +175,7 @@ fn client_spec(plan: &TrainingPlan, g: &Graph, low: &LoweredGraph) -> ClientSpec
     ClientSpec {
         inputs,
         derived: low.derived.clone(),
+        ggsw: low.ggsw.clone(),
         outputs,
         tail,
         tail_inputs: (0..OUTPUTS.len()).map(veil_passes::model::TailSource::Server).collect(),

@@ -32,9 +32,10 @@ pub fn bench(models_dir: &Path, names: &[String], exec_batches: usize) -> Result
         return Ok(Vec::new());
     }
     println!(
-        "\n{:<22} {:>7} {:>5} {:>8} {:>7} {:>8} {:>9} {:>9}  {:<24} {:<24}",
+        "\n{:<22} {:>7} {:>9} {:>5} {:>8} {:>7} {:>8} {:>9} {:>9}  {:<24} {:<24}",
         "training (batch 8)",
         "lookups",
+        "pack/ext",
         "bits",
         "keygen s",
         "key MB",
@@ -57,9 +58,10 @@ pub fn bench(models_dir: &Path, names: &[String], exec_batches: usize) -> Result
                         .unwrap_or_default()
                 };
                 println!(
-                    "{:<22} {:>7} {:>5} {:>8.2} {:>7.0} {:>8.2} {:>9.2} {:>9}  {:<24} {:<24}",
+                    "{:<22} {:>7} {:>9} {:>5} {:>8.2} {:>7.0} {:>8.2} {:>9.2} {:>9}  {:<24} {:<24}",
                     name,
                     r["lookups_per_batch"],
+                    format!("{}/{}", r["packings_per_batch"], r["external_products_per_batch"]),
                     r["widest_lookup_bits"],
                     r["keygen_s"].as_f64().unwrap_or(0.0),
                     r["server_key_mb"].as_f64().unwrap_or(0.0),
@@ -124,9 +126,11 @@ fn bench_one(dir: &Path, exec_batches: usize) -> Result<serde_json::Value> {
     let key_mb = tfhe::safe_serialization::safe_serialized_size(&sk).map(|b| b as f64 / 1e6).unwrap_or(0.0);
     let ev = veil_runtime::Evaluator::new(&a.circuit, &a.params, sk, &a.fingerprint)?;
     let (ks_ms, pbs_ms) = ev.time_lookup(&ck, 9)?;
+    let products = a.circuit.product_requirements();
+    let (pack_ms, ext_ms) = if products.packings > 0 { ev.time_products(&ck, 9)? } else { (0.0, 0.0) };
     let k = exec_batches.max(1).min(inputs.len());
     let plain_steps = inputs[..k].iter().map(|s| tc.step_plaintexts(s)).collect::<veil_backend::Result<Vec<_>>>()?;
-    let enc = ck.encrypt_batches(&a.circuit, &plain_steps)?;
+    let enc = ck.encrypt_batches(&a.circuit, &a.params, &plain_steps)?;
     let state = ck.encrypt_state(&a.circuit, &tc.state_plaintexts(&plan.initial_state()))?;
     let mut times = Vec::new();
     ev.train(&[&enc], state, 1, &|_| {}, &mut |done, _| {
@@ -137,7 +141,12 @@ fn bench_one(dir: &Path, exec_batches: usize) -> Result<serde_json::Value> {
     let threads = rayon::current_num_threads().max(1) as f64;
     let lookups = a.circuit.lookups_per_sample();
     let keyswitches = a.circuit.keyswitches_per_sample();
-    let floor = (lookups as f64 * pbs_ms + keyswitches as f64 * ks_ms) / 1e3 / threads;
+    let floor = (lookups as f64 * pbs_ms
+        + keyswitches as f64 * ks_ms
+        + products.packings as f64 * pack_ms
+        + products.externals as f64 * ext_ms)
+        / 1e3
+        / threads;
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap_or_else(|_| "{}".into()))
             .unwrap_or_default();
@@ -149,6 +158,10 @@ fn bench_one(dir: &Path, exec_batches: usize) -> Result<serde_json::Value> {
         "compile_s": compile_s,
         "lookups_per_batch": lookups,
         "keyswitches_per_batch": keyswitches,
+        "packings_per_batch": products.packings,
+        "external_products_per_batch": products.externals,
+        "packing_ms": pack_ms,
+        "external_product_ms": ext_ms,
         "widest_lookup_bits": a.params.precision,
         "params": a.params,
         "keygen_s": keygen_s,
@@ -158,7 +171,7 @@ fn bench_one(dir: &Path, exec_batches: usize) -> Result<serde_json::Value> {
         "keyswitch_ms": ks_ms,
         "bootstrap_ms": pbs_ms,
         "floor_seconds_per_batch": floor,
-        "floor": "(lookups × one bootstrap + keyswitches × one keyswitch) / threads, each timed alone on this machine",
+        "floor": "(lookups × one bootstrap + keyswitches × one keyswitch + packings × one packing keyswitch + external products × one external product) / threads, each timed alone on this machine",
         "simulated_test_accuracy": sim_acc,
         "float_sgd_test_accuracy": float_acc,
         "sklearn_sgd_test_accuracy": meta["sklearn_sgd_test_accuracy"],

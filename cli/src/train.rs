@@ -349,7 +349,7 @@ fn start_runner<'a>(
             let keygen = t.elapsed().as_secs_f64();
             sp.set_message("encrypting batches");
             let plain = inputs.iter().map(|s| tc.step_plaintexts(s)).collect::<veil_backend::Result<Vec<_>>>()?;
-            let batches = ck.encrypt_batches(&a.circuit, &plain)?;
+            let batches = ck.encrypt_batches(&a.circuit, &a.params, &plain)?;
             let state = ck.encrypt_state(&a.circuit, &tc.state_plaintexts(&plan.initial_state()))?;
             sp.set_message("preparing server keys");
             let ev = veil_runtime::Evaluator::new(&a.circuit, &a.params, sk, &a.fingerprint)?;
@@ -393,8 +393,8 @@ impl Runner<'_> {
             }
             Runner::Execute { ev, ck, batches, state } => {
                 let _ = bar;
-                let batch = batches.batch(i).context("a batch is missing")?;
-                let next = ev.train_step(batch, state.values(), &|_| {})?;
+                let (batch, ggsw) = batches.batch(i).context("a batch is missing")?;
+                let next = ev.train_step(batch, ggsw, state.values(), &|_| {})?;
                 state.advance(next);
                 tc.decode_state(&ck.decrypt_state(state)?)
             }

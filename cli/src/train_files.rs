@@ -92,7 +92,7 @@ pub fn encrypt_cmd(c: &EncryptCmd) -> Result<()> {
         .iter()
         .map(|rows| tc.step_plaintexts(&plan.step_inputs(&xq, &t, rows, &mut rng)))
         .collect::<veil_backend::Result<Vec<_>>>()?;
-    let enc = ck.encrypt_batches(&a.circuit, &plain)?;
+    let enc = ck.encrypt_batches(&a.circuit, &a.params, &plain)?;
     files::write(&c.output, &enc, CIPHERTEXT_LIMIT)?;
     eprintln!(
         "encrypted {} samples as {} batches of {} in {:.2} s → {}",

@@ -28,6 +28,10 @@ pub struct Evaluator<'a> {
     conversions: HashMap<(usize, usize), LweKeyswitchKeyOwned<u64>>,
     /// Each table as a bootstrap accumulator for its partition's key.
     accumulators: Vec<GlweCiphertextOwned<u64>>,
+    /// The packing keyswitching key, for circuits with external products.
+    packing: Option<LwePackingKeyswitchKeyOwned<u64>>,
+    /// The GGSW decompositions the client's ciphertexts must have.
+    products: veil_backend::params::ProductParams,
 }
 
 impl<'a> Evaluator<'a> {
@@ -35,9 +39,13 @@ impl<'a> Evaluator<'a> {
         check_fingerprint("the server key", &key.fingerprint, fingerprint)?;
         crate::validate::check_server_key(&key, params)?;
         params.check_partitions(circuit).map_err(RuntimeError::Invalid)?;
+        if circuit.ggsw.is_empty() == params.has_products() {
+            return Err(RuntimeError::Invalid("the circuit's products and the parameters disagree".into()));
+        }
         let key_stamp = key.fingerprint.clone();
         let bigs: Vec<usize> = (0..params.set_count()).map(|q| params.set(q).big_dimension() as usize).collect();
         let has_lookups = circuit.lookups_per_sample() > 0;
+        let mut packing = None;
         let (sets, conversions) = match key.expand() {
             Some(k) => {
                 let fits = k.sets.len() == params.set_count()
@@ -48,6 +56,7 @@ impl<'a> Evaluator<'a> {
                 if !fits {
                     return Err(RuntimeError::Invalid("the server key does not match the model's parameters".into()));
                 }
+                packing = k.packing;
                 (k.sets, k.conversions.into_iter().collect::<HashMap<_, _>>())
             }
             None if has_lookups => {
@@ -91,7 +100,19 @@ impl<'a> Evaluator<'a> {
             sets,
             conversions,
             accumulators,
+            packing,
+            products: params.products,
         })
+    }
+
+    /// The packing keyswitching key, if the circuit has external products.
+    pub(crate) fn packing_key(&self) -> Option<&LwePackingKeyswitchKeyOwned<u64>> {
+        self.packing.as_ref()
+    }
+
+    /// The GGSW decompositions the circuit's external products expect.
+    pub(crate) fn product_params(&self) -> &veil_backend::params::ProductParams {
+        &self.products
     }
 
     /// Run on a batch; `progress` is called with the number of lookups just finished.
@@ -100,7 +121,12 @@ impl<'a> Evaluator<'a> {
         self.check_key_pair("the encrypted inputs", &inputs.fingerprint)?;
         inputs.check(self.circuit, &|q| self.bigs.get(q).copied().unwrap_or(0), self.small)?;
         let samples = inputs.samples;
-        let outputs = self.run_expanded(inputs.expand(), samples, progress)?;
+        if !self.circuit.ggsw.is_empty() {
+            return Err(RuntimeError::Invalid(
+                "this model multiplies by GGSW inputs, which only training runs send (use `veil train-run`)".into(),
+            ));
+        }
+        let outputs = self.run_expanded(inputs.expand(), &HashMap::new(), samples, progress)?;
         let keys = match self.circuit.partitions() {
             1 => Vec::new(),
             _ => self.circuit.outputs.iter().map(|&v| self.circuit.key_of(v) as u8).collect(),
@@ -118,6 +144,7 @@ impl<'a> Evaluator<'a> {
     pub(crate) fn run_expanded(
         &self,
         inputs: Vec<PerSample>,
+        ggsw: &HashMap<usize, Vec<Vec<crate::products::FourierGgsw>>>,
         samples: usize,
         progress: &(dyn Fn(usize) + Sync),
     ) -> Result<Vec<PerSample>> {
@@ -144,6 +171,13 @@ impl<'a> Evaluator<'a> {
                         values[k.output] = Some(self.keyswitch(k.input, &values)?)
                     }
                     Instruction::Lookup(l) if values[l.input].is_some() => wave.push(l),
+                    Instruction::Product(p) if values[p.input].is_some() => {
+                        let polys = ggsw
+                            .get(&p.ggsw)
+                            .filter(|per_sample| per_sample.len() == samples)
+                            .ok_or_else(|| RuntimeError::Invalid("a product's GGSW input is missing".into()))?;
+                        values[p.output] = Some(self.product(p, Self::get(&values, p.input), polys)?)
+                    }
                     _ => rest.push(ins),
                 }
             }

@@ -57,6 +57,9 @@ pub struct ServerKey {
     pub(crate) more: Vec<ServerSetKey>,
     /// Keyswitching keys from one set's large key to another's small key.
     pub(crate) conversions: Vec<ConversionKey>,
+    /// Packing keyswitching key (set 0's large LWE key → its GLWE key), for circuits with
+    /// external products.
+    pub(crate) packing: Option<SeededLwePackingKeyswitchKeyOwned<u64>>,
 }
 
 /// One further parameter set's evaluation keys: its bootstrap key and its own keyswitch.
@@ -175,11 +178,13 @@ pub fn keygen(params: &Params, fingerprint: &[u8]) -> Result<(ClientKey, ServerK
             keyswitch: None,
             more: Vec::new(),
             conversions: Vec::new(),
+            packing: None,
         };
         return Ok((client, server));
     }
     // every set: large key (from its GLWE key), small key, bootstrap key, own keyswitch
     let mut sets = Vec::with_capacity(params.set_count());
+    let mut packing = None;
     for q in 0..params.set_count() {
         let p = params.set(q);
         let glwe = GlweSecretKey::generate_new_binary(
@@ -207,6 +212,17 @@ pub fn keygen(params: &Params, fingerprint: &[u8]) -> Result<(ClientKey, ServerK
             modulus,
             seeder,
         );
+        if q == 0 && params.has_products() {
+            packing = Some(allocate_and_generate_new_seeded_lwe_packing_keyswitch_key(
+                &big,
+                &glwe,
+                DecompositionBaseLog(params.products.packing_base_log as usize),
+                DecompositionLevelCount(params.products.packing_level as usize),
+                gaussian(p.glwe_noise_std),
+                modulus,
+                seeder,
+            ));
+        }
         sets.push((big, small, bootstrap, keyswitch, p.glwe_noise_std));
     }
     let conversions = params
@@ -241,6 +257,7 @@ pub fn keygen(params: &Params, fingerprint: &[u8]) -> Result<(ClientKey, ServerK
         keyswitch: Some(keyswitch),
         more: more_server,
         conversions,
+        packing,
     };
     Ok((client, server))
 }
@@ -267,6 +284,7 @@ fn expand_set(ks: SeededLweKeyswitchKeyOwned<u64>, bs: SeededLweBootstrapKeyOwne
 pub(crate) struct ExpandedKeys {
     pub sets: Vec<ExpandedSet>,
     pub conversions: Vec<((usize, usize), LweKeyswitchKeyOwned<u64>)>,
+    pub packing: Option<LwePackingKeyswitchKeyOwned<u64>>,
 }
 
 impl ServerKey {
@@ -281,7 +299,8 @@ impl ServerKey {
             .into_iter()
             .map(|c| ((c.from as usize, c.to as usize), c.key.decompress_into_lwe_keyswitch_key()))
             .collect();
-        Some(ExpandedKeys { sets, conversions })
+        let packing = self.packing.map(|k| k.decompress_into_lwe_packing_keyswitch_key());
+        Some(ExpandedKeys { sets, conversions, packing })
     }
 }
 
@@ -318,6 +337,11 @@ impl ClientKey {
 
     pub fn big_key(&self) -> &LweSecretKeyOwned<u64> {
         &self.big
+    }
+
+    /// The large key as the GLWE key it flattens (polynomial size `poly`).
+    pub(crate) fn glwe_key(&self, poly: usize) -> GlweSecretKey<&[u64]> {
+        GlweSecretKey::from_container(self.big.as_ref(), PolynomialSize(poly))
     }
 }
 

@@ -7,6 +7,7 @@ pub mod error;
 pub mod evaluator;
 pub mod files;
 pub mod keys;
+mod products;
 pub mod training;
 pub mod validate;
 

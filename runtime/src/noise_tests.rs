@@ -27,6 +27,7 @@ fn params(n: u64, k: u64, poly: u64, pbs: (u32, u32), ks: (u32, u32), precision:
         keyswitch_key_bytes: 0,
         partitions: Vec::new(),
         conversions: Vec::new(),
+        products: Default::default(),
     }
 }
 

@@ -20,6 +20,8 @@ use veil_backend::circuit::Circuit;
 pub struct EncryptedBatches {
     pub fingerprint: Vec<u8>,
     pub(crate) batches: Vec<Vec<SeededLweCiphertextListOwned<u64>>>,
+    /// Per batch, per GGSW input of the circuit, its GGSW ciphertexts (one per polynomial).
+    pub(crate) ggsw: Vec<Vec<Vec<GgswCiphertextOwned<u64>>>>,
 }
 
 #[derive(VersionsDispatch)]
@@ -27,6 +29,9 @@ pub struct EncryptedBatches {
 pub enum EncryptedBatchesVersions {
     V0(EncryptedBatches),
 }
+
+/// One batch's inputs: LWE ciphertext lists, and per GGSW input its GGSW ciphertexts.
+pub type BatchInputs<'a> = (&'a [SeededLweCiphertextListOwned<u64>], &'a [Vec<GgswCiphertextOwned<u64>>]);
 
 impl Named for EncryptedBatches {
     const NAME: &'static str = "veil::EncryptedBatches";
@@ -52,9 +57,17 @@ impl Named for EncryptedState {
     const NAME: &'static str = "veil::EncryptedState";
 }
 
-/// Circuit input positions that are not state, in order.
+/// Circuit input positions sent as LWE ciphertexts with each batch (not state, not
+/// GGSW), in order.
 fn batch_inputs(circuit: &Circuit) -> Vec<usize> {
-    (0..circuit.inputs.len()).filter(|k| !circuit.state.iter().any(|&(i, _)| i == *k)).collect()
+    (0..circuit.inputs.len())
+        .filter(|k| !circuit.state.iter().any(|&(i, _)| i == *k) && circuit.ggsw_of(circuit.inputs[*k]).is_none())
+        .collect()
+}
+
+/// Circuit input positions of the GGSW inputs, in order.
+fn ggsw_inputs(circuit: &Circuit) -> Vec<usize> {
+    (0..circuit.inputs.len()).filter(|&k| circuit.ggsw_of(circuit.inputs[k]).is_some()).collect()
 }
 
 fn check_list(what: &str, count: usize, dim: usize, want_count: usize, want_dim: usize) -> Result<()> {
@@ -75,15 +88,52 @@ impl EncryptedBatches {
         self.batches.is_empty()
     }
 
-    /// The inputs of batch `i`.
-    pub fn batch(&self, i: usize) -> Option<&[SeededLweCiphertextListOwned<u64>]> {
-        self.batches.get(i).map(|b| b.as_slice())
+    /// The inputs of batch `i`: its LWE inputs and its GGSW inputs.
+    pub fn batch(&self, i: usize) -> Option<BatchInputs<'_>> {
+        Some((self.batches.get(i)?.as_slice(), self.ggsw.get(i)?.as_slice()))
     }
 
     /// Every batch holds the circuit's non-state inputs at the right sizes (dimension `big`,
-    /// or `small` for inputs under the small key).
-    pub fn check(&self, circuit: &Circuit, big: usize, small: usize) -> Result<()> {
+    /// or `small` for inputs under the small key; GGSW ciphertexts of polynomial size
+    /// `poly` with the decomposition of `products`).
+    pub fn check(
+        &self,
+        circuit: &Circuit,
+        big: usize,
+        small: usize,
+        poly: usize,
+        products: &veil_backend::params::ProductParams,
+    ) -> Result<()> {
         let want = batch_inputs(circuit);
+        let want_ggsw = ggsw_inputs(circuit);
+        if self.ggsw.len() != self.batches.len() {
+            return Err(RuntimeError::Invalid(
+                "the batches file holds GGSW inputs for another number of batches".into(),
+            ));
+        }
+        for (n, batch) in self.ggsw.iter().enumerate() {
+            if batch.len() != want_ggsw.len() {
+                return Err(RuntimeError::Invalid(format!(
+                    "batch {n} holds {} GGSW inputs, a training step takes {}",
+                    batch.len(),
+                    want_ggsw.len()
+                )));
+            }
+            for (list, &k) in batch.iter().zip(&want_ggsw) {
+                let fits = list.len() == circuit.value_len[circuit.inputs[k]]
+                    && list.iter().all(|g| {
+                        g.polynomial_size().0 == poly
+                            && g.glwe_size().0 * poly == big + poly
+                            && g.decomposition_base_log().0 == products.ggsw_base_log as usize
+                            && g.decomposition_level_count().0 == products.ggsw_level as usize
+                    });
+                if !fits {
+                    return Err(RuntimeError::Invalid(format!(
+                        "batch {n}, input {k}: the GGSW ciphertexts do not fit the model's parameters"
+                    )));
+                }
+            }
+        }
         for (n, batch) in self.batches.iter().enumerate() {
             if batch.len() != want.len() {
                 return Err(RuntimeError::Invalid(format!(
@@ -141,7 +191,12 @@ impl EncryptedState {
 impl ClientKey {
     /// Encrypt training batches: `plaintexts[batch][circuit input][element]` for every
     /// circuit input; the state inputs' entries are left out (the server holds the state).
-    pub fn encrypt_batches(&self, circuit: &Circuit, plaintexts: &[Vec<Vec<u64>>]) -> Result<EncryptedBatches> {
+    pub fn encrypt_batches(
+        &self,
+        circuit: &Circuit,
+        params: &veil_backend::params::Params,
+        plaintexts: &[Vec<Vec<u64>>],
+    ) -> Result<EncryptedBatches> {
         let keep = batch_inputs(circuit);
         let batches = plaintexts
             .iter()
@@ -156,10 +211,41 @@ impl ClientKey {
                 let rows: Vec<Vec<Vec<u64>>> = keep.iter().map(|&k| vec![inputs[k].clone()]).collect();
                 let small: Vec<bool> = keep.iter().map(|&k| circuit.is_small(circuit.inputs[k])).collect();
                 let enc = self.encrypt_keys(&rows, &small, &[]);
-                Ok(enc.values.into_iter().map(|mut per_sample| per_sample.remove(0)).collect())
+                let lwe = enc.values.into_iter().map(|mut per_sample| per_sample.remove(0)).collect();
+                Ok((lwe, self.encrypt_ggsw_inputs(circuit, params, inputs)?))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(EncryptedBatches { fingerprint: self.fingerprint.clone(), batches })
+        let (batches, ggsw) = batches.into_iter().unzip();
+        Ok(EncryptedBatches { fingerprint: self.fingerprint.clone(), batches, ggsw })
+    }
+
+    /// The GGSW inputs of one batch: each input's polynomials (coefficients 0..span back
+    /// to back in `inputs[k]`) encrypted under the large key.
+    fn encrypt_ggsw_inputs(
+        &self,
+        circuit: &Circuit,
+        params: &veil_backend::params::Params,
+        inputs: &[Vec<u64>],
+    ) -> Result<Vec<Vec<GgswCiphertextOwned<u64>>>> {
+        let key = self.glwe_key(params.polynomial_size as usize);
+        let noise = crate::keys::gaussian(self.big_noise_std);
+        let mut seeder = new_seeder();
+        let mut generator = EncryptionRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed(), seeder.as_mut());
+        ggsw_inputs(circuit)
+            .into_iter()
+            .map(|k| {
+                let g = circuit.ggsw_of(circuit.inputs[k]).expect("a GGSW input");
+                let span = g.span as usize;
+                let coeffs = &inputs[k];
+                if coeffs.len() != span * circuit.value_len[g.value] || span > params.polynomial_size as usize {
+                    return Err(RuntimeError::Invalid(format!("GGSW input {k} has the wrong number of coefficients")));
+                }
+                Ok(coeffs
+                    .chunks(span.max(1))
+                    .map(|c| crate::products::encrypt_ggsw(&key, c, &params.products, noise, &mut generator))
+                    .collect())
+            })
+            .collect()
     }
 
     /// Encrypt a starting state: one plaintext vector per state input.
@@ -218,7 +304,8 @@ impl Evaluator<'_> {
         for p in parts {
             check_fingerprint("the encrypted batches", &p.fingerprint, self.fingerprint())?;
             self.check_key_pair("the encrypted batches", &p.fingerprint)?;
-            p.check(self.circuit(), self.big_dimension(), self.small_dimension())?;
+            let poly = self.packing_key().map_or(0, |k| k.output_key_polynomial_size().0);
+            p.check(self.circuit(), self.big_dimension(), self.small_dimension(), poly, self.product_params())?;
         }
         Ok(())
     }
@@ -227,10 +314,17 @@ impl Evaluator<'_> {
     pub fn train_step(
         &self,
         batch: &[SeededLweCiphertextListOwned<u64>],
+        ggsw: &[Vec<GgswCiphertextOwned<u64>>],
         state: &[LweCiphertextListOwned<u64>],
         progress: &(dyn Fn(usize) + Sync),
     ) -> Result<Vec<LweCiphertextListOwned<u64>>> {
         let circuit = self.circuit();
+        let ggsw_at = ggsw_inputs(circuit);
+        let fourier: std::collections::HashMap<usize, Vec<Vec<crate::products::FourierGgsw>>> = ggsw_at
+            .iter()
+            .zip(ggsw)
+            .map(|(&k, list)| (circuit.inputs[k], vec![list.par_iter().map(crate::products::to_fourier).collect()]))
+            .collect();
         let mut expanded: Vec<LweCiphertextListOwned<u64>> =
             batch.par_iter().map(|l| l.clone().decompress_into_lwe_ciphertext_list()).collect();
         let mut inputs: Vec<PerSample> = Vec::with_capacity(circuit.inputs.len());
@@ -238,12 +332,13 @@ impl Evaluator<'_> {
         for k in 0..circuit.inputs.len() {
             match circuit.state.iter().position(|&(i, _)| i == k) {
                 Some(s) => inputs.push(vec![state[s].clone()]),
+                None if ggsw_at.contains(&k) => inputs.push(Vec::new()),
                 None => inputs.push(vec![from_batch
                     .next()
                     .ok_or_else(|| RuntimeError::Invalid("a batch is missing inputs".into()))?]),
             }
         }
-        let mut outputs = self.run_expanded(inputs, 1, progress)?;
+        let mut outputs = self.run_expanded(inputs, &fourier, 1, progress)?;
         Ok(circuit.state.iter().map(|&(_, o)| std::mem::take(&mut outputs[o]).remove(0)).collect())
     }
 
@@ -262,9 +357,9 @@ impl Evaluator<'_> {
         for epoch in 0..epochs {
             let mut n = 0;
             for part in parts {
-                for batch in &part.batches {
+                for (batch, ggsw) in part.batches.iter().zip(&part.ggsw) {
                     let start = std::time::Instant::now();
-                    let next = self.train_step(batch, &state.values, progress)?;
+                    let next = self.train_step(batch, ggsw, &state.values, progress)?;
                     state.advance(next);
                     let done = StepDone {
                         epoch,

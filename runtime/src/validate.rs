@@ -125,6 +125,16 @@ impl Validate for ServerKey {
                 for c in &self.conversions {
                     keyswitch_ok(&c.key)?;
                 }
+                if let Some(p) = &self.packing {
+                    // seeded: one body polynomial per input element and level
+                    let want = p.input_key_lwe_dimension().0
+                        * p.decomposition_level_count().0
+                        * p.output_key_polynomial_size().0;
+                    let decomposition = p.decomposition_base_log().0 * p.decomposition_level_count().0;
+                    if p.as_ref().len() != want || want == 0 || decomposition > 64 || decomposition == 0 {
+                        return Err("the packing keyswitching key's data does not match its sizes".into());
+                    }
+                }
                 Ok(())
             }
             _ => Err("the key holds a bootstrap key without a keyswitch key, or the reverse".into()),
@@ -158,7 +168,19 @@ impl Validate for EncryptedOutputs {
 
 impl Validate for EncryptedBatches {
     fn validate(&self) -> std::result::Result<(), String> {
-        self.batches.iter().flatten().try_for_each(seeded_list_ok)
+        self.batches.iter().flatten().try_for_each(seeded_list_ok)?;
+        for g in self.ggsw.iter().flatten().flatten() {
+            let want = tfhe::core_crypto::entities::ggsw_ciphertext_size(
+                g.glwe_size(),
+                g.polynomial_size(),
+                g.decomposition_level_count(),
+            );
+            let decomposition = g.decomposition_base_log().0 * g.decomposition_level_count().0;
+            if g.as_ref().len() != want || want == 0 || decomposition > 64 || decomposition == 0 {
+                return Err("a GGSW ciphertext's data does not match its sizes".into());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -216,6 +238,22 @@ pub fn check_server_key(key: &ServerKey, params: &Params) -> Result<()> {
         if !fits {
             return bad(format!("the keyswitching key from set {} to set {} has other sizes", want.from, want.to));
         }
+    }
+    match (&key.packing, params.has_products()) {
+        (None, false) => {}
+        (Some(pk), true) => {
+            let pp = &params.products;
+            let fits = pk.input_key_lwe_dimension().0 == params.big_dimension() as usize
+                && pk.output_key_glwe_dimension().0 == params.glwe_dimension as usize
+                && pk.output_key_polynomial_size().0 == params.polynomial_size as usize
+                && pk.decomposition_base_log().0 == pp.packing_base_log as usize
+                && pk.decomposition_level_count().0 == pp.packing_level as usize;
+            if !fits {
+                return bad("the packing keyswitching key has other sizes".into());
+            }
+        }
+        (Some(_), false) => return bad("a packing key the model does not use".into()),
+        (None, true) => return bad("no packing keyswitching key, and the model multiplies encrypted values".into()),
     }
     Ok(())
 }

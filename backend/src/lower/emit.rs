@@ -102,21 +102,25 @@ pub(super) struct Emitter<'a> {
     small_inputs: std::collections::HashSet<NodeId>,
     /// Small-key copies of large-key values, read exactly at the products' scale.
     pub small_copies: HashMap<usize, usize>,
-}
-
-pub(super) fn lower_graph(g: &Graph, precision: u32, state: &[(usize, usize)]) -> Result<LoweredGraph> {
-    lower_partitioned(g, &|_| 0, &[precision], state)
+    /// Compute products with a client-input operand as external products with the
+    /// client's GGSW ciphertexts (else as lookups of squares).
+    pub external_products: bool,
+    /// The GGSW inputs made so far, with their circuit values.
+    pub ggsw: Vec<(super::GgswInput, usize)>,
 }
 
 /// Lower with each lookup node in partition `part_of(node)`, read at that partition's
 /// precision `precisions[part]`. With one partition the circuit is the plain single-set
 /// one; with several, each value is assigned the large key of its partition, and a linear
 /// map mixing values of two partitions is an error (the caller then uses one set).
+/// With `external_products`, products with a client-input operand become external
+/// products (see [`super::products`]).
 pub(super) fn lower_partitioned(
     g: &Graph,
     part_of: &dyn Fn(NodeId) -> usize,
     precisions: &[u32],
     state: &[(usize, usize)],
+    external_products: bool,
 ) -> Result<LoweredGraph> {
     let precision = precisions.iter().copied().max().unwrap_or(0);
     let order = g.topo_order().ok_or_else(|| BackendError::Lower { node: g.name.clone(), msg: "cycle".into() })?;
@@ -150,6 +154,7 @@ pub(super) fn lower_partitioned(
             small: Vec::new(),
             partition_precisions: if precisions.len() > 1 { precisions.to_vec() } else { Vec::new() },
             keys: Vec::new(),
+            ggsw: Vec::new(),
         },
         value: HashMap::new(),
         d: HashMap::new(),
@@ -160,8 +165,14 @@ pub(super) fn lower_partitioned(
         slots_used: HashMap::new(),
         derived: Vec::new(),
         derived_values: Vec::new(),
-        small_inputs: super::products::product_only_inputs(g, state),
+        small_inputs: if external_products {
+            Default::default()
+        } else {
+            super::products::product_only_inputs(g, state)
+        },
         small_copies: HashMap::new(),
+        external_products,
+        ggsw: Vec::new(),
     };
     for &id in &order {
         let node = g.node(id);
@@ -179,7 +190,13 @@ pub(super) fn lower_partitioned(
         node_lookups.insert(id, e.circuit.lookups_per_sample() - before);
     }
     e.share_bootstraps();
-    e.circuit.inputs = g.inputs().iter().map(|id| e.value[id]).chain(e.derived_values.iter().copied()).collect();
+    e.circuit.inputs = g
+        .inputs()
+        .iter()
+        .map(|id| e.value[id])
+        .chain(e.derived_values.iter().copied())
+        .chain(e.ggsw.iter().map(|(_, v)| *v))
+        .collect();
     if precisions.len() > 1 {
         e.circuit.keys = super::keys::assign(&e.circuit).map_err(|m| err(g, g.outputs()[0].node, m))?;
     }
@@ -190,7 +207,8 @@ pub(super) fn lower_partitioned(
         outputs.push(e.encoding_of(o.node));
     }
     let requirements = e.requirements(&outputs)?;
-    Ok(LoweredGraph { circuit: e.circuit, inputs, derived: e.derived, outputs, requirements, node_lookups })
+    let ggsw = e.ggsw.into_iter().map(|(g, _)| g).collect();
+    Ok(LoweredGraph { circuit: e.circuit, inputs, derived: e.derived, ggsw, outputs, requirements, node_lookups })
 }
 
 impl Emitter<'_> {
@@ -209,7 +227,11 @@ impl Emitter<'_> {
                 vec![(0, read(*rounding)), (1, read(*rounding)), (1, Demand::Affine(Some(0)))]
             }
             Op::SatEnc { rounding, .. } => vec![(0, read(*rounding)), (0, Demand::Affine(Some(0)))],
-            Op::MatMulEnc => vec![(0, read(0)), (1, read(0))],
+            Op::MatMulEnc => match self.client_operand(id) {
+                // the other operand is packed at the product's scale
+                Some(k) => vec![(1 - k, Demand::Affine(Some(0)))],
+                None => vec![(0, read(0)), (1, read(0))],
+            },
             Op::Assume { .. } => vec![(0, Demand::Affine(Some(0)))],
             op if is_affine(op) => {
                 let probe = &self.probes[&id];
@@ -661,6 +683,7 @@ impl Emitter<'_> {
             outputs: outs,
             p_error: 2f64.powi(-40),
             partitions: if self.precisions.len() > 1 { self.partition_requirements(&coefs) } else { Vec::new() },
+            products: self.circuit.product_requirements(),
         })
     }
 

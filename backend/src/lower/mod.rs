@@ -80,6 +80,49 @@ impl DerivedInput {
     }
 }
 
+/// A circuit input the client encrypts as GGSW ciphertexts: per polynomial, the
+/// (element of input `from`, exponent) pairs whose integers are its coefficients (see
+/// [`products`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GgswInput {
+    pub from: usize,
+    pub polys: Vec<Vec<(u32, u32)>>,
+}
+
+impl GgswInput {
+    /// Coefficients 0..span hold every entry.
+    pub fn span(&self) -> usize {
+        self.polys.iter().flatten().map(|&(_, x)| x as usize + 1).max().unwrap_or(0)
+    }
+
+    /// Per sample, the polynomials' coefficients 0..span back to back (signed integers as
+    /// u64), from `from`'s integers `[samples, ...]`: what the client encrypts, and what
+    /// the plaintext simulation multiplies by.
+    pub fn compute(&self, from: &ArrayD<i64>) -> Result<Vec<Vec<u64>>> {
+        let samples = from.shape().first().copied().unwrap_or(0);
+        let per = from.len() / samples.max(1);
+        let flat = from.as_standard_layout();
+        let flat = flat.as_slice().expect("standard layout");
+        let span = self.span();
+        (0..samples)
+            .map(|s| {
+                let row = &flat[s * per..(s + 1) * per];
+                let mut out = vec![0u64; self.polys.len() * span];
+                for (k, poly) in self.polys.iter().enumerate() {
+                    for &(e, x) in poly {
+                        let v = row.get(e as usize).ok_or_else(|| BackendError::Lower {
+                            node: format!("GGSW input from input {}", self.from),
+                            msg: format!("an element index is beyond the {per} elements of a sample"),
+                        })?;
+                        out[k * span + x as usize] = *v as u64;
+                    }
+                }
+                Ok(out)
+            })
+            .collect()
+    }
+}
+
 /// How the client decodes one circuit output.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct OutputEncoding {
@@ -98,6 +141,9 @@ pub struct ClientSpec {
     /// Circuit inputs after `inputs`, computed by the client from them.
     #[serde(default)]
     pub derived: Vec<DerivedInput>,
+    /// Circuit inputs after `derived`, encrypted as GGSW ciphertexts.
+    #[serde(default)]
+    pub ggsw: Vec<GgswInput>,
     pub outputs: Vec<OutputEncoding>,
     pub tail: Graph,
     pub tail_inputs: Vec<TailSource>,
@@ -125,6 +171,7 @@ pub struct LoweredGraph {
     pub circuit: Circuit,
     pub inputs: Vec<Encoding>,
     pub derived: Vec<DerivedInput>,
+    pub ggsw: Vec<GgswInput>,
     pub outputs: Vec<Encoding>,
     pub requirements: Requirements,
     /// Bootstraps per sample each graph node lowered to.
@@ -135,7 +182,7 @@ impl LoweredGraph {
     /// Plaintexts `[circuit input][sample][element]` for the integers of every graph input
     /// (each `[samples, ...]`), derived inputs included.
     pub fn encode_integers(&self, ints: &[ArrayD<i64>]) -> Result<Vec<Vec<Vec<u64>>>> {
-        encode_all(&self.inputs, &self.derived, ints)
+        encode_all(&self.inputs, &self.derived, &self.ggsw, ints)
     }
 }
 
@@ -143,7 +190,13 @@ impl LoweredGraph {
 /// with graph outputs (by position) that must be encoded identically, so that the output
 /// of one run can be the input of the next.
 pub fn lower_graph(g: &Graph, precision: u32, state: &[(usize, usize)]) -> Result<LoweredGraph> {
-    emit::lower_graph(g, precision, state)
+    emit::lower_partitioned(g, &|_| 0, &[precision], state, false)
+}
+
+/// [`lower_graph`] with products whose operand is a client input computed as external
+/// products with the client's GGSW encryptions of that input ([`products`]).
+pub fn lower_graph_external(g: &Graph, precision: u32, state: &[(usize, usize)]) -> Result<LoweredGraph> {
+    emit::lower_partitioned(g, &|_| 0, &[precision], state, true)
 }
 
 /// [`lower_graph`] with each lookup node in partition `part_of(node)`, read at
@@ -154,7 +207,7 @@ pub fn lower_graph_partitioned(
     precisions: &[u32],
     state: &[(usize, usize)],
 ) -> Result<LoweredGraph> {
-    emit::lower_partitioned(g, part_of, precisions, state)
+    emit::lower_partitioned(g, part_of, precisions, state, false)
 }
 
 /// Lower a quantized model whose lookups read at most `precision` bits.
@@ -171,7 +224,7 @@ pub fn lower_partitioned(
     precisions: &[u32],
 ) -> Result<Lowered> {
     let g = &model.graph;
-    let low = emit::lower_partitioned(g, part_of, precisions, &[])?;
+    let low = emit::lower_partitioned(g, part_of, precisions, &[], false)?;
     let inputs = g
         .inputs()
         .iter()
@@ -205,6 +258,7 @@ pub fn lower_partitioned(
     let client = ClientSpec {
         inputs,
         derived: low.derived,
+        ggsw: low.ggsw,
         outputs,
         tail: model.tail.clone(),
         tail_inputs: model.tail_inputs.clone(),
@@ -219,8 +273,14 @@ pub fn encode(m: i128, delta_log2: u32) -> u64 {
     (m as u64).wrapping_mul(1u64 << delta_log2)
 }
 
-/// Plaintexts of graph inputs given as integers, then of the inputs derived from them.
-fn encode_all(inputs: &[Encoding], derived: &[DerivedInput], ints: &[ArrayD<i64>]) -> Result<Vec<Vec<Vec<u64>>>> {
+/// Plaintexts of graph inputs given as integers, then of the inputs derived from them,
+/// then the GGSW inputs' polynomial coefficients.
+fn encode_all(
+    inputs: &[Encoding],
+    derived: &[DerivedInput],
+    ggsw: &[GgswInput],
+    ints: &[ArrayD<i64>],
+) -> Result<Vec<Vec<Vec<u64>>>> {
     let rows = |a: &ArrayD<i64>, e: &Encoding| -> Vec<Vec<u64>> {
         let samples = a.shape().first().copied().unwrap_or(0);
         let per = a.len() / samples.max(1);
@@ -249,6 +309,13 @@ fn encode_all(inputs: &[Encoding], derived: &[DerivedInput], ints: &[ArrayD<i64>
                 .collect(),
         );
     }
+    for g in ggsw {
+        let src = ints.get(g.from).ok_or_else(|| BackendError::Lower {
+            node: "GGSW input".into(),
+            msg: format!("built from input {}, which does not exist", g.from),
+        })?;
+        out.push(g.compute(src)?);
+    }
     Ok(out)
 }
 
@@ -267,7 +334,7 @@ impl ClientSpec {
             .collect::<Result<Vec<_>>>()?;
         let encodings: Vec<Encoding> =
             self.inputs.iter().map(|i| Encoding { delta_log2: i.delta_log2, base: i.base }).collect();
-        encode_all(&encodings, &self.derived, &ints)
+        encode_all(&encodings, &self.derived, &self.ggsw, &ints)
     }
 
     /// Encode integers already quantized, one per input `[samples, ...]`: plaintexts per
@@ -275,7 +342,7 @@ impl ClientSpec {
     pub fn encode_integers(&self, ints: &[ArrayD<i64>]) -> Result<Vec<Vec<Vec<u64>>>> {
         let encodings: Vec<Encoding> =
             self.inputs.iter().map(|i| Encoding { delta_log2: i.delta_log2, base: i.base }).collect();
-        encode_all(&encodings, &self.derived, ints)
+        encode_all(&encodings, &self.derived, &self.ggsw, ints)
     }
 
     /// Decode decrypted plaintexts (per output, per sample) to integers; `Err` when they

@@ -28,7 +28,10 @@ fn random_inputs(g: &Graph, samples: usize, seed: u64) -> Vec<ArrayD<i64>> {
 
 /// Simulate the lowered circuit on `ints` and compare every output with the interpreter.
 fn check_exact(g: &Graph, p: u32, state: &[(usize, usize)], ints: &[ArrayD<i64>]) -> LoweredGraph {
-    let low = lower_graph(g, p, state).unwrap();
+    check_lowered(g, lower_graph(g, p, state).unwrap(), ints)
+}
+
+fn check_lowered(g: &Graph, low: LoweredGraph, ints: &[ArrayD<i64>]) -> LoweredGraph {
     let plain = low.encode_integers(ints).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let out = low.circuit.simulate(&plain, None, &mut rng);
@@ -44,6 +47,67 @@ fn check_exact(g: &Graph, p: u32, state: &[(usize, usize)], ints: &[ArrayD<i64>]
 
 fn lookups(c: &Circuit) -> usize {
     c.lookups_per_sample()
+}
+
+fn identity(g: &mut Graph, v: NodeId, r: Range) -> NodeId {
+    let t = Tlu { expr: Expr::Input, input: r, params: vec![], rounding: 0, label: "id".into() };
+    g.add(Op::Tlu(Box::new(t)), &[v], "lookup").unwrap()
+}
+
+#[test]
+fn external_products_compute_both_layouts_exactly() {
+    // client input on the left (rows: 2 outputs rows ≤ 5 terms) and on the right
+    // (columns: 4 output columns > 3 terms), the encrypted operands computed by lookups
+    let mut g = Graph::new("p");
+    let x = g.add_input("x", enc(-3, 3, &[2, 5]));
+    let w = g.add_input("w", enc(-9, 9, &[5, 2]));
+    let z = g.add_input("z", enc(-3, 3, &[3, 4]));
+    let v = g.add_input("v", enc(-5, 5, &[2, 3]));
+    let wl = identity(&mut g, w, Range::new(-9, 9));
+    let vl = identity(&mut g, v, Range::new(-5, 5));
+    let y1 = g.add(Op::MatMulEnc, &[x, wl], "y1").unwrap();
+    let y2 = g.add(Op::MatMulEnc, &[vl, z], "y2").unwrap();
+    g.set_output("y1", y1);
+    g.set_output("y2", y2);
+    let ints = random_inputs(&g, 4, 11);
+    let low = check_lowered(&g, lower_graph_external(&g, 5, &[]).unwrap(), &ints);
+    // no square lookups: only the two identity lookups' elements
+    assert_eq!(lookups(&low.circuit), 10 + 6);
+    assert_eq!(low.ggsw.len(), 2);
+    assert_eq!(low.ggsw[0].polys.len(), 2, "rows of x");
+    assert_eq!(low.ggsw[1].polys.len(), 3, "rows of z, one per term");
+    let req = low.circuit.product_requirements();
+    assert_eq!((req.packings, req.externals), (2 * 5 + 2 * 3, 2 * 2 + 2 * 3));
+}
+
+#[test]
+fn external_products_reuse_the_client_polynomials() {
+    // the training step's pattern: z = x·w, then g = xᵀ·e: one GGSW input serves both
+    let mut g = Graph::new("p");
+    let x = g.add_input("x", enc(-3, 3, &[4, 6]));
+    let w = g.add_input("w", enc(-7, 7, &[6, 1]));
+    let wl = identity(&mut g, w, Range::new(-7, 7));
+    let z = g.add(Op::MatMulEnc, &[x, wl], "z").unwrap();
+    let zr = g.enc_range(z);
+    let e = g
+        .add(
+            Op::Tlu(Box::new(Tlu {
+                expr: Expr::Input,
+                input: zr,
+                params: vec![],
+                rounding: 4,
+                label: "coarse".into(),
+            })),
+            &[z],
+            "e",
+        )
+        .unwrap();
+    let xt = g.add(Op::Transpose { perm: vec![0, 2, 1] }, &[x], "xt").unwrap();
+    let gr = g.add(Op::MatMulEnc, &[xt, e], "g").unwrap();
+    g.set_output("g", gr);
+    let ints = random_inputs(&g, 3, 5);
+    let low = check_lowered(&g, lower_graph_external(&g, 6, &[]).unwrap(), &ints);
+    assert_eq!(low.ggsw.len(), 1, "one GGSW input for both products");
 }
 
 #[test]

@@ -1,0 +1,192 @@
+//! External products with the client's GGSW ciphertexts (`veil_backend::lower::products`):
+//! the client encrypts integer polynomials as GGSW ciphertexts; the server packs LWE
+//! ciphertexts into GLWEs, multiplies them by the GGSW ciphertexts and extracts LWE
+//! ciphertexts from the products' coefficients. No bootstrap is involved.
+
+use crate::error::{Result, RuntimeError};
+use crate::evaluator::{Evaluator, PerSample};
+use rayon::prelude::*;
+use tfhe::core_crypto::algorithms::polynomial_algorithms::{
+    polynomial_wrapping_monic_monomial_div_assign, polynomial_wrapping_monic_monomial_mul_assign,
+};
+use tfhe::core_crypto::algorithms::slice_algorithms::slice_wrapping_add_assign;
+use tfhe::core_crypto::fft_impl::fft64::{c64, ABox};
+use tfhe::core_crypto::prelude::*;
+use veil_backend::circuit::ProductInstr;
+use veil_backend::params::ProductParams;
+
+/// A GGSW ciphertext in the Fourier domain.
+pub(crate) type FourierGgsw = FourierGgswCiphertext<ABox<[c64]>>;
+
+/// GGSW encryption of the integer polynomial M = Σ_t coeffs[t]·Y^t under `key`:
+/// level matrix ℓ (ℓ = levels … 1) holds, row j < k, a GLWE encryption of −M·s_j·q/B^ℓ and,
+/// last row, of M·q/B^ℓ — tfhe's constant GGSW encryption with a polynomial message.
+pub(crate) fn encrypt_ggsw<G: ByteRandomGenerator>(
+    key: &GlweSecretKey<&[u64]>,
+    coeffs: &[u64],
+    p: &ProductParams,
+    noise: DynamicDistribution<u64>,
+    generator: &mut EncryptionRandomGenerator<G>,
+) -> GgswCiphertextOwned<u64> {
+    let poly = key.polynomial_size();
+    let (k, levels, base_log) = (key.glwe_dimension().0, p.ggsw_level as usize, p.ggsw_base_log as usize);
+    let mut ggsw = GgswCiphertext::new(
+        0u64,
+        key.glwe_dimension().to_glwe_size(),
+        poly,
+        DecompositionBaseLog(base_log),
+        DecompositionLevelCount(levels),
+        CiphertextModulus::new_native(),
+    );
+    let key_polys = key.as_polynomial_list();
+    // M·s_j, negacyclic (M is sparse: a few coefficients)
+    let times_key: Vec<Vec<u64>> = (0..k)
+        .map(|j| {
+            let s = key_polys.get(j);
+            let mut out = vec![0u64; poly.0];
+            for (t, &m) in coeffs.iter().enumerate().filter(|(_, &m)| m != 0) {
+                for (i, &b) in s.as_ref().iter().enumerate() {
+                    let (e, neg) = ((i + t) % poly.0, (i + t) / poly.0 % 2 == 1);
+                    let v = m.wrapping_mul(b);
+                    out[e] = if neg { out[e].wrapping_sub(v) } else { out[e].wrapping_add(v) };
+                }
+            }
+            out
+        })
+        .collect();
+    for (index, mut matrix) in ggsw.iter_mut().enumerate() {
+        let level = levels - index;
+        let factor = 1u64 << (64 - base_log * level);
+        for (row, mut glwe) in matrix.as_mut_glwe_list().iter_mut().enumerate() {
+            let mut plain = vec![0u64; poly.0];
+            if row < k {
+                for (o, &v) in plain.iter_mut().zip(&times_key[row]) {
+                    *o = v.wrapping_mul(factor).wrapping_neg();
+                }
+            } else {
+                for (o, &m) in plain.iter_mut().zip(coeffs) {
+                    *o = m.wrapping_mul(factor);
+                }
+            }
+            encrypt_glwe_ciphertext(key, &mut glwe, &PlaintextList::from_container(plain), noise, generator);
+        }
+    }
+    ggsw
+}
+
+/// A GGSW ciphertext in the Fourier domain, as external products use it.
+pub(crate) fn to_fourier(g: &GgswCiphertextOwned<u64>) -> FourierGgsw {
+    let mut f = FourierGgswCiphertext::new(
+        g.glwe_size(),
+        g.polynomial_size(),
+        g.decomposition_base_log(),
+        g.decomposition_level_count(),
+    );
+    convert_standard_ggsw_ciphertext_to_fourier(g, &mut f);
+    f
+}
+
+impl Evaluator<'_> {
+    /// One product instruction on every sample: pack, multiply, extract.
+    pub(crate) fn product(
+        &self,
+        p: &ProductInstr,
+        input: &[LweCiphertextListOwned<u64>],
+        ggsw: &[Vec<FourierGgsw>],
+    ) -> Result<PerSample> {
+        let pksk = self.packing_key().ok_or_else(|| {
+            RuntimeError::Invalid("the model multiplies encrypted values but no packing key was loaded".into())
+        })?;
+        let (glwe_size, poly) = (pksk.output_key_glwe_dimension().to_glwe_size(), pksk.output_key_polynomial_size());
+        let modulus = CiphertextModulus::new_native();
+        let lwe_size = LweSize(glwe_size.to_glwe_dimension().0 * poly.0 + 1);
+        input
+            .iter()
+            .zip(ggsw)
+            .map(|(list, polys)| {
+                if polys.len() < p.sums.iter().flatten().map(|&(g, _)| g as usize + 1).max().unwrap_or(0) {
+                    return Err(RuntimeError::Invalid("a GGSW input holds too few ciphertexts".into()));
+                }
+                // each entry packed on its own, shifted to its exponent, then summed per pack
+                let entries: Vec<(usize, u32, i32)> = p
+                    .packs
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(q, pack)| pack.iter().map(move |&(e, x)| (q, e, x)))
+                    .collect();
+                let shifted: Vec<(usize, GlweCiphertextOwned<u64>)> = entries
+                    .par_iter()
+                    .map(|&(q, e, x)| {
+                        let mut g = GlweCiphertext::new(0u64, glwe_size, poly, modulus);
+                        keyswitch_lwe_ciphertext_into_glwe_ciphertext(pksk, &list.get(e as usize), &mut g);
+                        for mut c in g.as_mut_polynomial_list().iter_mut() {
+                            if x >= 0 {
+                                polynomial_wrapping_monic_monomial_mul_assign(&mut c, MonomialDegree(x as usize));
+                            } else {
+                                polynomial_wrapping_monic_monomial_div_assign(&mut c, MonomialDegree((-x) as usize));
+                            }
+                        }
+                        (q, g)
+                    })
+                    .collect();
+                let mut packs: Vec<GlweCiphertextOwned<u64>> =
+                    (0..p.packs.len()).map(|_| GlweCiphertext::new(0u64, glwe_size, poly, modulus)).collect();
+                for (q, g) in &shifted {
+                    slice_wrapping_add_assign(packs[*q].as_mut(), g.as_ref());
+                }
+                let sums: Vec<GlweCiphertextOwned<u64>> = p
+                    .sums
+                    .par_iter()
+                    .map(|terms| {
+                        let mut acc = GlweCiphertext::new(0u64, glwe_size, poly, modulus);
+                        for &(g, q) in terms {
+                            add_external_product_assign(&mut acc, &polys[g as usize], &packs[q as usize]);
+                        }
+                        acc
+                    })
+                    .collect();
+                let mut out = LweCiphertextList::new(0u64, lwe_size, LweCiphertextCount(p.extract.len()), modulus);
+                for (mut ct, &(sum, c)) in out.iter_mut().zip(&p.extract) {
+                    extract_lwe_sample_from_glwe_ciphertext(&sums[sum as usize], &mut ct, MonomialDegree(c as usize));
+                }
+                Ok(out)
+            })
+            .collect()
+    }
+}
+
+impl Evaluator<'_> {
+    /// Median milliseconds of one packing keyswitch and one external product with this
+    /// evaluator's keys, on real encryptions by `ck`: what Σ product time is made of.
+    pub fn time_products(&self, ck: &crate::ClientKey, runs: usize) -> Result<(f64, f64)> {
+        let pksk =
+            self.packing_key().ok_or_else(|| RuntimeError::Invalid("the model has no products to time".into()))?;
+        let (glwe_size, poly) = (pksk.output_key_glwe_dimension().to_glwe_size(), pksk.output_key_polynomial_size());
+        let cts = ck.encrypt(&[vec![vec![3u64 << 58]]]).expand();
+        let lwe = cts[0][0].get(0);
+        let mut coeffs = vec![0u64; 30.min(poly.0)];
+        coeffs.iter_mut().enumerate().for_each(|(i, c)| *c = (i % 7) as u64);
+        let noise = crate::keys::gaussian(ck.big_noise_std);
+        let mut seeder = new_seeder();
+        let mut generator = EncryptionRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed(), seeder.as_mut());
+        let ggsw =
+            to_fourier(&encrypt_ggsw(&ck.glwe_key(poly.0), &coeffs, self.product_params(), noise, &mut generator));
+        let modulus = CiphertextModulus::new_native();
+        let mut packed = GlweCiphertext::new(0u64, glwe_size, poly, modulus);
+        let mut acc = GlweCiphertext::new(0u64, glwe_size, poly, modulus);
+        let (mut pk, mut ep) = (Vec::new(), Vec::new());
+        for _ in 0..runs.max(1) {
+            let t = std::time::Instant::now();
+            keyswitch_lwe_ciphertext_into_glwe_ciphertext(pksk, &lwe, &mut packed);
+            pk.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = std::time::Instant::now();
+            add_external_product_assign(&mut acc, &ggsw, &packed);
+            ep.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        Ok((median(pk), median(ep)))
+    }
+}
