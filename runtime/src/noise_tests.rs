@@ -264,3 +264,91 @@ fn lookup_time_tracks_the_cost_model() {
     eprintln!("measured / model: {lo:.2} to {hi:.2}");
     assert!(hi / lo < 1.5, "the model misranks parameter sets: measured/model from {lo:.2} to {hi:.2}");
 }
+
+#[test]
+fn product_noise_stays_within_the_model() {
+    // The training step's set: a GGSW polynomial of 30 coefficients ±3 (‖M‖² = 270) times
+    // 30 fresh values packed at Y^(−t); coefficient 0 is their dot product. The model
+    // (Circuit::noise_coefs) charges ‖M‖²·(fresh + 30 packing keyswitches + one external
+    // product); measured must not exceed it.
+    use crate::evaluator::Evaluator;
+    use veil_backend::circuit::{Circuit, GgswValue, Instruction, ProductInstr};
+    let spec = veil_passes::training::TrainSpec::new(30, vec![0, 1]);
+    let p = veil_backend::training::compile_training(spec, veil_backend::training::TRAINING_P_ERROR).unwrap().0.params;
+    assert!(p.has_products() && p.polynomial_size == 2048, "{p:?}");
+    let terms = 30usize;
+    let circuit = Circuit {
+        value_len: vec![terms, 1, 1],
+        inputs: vec![0, 1],
+        outputs: vec![2],
+        instructions: vec![Instruction::Product(ProductInstr {
+            output: 2,
+            ggsw: 1,
+            input: 0,
+            packs: vec![(0..terms).map(|t| (t as u32, -(t as i32))).collect()],
+            sums: vec![vec![(0, 0)]],
+            extract: vec![(0, 0)],
+        })],
+        tables: Vec::new(),
+        precision: 6,
+        state: Vec::new(),
+        small: Vec::new(),
+        partition_precisions: Vec::new(),
+        keys: Vec::new(),
+        ggsw: vec![GgswValue { value: 1, span: terms as u32, norm2: 9.0 * terms as f64 }],
+    };
+    let (ck, sk) = keygen(&p, b"noise-test").unwrap();
+    let ev = Evaluator::new(&circuit, &p, sk, b"noise-test").unwrap();
+    // a fixed pseudo-random sequence (Knuth's MMIX LCG), high bits
+    let mut state = 3u64;
+    let mut next = |n: u64| {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) % n
+    };
+    let samples = 40;
+    let delta_log2 = 50;
+    let w: Vec<Vec<i64>> = (0..samples).map(|_| (0..terms).map(|_| next(25) as i64 - 12).collect()).collect();
+    let m: Vec<Vec<i64>> =
+        (0..samples).map(|_| (0..terms).map(|_| if next(2) == 0 { 3 } else { -3 }).collect()).collect();
+    let plain: Vec<Vec<u64>> = w.iter().map(|r| r.iter().map(|&v| (v << delta_log2) as u64).collect()).collect();
+    let lwe = ck.encrypt(&[plain]).expand().remove(0);
+    let mut seeder = new_seeder();
+    let mut generator = EncryptionRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed(), seeder.as_mut());
+    let noise = crate::keys::gaussian(ck.big_noise_std);
+    let ggsw: Vec<Vec<_>> = m
+        .iter()
+        .map(|r| {
+            let coeffs: Vec<u64> = r.iter().map(|&v| v as u64).collect();
+            let g = crate::products::encrypt_ggsw(&ck.glwe_key(2048), &coeffs, &p.products, noise, &mut generator);
+            vec![crate::products::to_fourier(&g)]
+        })
+        .collect();
+    let ggsw = std::collections::HashMap::from([(1usize, ggsw)]);
+    let out = ev.run_expanded(vec![lwe, Vec::new()], &ggsw, samples, &|_| {}).unwrap();
+    let errors: Vec<f64> = (0..samples)
+        .map(|s| {
+            let want: i64 = (0..terms).map(|t| m[s][t] * w[s][t]).sum();
+            let got = decrypt_lwe_ciphertext(&ck.big, &out[0][s].get(0)).0;
+            torus_error(got, (want << delta_log2) as u64)
+        })
+        .collect();
+    let measured = variance(errors.iter().copied());
+    let coefs = veil_backend::params::NoiseCoefs {
+        fresh: 270.0,
+        packed: 270.0 * terms as f64,
+        external: 270.0,
+        ..Default::default()
+    };
+    let model = coefs.variance(0.0, p.fresh_variance()) + p.product_variance(&coefs);
+    eprintln!(
+        "product noise σ² measured 2^{:.2}, model 2^{:.2} (fresh 2^{:.2}, packing 2^{:.2}, external 2^{:.2})",
+        measured.log2(),
+        model.log2(),
+        (270.0 * p.fresh_variance()).log2(),
+        (270.0 * terms as f64 * noise::packing_keyswitch(2048, p.products.packing_base_log, 2)).log2(),
+        (270.0 * noise::external_product(1, 2048, p.products.ggsw_base_log, 2)).log2()
+    );
+    assert!(measured <= 2.0 * model, "product noise above the model: 2^{:.2} > 2^{:.2}", measured.log2(), model.log2());
+    // and the products are right: every error is far below one unit at 2^50
+    assert!(errors.iter().all(|e| e.abs() < 2f64.powi(-16)), "{errors:?}");
+}
