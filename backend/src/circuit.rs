@@ -3,12 +3,14 @@
 //!
 //! Every value is a vector of ciphertexts (per sample), under the large key or, where
 //! marked, the small key bootstraps start from. An element holding integer v with
-//! encoding (delta, base) carries the plaintext (v − base)·delta mod 2^64. Three
+//! encoding (delta, base) carries the plaintext (v − base)·delta mod 2^64. Four
 //! instructions exist: an affine map with clear integer weights (within one key), a
-//! keyswitch from the large key to the small one, and a lookup (keyswitch if its input is
+//! keyswitch from the large key to the small one, a lookup (keyswitch if its input is
 //! under the large key, then programmable bootstrap with a table per element; the result
-//! is under the large key). Keyswitching once and summing under the small key saves a
-//! keyswitch per lookup where many lookups read sums of few values (products).
+//! is under the large key), and a product with the client's GGSW ciphertexts (pack,
+//! external products, extract; see [`ProductInstr`]). Keyswitching once and summing under
+//! the small key saves a keyswitch per lookup where many lookups read sums of few values
+//! (products of squares).
 
 use crate::params::{NoiseCoefs, Params};
 use rand::Rng;
