@@ -79,6 +79,9 @@ impl Artifact {
         params.validate().map_err(|e| bad(path, format!("invalid parameters: {e}")))?;
         let circuit = circuit_from_proto(p.circuit.ok_or_else(|| bad(path, "no circuit"))?, path)?;
         params.check_partitions(&circuit).map_err(|e| bad(path, e))?;
+        if !circuit.ggsw.is_empty() || params.has_products() {
+            params.check_products(&circuit).map_err(|e| bad(path, e))?;
+        }
         let client = client_from_proto(p.client.ok_or_else(|| bad(path, "no client section"))?, &circuit, path)?;
         let training = p.training.map(|t| training_from_proto(t, &circuit, path)).transpose()?;
         if fingerprint(&params, &circuit, training.as_ref()) != p.fingerprint {
@@ -648,20 +651,12 @@ fn client_to_proto(c: &ClientSpec) -> proto::Client {
         derived_inputs: c
             .derived
             .iter()
-            .map(|d| {
-                let mut group_start = vec![0u32];
-                let mut elements = Vec::new();
-                for g in &d.groups {
-                    elements.extend(g);
-                    group_start.push(elements.len() as u32);
-                }
-                proto::DerivedInput {
-                    from: d.from as u32,
-                    group_start,
-                    elements,
-                    delta: 1u64.checked_shl(d.delta_log2).unwrap_or(0),
-                    base: d.base,
-                }
+            .map(|d| proto::DerivedInput {
+                from: d.from as u32,
+                group_start: starts(&d.groups),
+                elements: d.groups.iter().flatten().copied().collect(),
+                delta: 1u64.checked_shl(d.delta_log2).unwrap_or(0),
+                base: d.base,
             })
             .collect(),
         ggsw_inputs: c
@@ -715,16 +710,11 @@ fn client_from_proto(p: proto::Client, circuit: &Circuit, path: &str) -> Result<
         .map(|(k, d)| {
             let from = d.from as usize;
             let count = circuit.value_len[circuit.inputs[p.inputs.len() + k]];
-            let ok = from < p.inputs.len()
-                && d.group_start.len() == count + 1
-                && d.group_start.first() == Some(&0)
-                && d.group_start.windows(2).all(|w| w[0] <= w[1])
-                && d.group_start.last().copied() == Some(d.elements.len() as u32);
             let per = circuit.value_len.get(circuit.inputs[from.min(circuit.inputs.len() - 1)]).copied().unwrap_or(0);
-            if !ok || d.elements.iter().any(|&e| e as usize >= per) {
-                return Err(bad(path, "a derived input is malformed"));
-            }
-            let groups = d.group_start.windows(2).map(|w| d.elements[w[0] as usize..w[1] as usize].to_vec()).collect();
+            let groups = from_starts(&d.group_start, &d.elements).filter(|groups| {
+                from < p.inputs.len() && groups.len() == count && d.elements.iter().all(|&e| (e as usize) < per)
+            });
+            let groups = groups.ok_or_else(|| bad(path, "a derived input is malformed"))?;
             Ok(DerivedInput { from, groups, delta_log2: delta_log2(d.delta, path)?, base: d.base })
         })
         .collect::<Result<Vec<_>>>()?;

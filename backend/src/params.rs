@@ -276,6 +276,28 @@ impl Params {
         Ok(())
     }
 
+    /// The circuit's products fit these parameters: products exist in both or neither, and
+    /// every exponent and extracted coefficient lies inside the ring without wrapping onto
+    /// a read coefficient. `Err` says what does not fit.
+    pub fn check_products(&self, circuit: &crate::circuit::Circuit) -> std::result::Result<(), String> {
+        if circuit.ggsw.is_empty() == self.has_products() {
+            return Err("the circuit's products and the parameters' product keys disagree".into());
+        }
+        let need = circuit.product_requirements().min_polynomial_size;
+        let n = self.polynomial_size;
+        let extracts_fit = circuit.instructions.iter().all(|i| match i {
+            crate::circuit::Instruction::Product(p) => p.extract.iter().all(|&(_, c)| (c as u64) < n),
+            _ => true,
+        });
+        let spans_fit = circuit.ggsw.iter().all(|g| (g.span as u64) <= n);
+        if need > n || !extracts_fit || !spans_fit {
+            return Err(format!(
+                "the circuit's products need polynomials of {need} coefficients, the parameters have {n}"
+            ));
+        }
+        Ok(())
+    }
+
     /// Variance a bootstrap in partition `to` sees for an input under partition `from`'s
     /// large key with coefficients `c` (the keyswitch included in `c`), modulus switch
     /// included.
@@ -343,6 +365,18 @@ impl Params {
                 return Err(format!("parameter set {} is malformed", i + 1));
             }
             p.validate().map_err(|e| format!("parameter set {}: {e}", i + 1))?;
+        }
+        let pp = &self.products;
+        if pp.packing_level > 0 || pp.ggsw_level > 0 {
+            for (what, base, level) in
+                [("packing", pp.packing_base_log, pp.packing_level), ("GGSW", pp.ggsw_base_log, pp.ggsw_level)]
+            {
+                within(&format!("{what} levels"), level as u64, 1, 64)?;
+                within(&format!("{what} base log"), base as u64, 1, 64 / level as u64)?;
+            }
+            if !self.has_lookups() {
+                return Err("products need a GLWE key, which only circuits with lookups have".into());
+            }
         }
         for c in &self.conversions {
             let n = self.set_count() as u32;

@@ -39,8 +39,8 @@ impl<'a> Evaluator<'a> {
         check_fingerprint("the server key", &key.fingerprint, fingerprint)?;
         crate::validate::check_server_key(&key, params)?;
         params.check_partitions(circuit).map_err(RuntimeError::Invalid)?;
-        if circuit.ggsw.is_empty() == params.has_products() {
-            return Err(RuntimeError::Invalid("the circuit's products and the parameters disagree".into()));
+        if !circuit.ggsw.is_empty() || params.has_products() {
+            params.check_products(circuit).map_err(RuntimeError::Invalid)?;
         }
         let key_stamp = key.fingerprint.clone();
         let bigs: Vec<usize> = (0..params.set_count()).map(|q| params.set(q).big_dimension() as usize).collect();
@@ -385,10 +385,12 @@ impl Evaluator<'_> {
             worker.bootstrap(bsk, acc, &mut out);
             br.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        let median = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
         Ok((median(ks), median(br)))
     }
+}
+
+/// The median of timings (the upper one of an even count).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }

@@ -218,11 +218,7 @@ fn lookup_time(p: &Params) -> (f64, f64) {
         worker.bootstrap(&fourier, &acc, &mut out);
         br.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    (median(ks), median(br))
+    (crate::evaluator::median(ks), crate::evaluator::median(br))
 }
 
 /// A measurement, not run by default (~30 s in release):

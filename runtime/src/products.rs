@@ -183,10 +183,6 @@ impl Evaluator<'_> {
             add_external_product_assign(&mut acc, &ggsw, &packed);
             ep.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        let median = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        Ok((median(pk), median(ep)))
+        Ok((crate::evaluator::median(pk), crate::evaluator::median(ep)))
     }
 }

@@ -91,6 +91,44 @@ pub(super) fn trace_input(g: &Graph, id: NodeId, state: &[(usize, usize)]) -> Op
     Some((index, idx.iter().map(|&v| v as u32).collect()))
 }
 
+/// The packs, sums of external products and extractions of a product in the rows or
+/// columns layout (see `Emitter::external`), for O outer client rows, U outer encrypted
+/// rows and T terms; `eidx(u, t)` is the encrypted element, `oidx(o, u)` the output.
+type Layout = (Vec<Vec<(u32, i32)>>, Vec<Vec<(u32, u32)>>, Vec<(u32, u32)>);
+
+fn layout(
+    rows: bool,
+    [o_len, u_len, t_len]: [usize; 3],
+    eidx: &dyn Fn(usize, usize) -> usize,
+    oidx: &dyn Fn(usize, usize) -> usize,
+) -> Layout {
+    let (mut packs, mut sums, mut extract) = (Vec::new(), Vec::new(), vec![(0u32, 0u32); o_len * u_len]);
+    if rows {
+        for u in 0..u_len {
+            packs.push((0..t_len).map(|t| (eidx(u, t) as u32, -(t as i32))).collect());
+        }
+        for o in 0..o_len {
+            for u in 0..u_len {
+                extract[oidx(o, u)] = (sums.len() as u32, 0);
+                sums.push(vec![(o as u32, u as u32)]);
+            }
+        }
+    } else {
+        for u in 0..u_len {
+            let mut terms = Vec::new();
+            for t in 0..t_len {
+                terms.push((t as u32, packs.len() as u32));
+                packs.push(vec![(eidx(u, t) as u32, 0)]);
+            }
+            for o in 0..o_len {
+                extract[oidx(o, u)] = (sums.len() as u32, o as u32);
+            }
+            sums.push(terms);
+        }
+    }
+    (packs, sums, extract)
+}
+
 /// One operand's square sums: a client-derived input (one element per row or column), or
 /// a lookup per element squared.
 enum SquareSums {
@@ -189,30 +227,7 @@ impl Emitter<'_> {
         let packed = self.new_value(n_e, 0, d);
         li.output = packed;
         self.circuit.instructions.push(Instruction::Linear(li));
-        let (mut packs, mut sums, mut extract) = (Vec::new(), Vec::new(), vec![(0u32, 0u32); o_len * u_len]);
-        if use_rows {
-            for u in 0..u_len {
-                packs.push((0..t_len).map(|t| (eidx(u, t) as u32, -(t as i32))).collect());
-            }
-            for o in 0..o_len {
-                for u in 0..u_len {
-                    extract[oidx(o, u)] = (sums.len() as u32, 0);
-                    sums.push(vec![(o as u32, u as u32)]);
-                }
-            }
-        } else {
-            for u in 0..u_len {
-                let mut terms = Vec::new();
-                for t in 0..t_len {
-                    terms.push((t as u32, packs.len() as u32));
-                    packs.push(vec![(eidx(u, t) as u32, 0)]);
-                }
-                for o in 0..o_len {
-                    extract[oidx(o, u)] = (sums.len() as u32, o as u32);
-                }
-                sums.push(terms);
-            }
-        }
+        let (packs, sums, extract) = layout(use_rows, [o_len, u_len, t_len], &eidx, &oidx);
         let prod = self.new_value(o_len * u_len, 0, d);
         self.circuit.instructions.push(Instruction::Product(ProductInstr {
             output: prod,
