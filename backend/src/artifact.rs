@@ -390,6 +390,15 @@ fn circuit_to_proto(c: &Circuit) -> proto::Circuit {
     }
 }
 
+/// Mark value `v` computed; every value is written once (inputs included).
+fn define(defined: &mut [bool], v: usize, path: &str) -> Result<()> {
+    if defined[v] {
+        return Err(bad(path, format!("circuit value {v} is written twice")));
+    }
+    defined[v] = true;
+    Ok(())
+}
+
 /// Decode a circuit, checking every index, so a malformed file fails here rather than
 /// in the evaluator.
 fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
@@ -430,9 +439,12 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
         small[val(v)?] = true;
     }
     let mut ggsw = Vec::with_capacity(p.ggsw.len());
-    for g in &p.ggsw {
+    // the GGSW inputs are the circuit's last inputs, in order
+    let first_ggsw =
+        p.inputs.len().checked_sub(p.ggsw.len()).ok_or_else(|| bad(path, "more GGSW inputs than inputs"))?;
+    for (i, g) in p.ggsw.iter().enumerate() {
         let v = val(g.value)?;
-        let ok = p.inputs.contains(&g.value) && g.span <= 1 << 16 && g.norm2.is_finite() && g.norm2 >= 0.0;
+        let ok = p.inputs[first_ggsw + i] == g.value && g.span <= 1 << 16 && g.norm2.is_finite() && g.norm2 >= 0.0;
         if !ok || small[v] || parts > 1 {
             return Err(bad(path, "a GGSW input is malformed"));
         }
@@ -462,7 +474,7 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
                 {
                     return Err(bad(path, "a linear instruction is malformed"));
                 }
-                defined[out] = true;
+                define(&mut defined, out, path)?;
                 Instruction::Linear(LinearInstr {
                     output: out,
                     inputs,
@@ -494,9 +506,9 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
                 {
                     return Err(bad(path, "a lookup instruction is malformed"));
                 }
-                defined[out] = true;
+                define(&mut defined, out, path)?;
                 if let Some(v) = second {
-                    defined[v] = true;
+                    define(&mut defined, v, path)?;
                 }
                 Instruction::Lookup(LookupInstr { output: out, input, table: l.table, second, partition: q as u8 })
             }
@@ -510,7 +522,7 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
                 {
                     return Err(bad(path, "a keyswitch instruction is malformed"));
                 }
-                defined[out] = true;
+                define(&mut defined, out, path)?;
                 Instruction::Keyswitch(KeyswitchInstr { output: out, input })
             }
             proto::instruction::Kind::Product(q) => {
@@ -547,7 +559,7 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
                 if !ok {
                     return Err(malformed());
                 }
-                defined[out] = true;
+                define(&mut defined, out, path)?;
                 Instruction::Product(ProductInstr { output: out, ggsw: g, input, packs, sums, extract })
             }
         };

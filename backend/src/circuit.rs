@@ -343,9 +343,11 @@ impl Circuit {
             .sums
             .iter()
             .map(|terms| {
-                terms.iter().fold(NoiseCoefs::default(), |a, &(_, q)| {
-                    a.plus(&NoiseCoefs { external: 1.0, ..packs[q as usize] }.scaled(norm2))
-                })
+                // the external product's own noise does not vanish with M: at least one unit
+                let own = NoiseCoefs { external: norm2.max(1.0), ..Default::default() };
+                terms
+                    .iter()
+                    .fold(NoiseCoefs::default(), |a, &(_, q)| a.plus(&packs[q as usize].scaled(norm2)).plus(&own))
             })
             .collect();
         p.extract.iter().map(|&(sum, _)| sums[sum as usize]).collect()

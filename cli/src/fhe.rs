@@ -211,9 +211,9 @@ pub fn keygen_cmd(model: &Path, out_dir: &Path) -> Result<()> {
     let (cp, sp) = (out_dir.join("client.key"), out_dir.join("server.key"));
     files::write(&cp, &ck, CLIENT_KEY_LIMIT)?;
     files::write(&sp, &sk, SERVER_KEY_LIMIT)?;
-    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len() as f64 / 1e6).unwrap_or(0.0);
+    let size = |p: &Path| crate::report::bytes(std::fs::metadata(p).map(|m| m.len()).unwrap_or(0));
     eprintln!(
-        "keys generated in {:.2} s: {} ({:.1} MB, secret: keep it) and {} ({:.1} MB, for the server)",
+        "keys generated in {:.2} s: {} ({}, secret: keep it) and {} ({}, for the server)",
         took.as_secs_f64(),
         cp.display(),
         size(&cp),

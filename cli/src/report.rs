@@ -191,3 +191,12 @@ pub fn json(a: &Artifact) -> Value {
         "fingerprint": a.fingerprint.iter().map(|b| format!("{b:02x}")).collect::<String>(),
     })
 }
+
+/// A file size for people: KB under a megabyte, MB above.
+pub fn bytes(n: u64) -> String {
+    if n < 1_000_000 {
+        format!("{:.1} KB", n as f64 / 1e3)
+    } else {
+        format!("{:.1} MB", n as f64 / 1e6)
+    }
+}

@@ -36,11 +36,14 @@ pub struct Shape {
 }
 
 pub fn compile_cmd(shape: &Shape, args: &SpecArgs, output: &Path) -> Result<()> {
+    let mut data = None;
     let (features, classes) = match (shape, &shape.data) {
         (_, Some((x, y))) => {
             let d = load_data(x, y)?;
             check_batch(args.batch_size, d.x.nrows(), x)?;
-            (d.x.ncols(), training_classes(&d.labels, y)?)
+            let shape = (d.x.ncols(), training_classes(&d.labels, y)?);
+            data = Some(d);
+            shape
         }
         (Shape { features: Some(f), classes: Some(c), .. }, None) => {
             let mut c = c.clone();
@@ -53,6 +56,10 @@ pub fn compile_cmd(shape: &Shape, args: &SpecArgs, output: &Path) -> Result<()> 
     npy::check_writable(output, "the training model")?;
     let start = Instant::now();
     let (a, _) = compile_training(args.spec(features, classes)?, args.p_error)?;
+    if let (Some(d), Some(plan)) = (&data, &a.training) {
+        // the values, not only the shape: NaN or a feature outside the range is an error now
+        plan.quantize_features(&d.x, &d.x_path.display().to_string())?;
+    }
     a.write(output)?;
     eprint!("{}", crate::report::text(&a, false));
     eprintln!("compiled the training step in {:.2} s → {}", start.elapsed().as_secs_f64(), output.display());
@@ -82,6 +89,15 @@ pub fn encrypt_cmd(c: &EncryptCmd) -> Result<()> {
     check_batch(plan.spec.batch, d.x.nrows(), &c.data)?;
     let xq = plan.quantize_features(&d.x, &c.data.display().to_string())?;
     let t = plan.targets(&d.labels, &c.labels.display().to_string())?;
+    let mut seen: Vec<i64> = d.labels.clone();
+    seen.sort_unstable();
+    seen.dedup();
+    if let [only] = seen.as_slice() {
+        eprintln!(
+            "warning: {} holds only class {only}: fine as one part of the data (train-run takes several --batches files), but trained on alone the model learns nothing of the other classes",
+            c.labels.display()
+        );
+    }
     let start = Instant::now();
     let mut rng = match c.seed {
         Some(s) => rand::rngs::StdRng::seed_from_u64(s),
@@ -149,7 +165,10 @@ pub fn run_cmd(c: &RunCmd) -> Result<()> {
     let ev = Evaluator::new(&a.circuit, &a.params, sk, &a.fingerprint)
         .with_context(|| format!("loading server key {}", c.server_key.display()))?;
     let refs: Vec<&EncryptedBatches> = parts.iter().collect();
-    ev.check_training(&refs, &state)?;
+    ev.check_training(&refs, &state).with_context(|| {
+        let names: Vec<String> = c.batches.iter().map(|p| p.display().to_string()).collect();
+        format!("batches {} with weights {}", names.join(", "), c.weights.display())
+    })?;
     eprintln!("server key loaded in {:.2} s", start.elapsed().as_secs_f64());
     let per_epoch: usize = parts.iter().map(|p| p.len()).sum();
     let bar = ProgressBar::new((per_epoch * c.epochs) as u64);
@@ -207,13 +226,15 @@ pub fn decrypt_cmd(c: &DecryptCmd) -> Result<()> {
             if d.x.ncols() != tc.plan.spec.features {
                 bail!("{} has {} features, the model {}", x.display(), d.x.ncols(), tc.plan.spec.features);
             }
+            tc.plan.quantize_features(&d.x, &x.display().to_string())?;
+            tc.plan.targets(&d.labels, &y.display().to_string())?;
             Some((x, d))
         }
         None => None,
     };
     let state: EncryptedState = files::read(&c.weights, CIPHERTEXT_LIMIT)
         .with_context(|| format!("reading weights {}", c.weights.display()))?;
-    state.check(&a.circuit, ck.dimension())?;
+    state.check(&a.circuit, ck.dimension()).with_context(|| format!("weights {}", c.weights.display()))?;
     let ints =
         tc.decode_state(&ck.decrypt_state(&state).with_context(|| format!("decrypting {}", c.weights.display()))?);
     let (w, b) = tc.plan.decode(&ints[0], &ints[1]).with_context(|| format!("decoding {}", c.weights.display()))?;

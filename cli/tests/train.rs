@@ -293,6 +293,29 @@ fn bad_training_input_is_a_clear_error_and_writes_nothing() {
         s(&result),
     ]);
     assert!(e.contains("another key pair"), "{e}");
+    // test data checked like training data: NaN in train-decrypt's --test-data is an error
+    // naming the file and sample, and no model is written
+    let decrypted = dir.join("decrypted.onnx");
+    let e = fails(&[
+        "train-decrypt",
+        s(&model_a),
+        "--client-key",
+        s(&client_a),
+        "--weights",
+        s(&wa),
+        "-o",
+        s(&decrypted),
+        "--test-data",
+        s(&nan),
+        "--test-labels",
+        s(&y),
+    ]);
+    assert!(e.contains("nan.npy") && e.contains("sample 5, feature 1 is NaN"), "{e}");
+    assert!(!decrypted.exists());
+    // and so are train-compile's data values, not only their shape
+    let e = fails(&["train-compile", "--data", s(&nan), "--labels", s(&y), "-o", s(&out)]);
+    assert!(e.contains("sample 5, feature 1 is NaN"), "{e}");
+    assert!(!out.exists());
     // an output directory that does not exist is refused before any work
     let e = fails(&[
         "train-run",

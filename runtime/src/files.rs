@@ -83,7 +83,12 @@ pub fn from_bytes<T: DeserializeOwned + Unversionize + Named + Validate>(
     if Sha256::digest(payload).as_slice() != sum {
         return Err("the file is truncated or was modified (checksum mismatch)".into());
     }
-    let value: T = safe_deserialize(payload, limit).map_err(|e| format!("not a valid {}: {e}", T::NAME))?;
+    let value: T = safe_deserialize(payload, limit).map_err(|e| {
+        format!(
+            "not a valid {} ({e}): damaged, or written by a veil whose format this one cannot read; make it again (veil keygen, then veil encrypt or veil train-encrypt)",
+            T::NAME
+        )
+    })?;
     value.validate().map_err(|e| format!("not a valid {}: {e}", T::NAME))?;
     Ok(value)
 }

@@ -5,7 +5,7 @@ use crate::error::{Result, RuntimeError};
 use serde::{Deserialize, Serialize};
 use tfhe::core_crypto::prelude::*;
 use tfhe::named::Named;
-use tfhe_versionable::{Versionize, VersionsDispatch};
+use tfhe_versionable::{Upgrade, Version, Versionize, VersionsDispatch};
 use veil_backend::params::Params;
 
 /// Secret keys: the large key (inputs, accumulators, outputs) and, when the circuit has
@@ -91,10 +91,30 @@ pub enum ConversionKeyVersions {
     V0(ConversionKey),
 }
 
+/// A server key as written before external products (no packing key).
+#[derive(Version)]
+pub struct ServerKeyV0 {
+    fingerprint: Vec<u8>,
+    bootstrap: Option<SeededLweBootstrapKeyOwned<u64>>,
+    keyswitch: Option<SeededLweKeyswitchKeyOwned<u64>>,
+    more: Vec<ServerSetKey>,
+    conversions: Vec<ConversionKey>,
+}
+
+impl Upgrade<ServerKey> for ServerKeyV0 {
+    type Error = std::convert::Infallible;
+
+    fn upgrade(self) -> std::result::Result<ServerKey, Self::Error> {
+        let ServerKeyV0 { fingerprint, bootstrap, keyswitch, more, conversions } = self;
+        Ok(ServerKey { fingerprint, bootstrap, keyswitch, more, conversions, packing: None })
+    }
+}
+
 #[derive(VersionsDispatch)]
 #[allow(unused)]
 pub enum ServerKeyVersions {
-    V0(ServerKey),
+    V0(ServerKeyV0),
+    V1(ServerKey),
 }
 
 impl Named for ServerKey {

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tfhe::core_crypto::prelude::*;
 use tfhe::named::Named;
-use tfhe_versionable::{Versionize, VersionsDispatch};
+use tfhe_versionable::{Upgrade, Version, Versionize, VersionsDispatch};
 use veil_backend::circuit::Circuit;
 
 /// Encrypted training batches, client → server: per batch (one step each), the circuit
@@ -24,10 +24,27 @@ pub struct EncryptedBatches {
     pub(crate) ggsw: Vec<Vec<Vec<GgswCiphertextOwned<u64>>>>,
 }
 
+/// Batches as written before external products (no GGSW inputs).
+#[derive(Version)]
+pub struct EncryptedBatchesV0 {
+    fingerprint: Vec<u8>,
+    batches: Vec<Vec<SeededLweCiphertextListOwned<u64>>>,
+}
+
+impl Upgrade<EncryptedBatches> for EncryptedBatchesV0 {
+    type Error = std::convert::Infallible;
+
+    fn upgrade(self) -> std::result::Result<EncryptedBatches, Self::Error> {
+        let ggsw = vec![Vec::new(); self.batches.len()];
+        Ok(EncryptedBatches { fingerprint: self.fingerprint, batches: self.batches, ggsw })
+    }
+}
+
 #[derive(VersionsDispatch)]
 #[allow(unused)]
 pub enum EncryptedBatchesVersions {
-    V0(EncryptedBatches),
+    V0(EncryptedBatchesV0),
+    V1(EncryptedBatches),
 }
 
 /// One batch's inputs: LWE ciphertext lists, and per GGSW input its GGSW ciphertexts.
@@ -123,7 +140,7 @@ impl EncryptedBatches {
                 let fits = list.len() == circuit.value_len[circuit.inputs[k]]
                     && list.iter().all(|g| {
                         g.polynomial_size().0 == poly
-                            && g.glwe_size().0 * poly == big + poly
+                            && g.glwe_size().0.checked_mul(poly) == Some(big + poly)
                             && g.decomposition_base_log().0 == products.ggsw_base_log as usize
                             && g.decomposition_level_count().0 == products.ggsw_level as usize
                     });

@@ -48,6 +48,39 @@ fn lwe_list_ok(l: &LweCiphertextListOwned<u64>) -> std::result::Result<(), Strin
     Ok(())
 }
 
+/// A GGSW ciphertext's sizes and data agree (sizes first: tfhe derives the level count
+/// by dividing by them).
+fn ggsw_ok(g: &GgswCiphertextOwned<u64>) -> std::result::Result<(), String> {
+    size_ok("GGSW GLWE size", g.glwe_size().0)?;
+    size_ok("GGSW polynomial size", g.polynomial_size().0)?;
+    modulus_ok(g.ciphertext_modulus().is_native_modulus())?;
+    let row = g.glwe_size().0.saturating_mul(g.glwe_size().0).saturating_mul(g.polynomial_size().0);
+    if row > MAX_SIZE || g.as_ref().is_empty() || !g.as_ref().len().is_multiple_of(row) {
+        return Err("a GGSW ciphertext's data does not match its sizes".into());
+    }
+    let decomposition = g.decomposition_base_log().0.saturating_mul(g.decomposition_level_count().0);
+    if decomposition > 64 || decomposition == 0 {
+        return Err("a GGSW ciphertext's decomposition is out of range".into());
+    }
+    Ok(())
+}
+
+/// A seeded packing keyswitching key's sizes and data agree: one body polynomial per input
+/// element and level.
+fn packing_key_ok(p: &SeededLwePackingKeyswitchKeyOwned<u64>) -> std::result::Result<(), String> {
+    size_ok("packing key polynomial size", p.output_key_polynomial_size().0)?;
+    size_ok("packing key levels", p.decomposition_level_count().0)?;
+    size_ok("packing key GLWE dimension", p.output_key_glwe_dimension().0)?;
+    modulus_ok(p.ciphertext_modulus().is_native_modulus())?;
+    let per_input = p.decomposition_level_count().0 * p.output_key_polynomial_size().0;
+    let decomposition = p.decomposition_base_log().0.saturating_mul(p.decomposition_level_count().0);
+    if p.as_ref().is_empty() || !p.as_ref().len().is_multiple_of(per_input) || decomposition > 64 || decomposition == 0
+    {
+        return Err("the packing keyswitching key's data does not match its sizes".into());
+    }
+    size_ok("packing key input dimension", p.input_key_lwe_dimension().0)
+}
+
 fn seeded_list_ok(l: &SeededLweCiphertextListOwned<u64>) -> std::result::Result<(), String> {
     // Seeded: one body per ciphertext; the size only shapes the regenerated masks.
     size_ok("ciphertext size", l.lwe_size().0)?;
@@ -126,14 +159,7 @@ impl Validate for ServerKey {
                     keyswitch_ok(&c.key)?;
                 }
                 if let Some(p) = &self.packing {
-                    // seeded: one body polynomial per input element and level
-                    let want = p.input_key_lwe_dimension().0
-                        * p.decomposition_level_count().0
-                        * p.output_key_polynomial_size().0;
-                    let decomposition = p.decomposition_base_log().0 * p.decomposition_level_count().0;
-                    if p.as_ref().len() != want || want == 0 || decomposition > 64 || decomposition == 0 {
-                        return Err("the packing keyswitching key's data does not match its sizes".into());
-                    }
+                    packing_key_ok(p)?;
                 }
                 Ok(())
             }
@@ -170,15 +196,7 @@ impl Validate for EncryptedBatches {
     fn validate(&self) -> std::result::Result<(), String> {
         self.batches.iter().flatten().try_for_each(seeded_list_ok)?;
         for g in self.ggsw.iter().flatten().flatten() {
-            let want = tfhe::core_crypto::entities::ggsw_ciphertext_size(
-                g.glwe_size(),
-                g.polynomial_size(),
-                g.decomposition_level_count(),
-            );
-            let decomposition = g.decomposition_base_log().0 * g.decomposition_level_count().0;
-            if g.as_ref().len() != want || want == 0 || decomposition > 64 || decomposition == 0 {
-                return Err("a GGSW ciphertext's data does not match its sizes".into());
-            }
+            ggsw_ok(g)?;
         }
         Ok(())
     }
