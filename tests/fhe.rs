@@ -209,6 +209,12 @@ fn a_small_forest_runs_encrypted_as_in_the_clear() {
         let mut opts = veil_backend::pipeline::CompileOptions::default();
         opts.search.client_tree_tests = client_tests;
         let (a, _) = veil_backend::pipeline::compile(&g, &[read_npy(&dir.join("calib.npy"))], &opts).unwrap();
+        if client_tests {
+            // a forest's class probabilities sum to one per tree: the third class is read
+            // as that constant minus the other two, so only two classes' leaves are looked
+            // up (13 lookups before)
+            assert_eq!(a.circuit.lookups_per_sample(), 10);
+        }
         let ints = encrypted_integers(&a.circuit, &a.client, &a.params, &a.fingerprint, &x);
         let fhe = a.client.finish(&ints, std::slice::from_ref(&x)).unwrap();
         let clear = a.quantized_model().unwrap().run_clear(std::slice::from_ref(&x)).unwrap();

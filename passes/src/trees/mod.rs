@@ -203,14 +203,38 @@ pub fn build(out: &mut Graph, e: &TreeEnsemble, features: Features, unit_bits: u
             hi[k] += h;
         }
     }
-    let scale: Vec<f64> = lo.iter().zip(&hi).map(|(&l, &h)| if h > l { (h - l) / SCORE_STEPS } else { 1.0 }).collect();
-    let quantized = |tree: &[TreeNode], leaf: usize, k: usize| (leaf_value(tree, leaf, k) / scale[k]).round();
+    let mut scale: Vec<f64> =
+        lo.iter().zip(&hi).map(|(&l, &h)| if h > l { (h - l) / SCORE_STEPS } else { 1.0 }).collect();
+    // When every tree's leaves sum to one constant over the targets (a forest's class
+    // probabilities), the last target is that constant minus the others: its score is a
+    // linear function of theirs, with no lookup (half the leaf lookups of a binary
+    // forest). All targets then share one scale, and the last one's integer leaves are
+    // defined as the tree's constant minus the others' integers, so the identity is exact.
+    let complement = complement_target(e, &leaf_value, &leaves_of);
+    if complement.is_some() {
+        let common = scale.iter().copied().fold(f64::MIN, f64::max);
+        scale.iter_mut().for_each(|s| *s = common);
+    }
+    let last = e.n_targets - 1;
+    // the integer value of leaf `leaf` of tree `t` for target k
+    let quantized = |t: usize, leaf: usize, k: usize| -> f64 {
+        let tree = &e.trees[t];
+        match &complement {
+            Some(sums) if k == last => {
+                (sums[t] / scale[k]).round()
+                    - (0..last).map(|j| (leaf_value(tree, leaf, j) / scale[j]).round()).sum::<f64>()
+            }
+            _ => (leaf_value(tree, leaf, k) / scale[k]).round(),
+        }
+    };
+    // the targets whose leaves are looked up
+    let looked_up = if complement.is_some() { last } else { e.n_targets };
     // one leaf lookup per (unit, target one of its leaves writes)
     let mut elems: Vec<(usize, usize)> = Vec::new();
     for (u, unit) in all_units.iter().enumerate() {
         let tree = &e.trees[unit.tree];
-        for k in 0..e.n_targets {
-            if unit.leaves(tree).iter().any(|&l| quantized(tree, l, k) != 0.0) {
+        for k in 0..looked_up {
+            if unit.leaves(tree).iter().any(|&l| quantized(unit.tree, l, k) != 0.0) {
                 elems.push((u, k));
             }
         }
@@ -223,7 +247,7 @@ pub fn build(out: &mut Graph, e: &TreeEnsemble, features: Features, unit_bits: u
             let vals = elems.iter().map(|&(u, k)| {
                 let unit = &all_units[u];
                 let tree = &e.trees[unit.tree];
-                unit.leaf_at(tree, v as i64).map_or(0.0, |l| quantized(tree, l, k))
+                unit.leaf_at(tree, v as i64).map_or(0.0, |l| quantized(unit.tree, l, k))
             });
             ArrayD::from_shape_vec(vec![elems.len()], vals.collect()).expect("one per element")
         })
@@ -241,15 +265,22 @@ pub fn build(out: &mut Graph, e: &TreeEnsemble, features: Features, unit_bits: u
     // sum per target
     let mut sum = Array2::<i64>::zeros((e.n_targets, elems.len()));
     elems.iter().enumerate().for_each(|(i, &(_, k))| sum[[k, i]] = 1);
-    let lin = Linear::new(LinearKind::Dense { weights: sum }, ArrayD::zeros(vec![e.n_targets]), TREE_LABEL);
+    let mut bias = ArrayD::zeros(vec![e.n_targets]);
+    if let Some(sums) = &complement {
+        // last = Σ_trees (tree constant) − Σ_others
+        elems.iter().enumerate().for_each(|(i, _)| sum[[last, i]] = -1);
+        let trees = e.trees.iter().enumerate().filter(|(_, t)| !matches!(t[0], TreeNode::Leaf { .. }));
+        bias[last] = trees.map(|(t, _)| (sums[t] / scale[last]).round() as i64).sum::<i64>();
+    }
+    let lin = Linear::new(LinearKind::Dense { weights: sum }, bias, TREE_LABEL);
     let sums = out.add(Op::Linear(Box::new(lin)), &[leaves], format!("{name}/scores"))?;
     // Exactly one leaf per tree is reached: the scores lie within Σ_trees [min, max] of
     // their leaves' integers, far inside the interval bound of a sum over all units.
     let (mut lo_sum, mut hi_sum) = (i64::MAX, i64::MIN);
     for k in 0..e.n_targets {
         let (mut l, mut h) = (0i64, 0i64);
-        for tree in e.trees.iter().filter(|t| !matches!(t[0], TreeNode::Leaf { .. })) {
-            let q: Vec<i64> = leaves_of(tree).into_iter().map(|leaf| quantized(tree, leaf, k) as i64).collect();
+        for (t, tree) in e.trees.iter().enumerate().filter(|(_, t)| !matches!(t[0], TreeNode::Leaf { .. })) {
+            let q: Vec<i64> = leaves_of(tree).into_iter().map(|leaf| quantized(t, leaf, k) as i64).collect();
             l += q.iter().copied().min().unwrap_or(0);
             h += q.iter().copied().max().unwrap_or(0);
         }
@@ -263,6 +294,39 @@ pub fn build(out: &mut Graph, e: &TreeEnsemble, features: Features, unit_bits: u
     };
     let offset = (0..e.n_targets).map(|k| constant[k] + base(k)).collect();
     Ok(Scores { node, scale, offset })
+}
+
+/// Per tree, the constant its leaves' values sum to over the targets, when every tree
+/// (single-leaf trees aside) has one (within 1e-6 of the values' magnitude: float32 sums)
+/// and there are
+/// at least two targets; `None` otherwise.
+fn complement_target(
+    e: &TreeEnsemble,
+    leaf_value: &dyn Fn(&[TreeNode], usize, usize) -> f64,
+    leaves_of: &dyn Fn(&[TreeNode]) -> Vec<usize>,
+) -> Option<Vec<f64>> {
+    if e.n_targets < 2 {
+        return None;
+    }
+    let mut sums = vec![0.0; e.trees.len()];
+    for (t, tree) in e.trees.iter().enumerate() {
+        if matches!(tree[0], TreeNode::Leaf { .. }) {
+            continue;
+        }
+        let totals: Vec<f64> =
+            leaves_of(tree).into_iter().map(|l| (0..e.n_targets).map(|k| leaf_value(tree, l, k)).sum()).collect();
+        let first = *totals.first()?;
+        let size = (0..e.n_targets)
+            .flat_map(|k| leaves_of(tree).into_iter().map(move |l| (l, k)))
+            .map(|(l, k)| leaf_value(tree, l, k).abs())
+            .fold(first.abs(), f64::max);
+        // leaf weights are float32: their sums agree to a few float32 steps
+        if totals.iter().any(|v| (v - first).abs() > 1e-6 * size.max(f64::MIN_POSITIVE)) {
+            return None;
+        }
+        sums[t] = first;
+    }
+    Some(sums)
 }
 
 /// The comparison bits `[batch, bits]` in the order of `bits` ((feature, cut index)).
