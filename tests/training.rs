@@ -15,6 +15,9 @@ fn exact_spec() -> TrainSpec {
     let mut s = TrainSpec::new(2, vec![0, 1]);
     s.batch = 2;
     s.weight_range = 0.125;
+    // 3 feature and 4 error levels: with these, the update needs no dither
+    s.x_levels = 3;
+    s.error_levels = 4;
     s
 }
 

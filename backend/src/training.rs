@@ -205,7 +205,8 @@ fn report(model: &TrainingModel, low: &LoweredGraph, seconds: f64) -> proto::Rep
             lo: r.lo,
             hi: r.hi,
             lookups: low.node_lookups.get(&id).copied().unwrap_or(0) as u32,
-            precision: max_precision_of(g, id),
+            // external products read nothing through a lookup
+            precision: if matches!(node.op, veil_ir::Op::MatMulEnc) { 0 } else { max_precision_of(g, id) },
             rounding,
         });
     }

@@ -6,10 +6,10 @@
 //! The integer step, with x ∈ [−Qx, Qx] (features), y ∈ {0, 1}, W, b ∈ [−Qw, Qw]:
 //!
 //! ```text
-//! z  = x·W + Qx·b                      matmul_enc: lookups of squares
+//! z  = x·W + Qx·b                      matmul_enc (the backend: external products)
 //! z' = saturate(z, ±Zi)                one lookup: logits beyond ±logit_bound saturate
 //! e  = round(Qe·σ(z'·sw/Qx)) − Qe·y    one lookup (σ read to the circuit's precision)
-//! G  = xᵀ·e,  Gb = Qx·Σ_batch e        matmul_enc, and a clear sum
+//! G  = xᵀ·e,  Gb = Qx·Σ_batch e        matmul_enc (external products), and a clear sum
 //! W' = clamp(round((2^j·W − G + D − 2^(j−1)) / 2^j), ±Qw)   one lookup per weight
 //! ```
 //!
@@ -63,7 +63,7 @@ pub struct TrainSpec {
 
 impl TrainSpec {
     /// The defaults: batch 8, learning rate 1, no penalty, features in [−1, 1], weights
-    /// within ±1, 6-bit lookups, 3 feature levels each side, errors in quarters, logits
+    /// within ±1, 6-bit lookups, 15 feature levels each side, errors in sixteenths, logits
     /// saturating at ±8 (σ(8) = 0.9997).
     pub fn new(features: usize, classes: Vec<i64>) -> TrainSpec {
         TrainSpec {
@@ -75,8 +75,12 @@ impl TrainSpec {
             feature_range: (-1.0, 1.0),
             weight_range: 1.0,
             precision: 6,
-            x_levels: 3,
-            error_levels: 4,
+            // the products are external products, so finer features and errors cost no
+            // lookup width (only ‖x‖² in the noise): over 20 stratified splits of breast
+            // cancer, simulated training tracks float SGD within 0.9 point at 15/16 levels,
+            // 1.6 points at the 3/4 levels square lookups allowed
+            x_levels: 15,
+            error_levels: 16,
             logit_bound: 8.0,
         }
     }
@@ -132,12 +136,7 @@ impl TrainSpec {
         if self.x_levels < 1 || self.error_levels < 1 || self.logit_bound.is_nan() || self.logit_bound <= 0.0 {
             return bad("feature levels, error levels and the logit bound must be positive".into());
         }
-        if 2 * (self.x_levels + self.error_levels) + 1 > 1 << self.precision {
-            return bad(format!(
-                "{} feature levels and {} error levels do not fit {}-bit lookups",
-                self.x_levels, self.error_levels, self.precision
-            ));
-        }
+
         Ok(())
     }
 }
@@ -166,7 +165,7 @@ impl TrainingPlan {
         let mut best: Option<(f64, i64, u32, f64)> = None;
         for j in 0..=24u32 {
             let sw = spec.learning_rate * 2f64.powi(j as i32) / (qx * qe * b) as f64;
-            let mut qw = ((spec.weight_range / sw).round() as i64).min((1 << (p - 1)) - 1 - qx);
+            let mut qw = ((spec.weight_range / sw).round() as i64).min((1 << (p - 1)) - 1);
             while qw >= 2 && !update_fits(&spec, qw, j) {
                 qw -= 1;
             }
@@ -607,10 +606,19 @@ mod tests {
                 spec.learning_rate = lr;
                 spec.batch = batch;
                 let p = TrainingPlan::new(spec).unwrap();
-                let k = lr / (3.0 * 4.0 * batch as f64 * p.weight_scale);
+                let (qx, qe) = (p.spec.x_levels as f64, p.spec.error_levels as f64);
+                let k = lr / (qx * qe * batch as f64 * p.weight_scale);
                 assert!((k * 2f64.powi(p.dither_bits as i32) - 1.0).abs() < 1e-12, "lr {lr} batch {batch}: {p:?}");
                 let m = TrainingModel::new(p.clone()).unwrap();
-                assert!(crate::bitwidth::max_precision(&m.graph) <= 6, "lr {lr} batch {batch}");
+                // every lookup fits 6 bits (the products are external products, no lookups)
+                let widest = m
+                    .graph
+                    .node_ids()
+                    .filter(|&id| !matches!(m.graph.node(id).op, Op::MatMulEnc))
+                    .map(|id| crate::bitwidth::max_precision_of(&m.graph, id))
+                    .max()
+                    .unwrap_or(0);
+                assert!(widest <= 6, "lr {lr} batch {batch}: {widest} bits");
                 // a step can move a weight by lr·max|g| = lr: large rates leave fewer levels
                 assert!(p.weight_levels >= if lr <= 1.0 { 8 } else { 4 }, "{p:?}");
             }
@@ -638,7 +646,8 @@ mod tests {
         let x = Array2::from_shape_vec((1, 2), vec![f32::NAN, 0.0]).unwrap();
         assert!(p.quantize_features(&x, "X").unwrap_err().to_string().contains("sample 0, feature 0 is NaN"));
         let ok = Array2::from_shape_vec((1, 2), vec![1.0, -0.34]).unwrap();
-        assert_eq!(p.quantize_features(&ok, "X").unwrap(), Array2::from_shape_vec((1, 2), vec![3, -1]).unwrap());
+        // ±15 levels: 1.0 → 15, −0.34 → round(−5.1) = −5
+        assert_eq!(p.quantize_features(&ok, "X").unwrap(), Array2::from_shape_vec((1, 2), vec![15, -5]).unwrap());
         let e = p.targets(&[0, 1, 7], "y.npy").unwrap_err().to_string();
         assert!(e.contains("sample 2 has label 7"), "{e}");
     }
