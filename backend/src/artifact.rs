@@ -324,6 +324,13 @@ fn from_starts<T: Clone>(start: &[u32], items: &[T]) -> Option<Vec<Vec<T>>> {
     ok.then(|| start.windows(2).map(|w| items[w[0] as usize..w[1] as usize].to_vec()).collect())
 }
 
+/// Lists of pairs (a[i], b[i]) from a start-offset encoding over two parallel arrays;
+/// `None` when the arrays differ in length or the offsets are malformed.
+fn pairs_from_starts<A: Copy, B: Copy>(start: &[u32], a: &[A], b: &[B]) -> Option<Vec<Vec<(A, B)>>> {
+    let pairs: Vec<(A, B)> = (a.len() == b.len()).then(|| a.iter().copied().zip(b.iter().copied()).collect())?;
+    from_starts(start, &pairs)
+}
+
 /// The start offsets of `lists`, for [`from_starts`].
 fn starts<T>(lists: &[Vec<T>]) -> Vec<u32> {
     std::iter::once(0)
@@ -528,22 +535,9 @@ fn circuit_from_proto(p: proto::Circuit, path: &str) -> Result<Circuit> {
             proto::instruction::Kind::Product(q) => {
                 let (out, g, input) = (val(q.output)?, val(q.ggsw)?, val(q.input)?);
                 let malformed = || bad(path, "a product instruction is malformed");
-                let packs = (q.pack_element.len() == q.pack_exponent.len())
-                    .then(|| {
-                        let entries: Vec<(u32, i32)> =
-                            q.pack_element.iter().copied().zip(q.pack_exponent.iter().copied()).collect();
-                        from_starts(&q.pack_start, &entries)
-                    })
-                    .flatten()
-                    .ok_or_else(malformed)?;
-                let sums = (q.sum_ggsw.len() == q.sum_pack.len())
-                    .then(|| {
-                        let entries: Vec<(u32, u32)> =
-                            q.sum_ggsw.iter().copied().zip(q.sum_pack.iter().copied()).collect();
-                        from_starts(&q.sum_start, &entries)
-                    })
-                    .flatten()
-                    .ok_or_else(malformed)?;
+                let packs =
+                    pairs_from_starts(&q.pack_start, &q.pack_element, &q.pack_exponent).ok_or_else(malformed)?;
+                let sums = pairs_from_starts(&q.sum_start, &q.sum_ggsw, &q.sum_pack).ok_or_else(malformed)?;
                 let extract: Vec<(u32, u32)> =
                     q.extract_sum.iter().copied().zip(q.extract_coefficient.iter().copied()).collect();
                 let ok = is_ggsw(g)
@@ -703,8 +697,7 @@ fn client_from_proto(p: proto::Client, circuit: &Circuit, path: &str) -> Result<
         .map(|(k, g)| {
             let from = g.from as usize;
             let value = circuit.inputs[own + k];
-            let entries: Vec<(u32, u32)> = g.elements.iter().copied().zip(g.exponents.iter().copied()).collect();
-            let polys = (g.elements.len() == g.exponents.len()).then(|| from_starts(&g.poly_start, &entries)).flatten();
+            let polys = pairs_from_starts(&g.poly_start, &g.elements, &g.exponents);
             let per = circuit.inputs.get(from).map_or(0, |&v| circuit.value_len[v]) as u32;
             let input = polys.map(|polys| GgswInput { from, polys }).filter(|gi| {
                 from < p.inputs.len()

@@ -49,9 +49,14 @@ fn lookups(c: &Circuit) -> usize {
     c.lookups_per_sample()
 }
 
-fn identity(g: &mut Graph, v: NodeId, r: Range) -> NodeId {
-    let t = Tlu { expr: Expr::Input, input: r, params: vec![], rounding: 0, label: "id".into() };
+/// The identity read through a lookup dropping `rounding` bits.
+fn lookup_of(g: &mut Graph, v: NodeId, r: Range, rounding: u32) -> NodeId {
+    let t = Tlu { expr: Expr::Input, input: r, params: vec![], rounding, label: "id".into() };
     g.add(Op::Tlu(Box::new(t)), &[v], "lookup").unwrap()
+}
+
+fn identity(g: &mut Graph, v: NodeId, r: Range) -> NodeId {
+    lookup_of(g, v, r, 0)
 }
 
 #[test]
@@ -89,19 +94,7 @@ fn external_products_reuse_the_client_polynomials() {
     let wl = identity(&mut g, w, Range::new(-7, 7));
     let z = g.add(Op::MatMulEnc, &[x, wl], "z").unwrap();
     let zr = g.enc_range(z);
-    let e = g
-        .add(
-            Op::Tlu(Box::new(Tlu {
-                expr: Expr::Input,
-                input: zr,
-                params: vec![],
-                rounding: 4,
-                label: "coarse".into(),
-            })),
-            &[z],
-            "e",
-        )
-        .unwrap();
+    let e = lookup_of(&mut g, z, zr, 4);
     let xt = g.add(Op::Transpose { perm: vec![0, 2, 1] }, &[x], "xt").unwrap();
     let gr = g.add(Op::MatMulEnc, &[xt, e], "g").unwrap();
     g.set_output("g", gr);
