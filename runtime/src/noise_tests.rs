@@ -309,13 +309,12 @@ fn product_noise_stays_within_the_model() {
     let plain: Vec<Vec<u64>> = w.iter().map(|r| r.iter().map(|&v| (v << delta_log2) as u64).collect()).collect();
     let lwe = ck.encrypt(&[plain]).expand().remove(0);
     let mut seeder = new_seeder();
-    let mut generator = EncryptionRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed(), seeder.as_mut());
     let noise = crate::keys::gaussian(ck.big_noise_std);
     let ggsw: Vec<Vec<_>> = m
         .iter()
         .map(|r| {
             let coeffs: Vec<u64> = r.iter().map(|&v| v as u64).collect();
-            let g = crate::products::encrypt_ggsw(&ck.glwe_key(2048), &coeffs, &p.products, noise, &mut generator);
+            let g = crate::products::encrypt_ggsw(&ck.glwe_key(2048), &coeffs, &p.products, noise, seeder.as_mut());
             vec![crate::products::to_fourier(&g)]
         })
         .collect();

@@ -10,6 +10,7 @@ use tfhe::core_crypto::algorithms::polynomial_algorithms::{
     polynomial_wrapping_monic_monomial_div_assign, polynomial_wrapping_monic_monomial_mul_assign,
 };
 use tfhe::core_crypto::algorithms::slice_algorithms::slice_wrapping_add_assign;
+use tfhe::core_crypto::commons::math::random::Uniform;
 use tfhe::core_crypto::fft_impl::fft64::{c64, ABox};
 use tfhe::core_crypto::prelude::*;
 use veil_backend::circuit::ProductInstr;
@@ -18,71 +19,79 @@ use veil_backend::params::ProductParams;
 /// A GGSW ciphertext in the Fourier domain.
 pub(crate) type FourierGgsw = FourierGgswCiphertext<ABox<[c64]>>;
 
-/// GGSW encryption of the integer polynomial M = Σ_t coeffs[t]·Y^t under `key`:
-/// level matrix ℓ (ℓ = levels … 1) holds, row j < k, a GLWE encryption of −M·s_j·q/B^ℓ and,
-/// last row, of M·q/B^ℓ — tfhe's constant GGSW encryption with a polynomial message.
-pub(crate) fn encrypt_ggsw<G: ByteRandomGenerator>(
+/// The plaintext of row `row` of a GGSW level matrix for the polynomial M = Σ_t
+/// coeffs[t]·Y^t at `factor` = q/B^ℓ: rows j < k carry −M·s_j·factor, the last row
+/// M·factor — tfhe's constant GGSW encryption with a polynomial message.
+fn ggsw_row_plaintext(key: &GlweSecretKey<&[u64]>, coeffs: &[u64], row: usize, factor: u64) -> Vec<u64> {
+    let n = key.polynomial_size().0;
+    let mut plain = vec![0u64; n];
+    if row < key.glwe_dimension().0 {
+        // M·s_j, negacyclic; M is sparse (a few coefficients)
+        let s = key.as_polynomial_list();
+        let s = s.get(row);
+        for (t, &m) in coeffs.iter().enumerate().filter(|(_, &m)| m != 0) {
+            for (i, &b) in s.as_ref().iter().enumerate() {
+                let (e, neg) = ((i + t) % n, (i + t) / n % 2 == 1);
+                let v = m.wrapping_mul(b);
+                plain[e] = if neg { plain[e].wrapping_sub(v) } else { plain[e].wrapping_add(v) };
+            }
+        }
+        plain.iter_mut().for_each(|v| *v = v.wrapping_mul(factor).wrapping_neg());
+    } else {
+        plain.iter_mut().zip(coeffs).for_each(|(o, &m)| *o = m.wrapping_mul(factor));
+    }
+    plain
+}
+
+/// Seeded GGSW encryption of the integer polynomial M = Σ_t coeffs[t]·Y^t under `key`
+/// (masks regenerated from the seed, so only the bodies travel: half the size). Level
+/// matrix ℓ (ℓ = levels … 1) and its rows are encrypted with the generator forks tfhe's
+/// seeded GGSW encryption uses, so tfhe's decompression rebuilds the masks.
+pub(crate) fn encrypt_ggsw(
     key: &GlweSecretKey<&[u64]>,
     coeffs: &[u64],
     p: &ProductParams,
     noise: DynamicDistribution<u64>,
-    generator: &mut EncryptionRandomGenerator<G>,
-) -> GgswCiphertextOwned<u64> {
-    let poly = key.polynomial_size();
-    let (k, levels, base_log) = (key.glwe_dimension().0, p.ggsw_level as usize, p.ggsw_base_log as usize);
-    let mut ggsw = GgswCiphertext::new(
+    seeder: &mut dyn Seeder,
+) -> SeededGgswCiphertextOwned<u64> {
+    let (levels, base_log) = (p.ggsw_level as usize, p.ggsw_base_log as usize);
+    let mut ggsw = SeededGgswCiphertext::new(
         0u64,
         key.glwe_dimension().to_glwe_size(),
-        poly,
+        key.polynomial_size(),
         DecompositionBaseLog(base_log),
         DecompositionLevelCount(levels),
+        seeder.seed().into(),
         CiphertextModulus::new_native(),
     );
-    let key_polys = key.as_polynomial_list();
-    // M·s_j, negacyclic (M is sparse: a few coefficients)
-    let times_key: Vec<Vec<u64>> = (0..k)
-        .map(|j| {
-            let s = key_polys.get(j);
-            let mut out = vec![0u64; poly.0];
-            for (t, &m) in coeffs.iter().enumerate().filter(|(_, &m)| m != 0) {
-                for (i, &b) in s.as_ref().iter().enumerate() {
-                    let (e, neg) = ((i + t) % poly.0, (i + t) / poly.0 % 2 == 1);
-                    let v = m.wrapping_mul(b);
-                    out[e] = if neg { out[e].wrapping_sub(v) } else { out[e].wrapping_add(v) };
-                }
-            }
-            out
-        })
-        .collect();
-    for (index, mut matrix) in ggsw.iter_mut().enumerate() {
-        let level = levels - index;
-        let factor = 1u64 << (64 - base_log * level);
-        for (row, mut glwe) in matrix.as_mut_glwe_list().iter_mut().enumerate() {
-            let mut plain = vec![0u64; poly.0];
-            if row < k {
-                for (o, &v) in plain.iter_mut().zip(&times_key[row]) {
-                    *o = v.wrapping_mul(factor).wrapping_neg();
-                }
-            } else {
-                for (o, &m) in plain.iter_mut().zip(coeffs) {
-                    *o = m.wrapping_mul(factor);
-                }
-            }
-            encrypt_glwe_ciphertext(key, &mut glwe, &PlaintextList::from_container(plain), noise, generator);
+    let mut generator = EncryptionRandomGenerator::<DefaultRandomGenerator>::new(ggsw.compression_seed(), seeder);
+    let forks = generator
+        .try_fork_from_config(ggsw.encryption_fork_config(Uniform, noise))
+        .expect("a GGSW's generator forks per level");
+    for (index, (mut matrix, mut level_generator)) in ggsw.iter_mut().zip(forks).enumerate() {
+        let factor = 1u64 << (64 - base_log * (levels - index));
+        let rows = level_generator
+            .try_fork_from_config(matrix.encryption_fork_config(Uniform, noise))
+            .expect("a level matrix's generator forks per row");
+        for ((row, mut glwe), mut row_generator) in matrix.as_mut_seeded_glwe_list().iter_mut().enumerate().zip(rows) {
+            glwe.get_mut_body().as_mut().copy_from_slice(&ggsw_row_plaintext(key, coeffs, row, factor));
+            encrypt_seeded_glwe_ciphertext_assign_with_pre_seeded_generator(key, &mut glwe, noise, &mut row_generator);
         }
     }
     ggsw
 }
 
-/// A GGSW ciphertext in the Fourier domain, as external products use it.
-pub(crate) fn to_fourier(g: &GgswCiphertextOwned<u64>) -> FourierGgsw {
+/// A seeded GGSW ciphertext expanded and converted to the Fourier domain, as external
+/// products use it.
+pub(crate) fn to_fourier(g: &SeededGgswCiphertextOwned<u64>) -> FourierGgsw {
+    let g = g.clone().decompress_into_ggsw_ciphertext();
     let mut f = FourierGgswCiphertext::new(
         g.glwe_size(),
         g.polynomial_size(),
         g.decomposition_base_log(),
         g.decomposition_level_count(),
     );
-    convert_standard_ggsw_ciphertext_to_fourier(g, &mut f);
+    convert_standard_ggsw_ciphertext_to_fourier(&g, &mut f);
     f
 }
 
@@ -168,9 +177,8 @@ impl Evaluator<'_> {
         coeffs.iter_mut().enumerate().for_each(|(i, c)| *c = (i % 7) as u64);
         let noise = crate::keys::gaussian(ck.big_noise_std);
         let mut seeder = new_seeder();
-        let mut generator = EncryptionRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed(), seeder.as_mut());
         let ggsw =
-            to_fourier(&encrypt_ggsw(&ck.glwe_key(poly.0), &coeffs, self.product_params(), noise, &mut generator));
+            to_fourier(&encrypt_ggsw(&ck.glwe_key(poly.0), &coeffs, self.product_params(), noise, seeder.as_mut()));
         let modulus = CiphertextModulus::new_native();
         let mut packed = GlweCiphertext::new(0u64, glwe_size, poly, modulus);
         let mut acc = GlweCiphertext::new(0u64, glwe_size, poly, modulus);

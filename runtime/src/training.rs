@@ -20,8 +20,9 @@ use veil_backend::circuit::Circuit;
 pub struct EncryptedBatches {
     pub fingerprint: Vec<u8>,
     pub(crate) batches: Vec<Vec<SeededLweCiphertextListOwned<u64>>>,
-    /// Per batch, per GGSW input of the circuit, its GGSW ciphertexts (one per polynomial).
-    pub(crate) ggsw: Vec<Vec<Vec<GgswCiphertextOwned<u64>>>>,
+    /// Per batch, per GGSW input of the circuit, its GGSW ciphertexts (one per polynomial,
+    /// seeded).
+    pub(crate) ggsw: Vec<Vec<Vec<SeededGgswCiphertextOwned<u64>>>>,
 }
 
 /// Batches as written before external products (no GGSW inputs).
@@ -31,11 +32,33 @@ pub struct EncryptedBatchesV0 {
     batches: Vec<Vec<SeededLweCiphertextListOwned<u64>>>,
 }
 
-impl Upgrade<EncryptedBatches> for EncryptedBatchesV0 {
+impl Upgrade<EncryptedBatchesV1> for EncryptedBatchesV0 {
     type Error = std::convert::Infallible;
 
-    fn upgrade(self) -> std::result::Result<EncryptedBatches, Self::Error> {
+    fn upgrade(self) -> std::result::Result<EncryptedBatchesV1, Self::Error> {
         let ggsw = vec![Vec::new(); self.batches.len()];
+        Ok(EncryptedBatchesV1 { fingerprint: self.fingerprint, batches: self.batches, ggsw })
+    }
+}
+
+/// Batches with unseeded GGSW ciphertexts (written for one day, before they were seeded).
+#[derive(Version)]
+pub struct EncryptedBatchesV1 {
+    fingerprint: Vec<u8>,
+    batches: Vec<Vec<SeededLweCiphertextListOwned<u64>>>,
+    ggsw: Vec<Vec<Vec<GgswCiphertextOwned<u64>>>>,
+}
+
+impl Upgrade<EncryptedBatches> for EncryptedBatchesV1 {
+    type Error = RuntimeError;
+
+    fn upgrade(self) -> std::result::Result<EncryptedBatches, Self::Error> {
+        if self.ggsw.iter().flatten().any(|input| !input.is_empty()) {
+            return Err(RuntimeError::Invalid(
+                "batches with unseeded GGSW ciphertexts, from an older veil: encrypt them again".into(),
+            ));
+        }
+        let ggsw = self.ggsw.into_iter().map(|b| b.into_iter().map(|_| Vec::new()).collect()).collect();
         Ok(EncryptedBatches { fingerprint: self.fingerprint, batches: self.batches, ggsw })
     }
 }
@@ -44,11 +67,12 @@ impl Upgrade<EncryptedBatches> for EncryptedBatchesV0 {
 #[allow(unused)]
 pub enum EncryptedBatchesVersions {
     V0(EncryptedBatchesV0),
-    V1(EncryptedBatches),
+    V1(EncryptedBatchesV1),
+    V2(EncryptedBatches),
 }
 
 /// One batch's inputs: LWE ciphertext lists, and per GGSW input its GGSW ciphertexts.
-pub type BatchInputs<'a> = (&'a [SeededLweCiphertextListOwned<u64>], &'a [Vec<GgswCiphertextOwned<u64>>]);
+pub type BatchInputs<'a> = (&'a [SeededLweCiphertextListOwned<u64>], &'a [Vec<SeededGgswCiphertextOwned<u64>>]);
 
 impl Named for EncryptedBatches {
     const NAME: &'static str = "veil::EncryptedBatches";
@@ -243,11 +267,10 @@ impl ClientKey {
         circuit: &Circuit,
         params: &veil_backend::params::Params,
         inputs: &[Vec<u64>],
-    ) -> Result<Vec<Vec<GgswCiphertextOwned<u64>>>> {
+    ) -> Result<Vec<Vec<SeededGgswCiphertextOwned<u64>>>> {
         let key = self.glwe_key(params.polynomial_size as usize);
         let noise = crate::keys::gaussian(self.big_noise_std);
         let mut seeder = new_seeder();
-        let mut generator = EncryptionRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed(), seeder.as_mut());
         ggsw_inputs(circuit)
             .into_iter()
             .map(|k| {
@@ -259,7 +282,7 @@ impl ClientKey {
                 }
                 Ok(coeffs
                     .chunks(span.max(1))
-                    .map(|c| crate::products::encrypt_ggsw(&key, c, &params.products, noise, &mut generator))
+                    .map(|c| crate::products::encrypt_ggsw(&key, c, &params.products, noise, seeder.as_mut()))
                     .collect())
             })
             .collect()
@@ -331,7 +354,7 @@ impl Evaluator<'_> {
     pub fn train_step(
         &self,
         batch: &[SeededLweCiphertextListOwned<u64>],
-        ggsw: &[Vec<GgswCiphertextOwned<u64>>],
+        ggsw: &[Vec<SeededGgswCiphertextOwned<u64>>],
         state: &[LweCiphertextListOwned<u64>],
         progress: &(dyn Fn(usize) + Sync),
     ) -> Result<Vec<LweCiphertextListOwned<u64>>> {

@@ -48,13 +48,13 @@ fn lwe_list_ok(l: &LweCiphertextListOwned<u64>) -> std::result::Result<(), Strin
     Ok(())
 }
 
-/// A GGSW ciphertext's sizes and data agree (sizes first: tfhe derives the level count
-/// by dividing by them).
-fn ggsw_ok(g: &GgswCiphertextOwned<u64>) -> std::result::Result<(), String> {
+/// A seeded GGSW ciphertext's sizes and data agree (sizes first: tfhe derives the level
+/// count by dividing by them). Seeded: one body polynomial per row of each level matrix.
+fn ggsw_ok(g: &SeededGgswCiphertextOwned<u64>) -> std::result::Result<(), String> {
     size_ok("GGSW GLWE size", g.glwe_size().0)?;
     size_ok("GGSW polynomial size", g.polynomial_size().0)?;
     modulus_ok(g.ciphertext_modulus().is_native_modulus())?;
-    let row = g.glwe_size().0.saturating_mul(g.glwe_size().0).saturating_mul(g.polynomial_size().0);
+    let row = g.glwe_size().0.saturating_mul(g.polynomial_size().0);
     if row > MAX_SIZE || g.as_ref().is_empty() || !g.as_ref().len().is_multiple_of(row) {
         return Err("a GGSW ciphertext's data does not match its sizes".into());
     }
