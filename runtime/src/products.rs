@@ -19,28 +19,31 @@ use veil_backend::params::ProductParams;
 /// A GGSW ciphertext in the Fourier domain.
 pub(crate) type FourierGgsw = FourierGgswCiphertext<ABox<[c64]>>;
 
-/// The plaintext of row `row` of a GGSW level matrix for the polynomial M = Σ_t
-/// coeffs[t]·Y^t at `factor` = q/B^ℓ: rows j < k carry −M·s_j·factor, the last row
-/// M·factor — tfhe's constant GGSW encryption with a polynomial message.
-fn ggsw_row_plaintext(key: &GlweSecretKey<&[u64]>, coeffs: &[u64], row: usize, factor: u64) -> Vec<u64> {
+/// The messages of a GGSW's rows for the polynomial M = Σ_t coeffs[t]·Y^t, before the
+/// level's factor q/B^ℓ: rows j < k carry −M·s_j, the last row M — tfhe's constant GGSW
+/// encryption with a polynomial message. The same for every level, so computed once.
+fn ggsw_row_messages(key: &GlweSecretKey<&[u64]>, coeffs: &[u64]) -> Vec<Vec<u64>> {
     let n = key.polynomial_size().0;
-    let mut plain = vec![0u64; n];
-    if row < key.glwe_dimension().0 {
-        // M·s_j, negacyclic; M is sparse (a few coefficients)
-        let s = key.as_polynomial_list();
-        let s = s.get(row);
-        for (t, &m) in coeffs.iter().enumerate().filter(|(_, &m)| m != 0) {
-            for (i, &b) in s.as_ref().iter().enumerate() {
-                let (e, neg) = ((i + t) % n, (i + t) / n % 2 == 1);
-                let v = m.wrapping_mul(b);
-                plain[e] = if neg { plain[e].wrapping_sub(v) } else { plain[e].wrapping_add(v) };
+    let polys = key.as_polynomial_list();
+    let mut rows: Vec<Vec<u64>> = polys
+        .iter()
+        .map(|s| {
+            // −M·s_j, negacyclic; M is sparse (a few coefficients)
+            let mut row = vec![0u64; n];
+            for (t, &m) in coeffs.iter().enumerate().filter(|(_, &m)| m != 0) {
+                for (i, &b) in s.as_ref().iter().enumerate() {
+                    let (e, neg) = ((i + t) % n, (i + t) / n % 2 == 1);
+                    let v = m.wrapping_mul(b);
+                    row[e] = if neg { row[e].wrapping_add(v) } else { row[e].wrapping_sub(v) };
+                }
             }
-        }
-        plain.iter_mut().for_each(|v| *v = v.wrapping_mul(factor).wrapping_neg());
-    } else {
-        plain.iter_mut().zip(coeffs).for_each(|(o, &m)| *o = m.wrapping_mul(factor));
-    }
-    plain
+            row
+        })
+        .collect();
+    let mut last = vec![0u64; n];
+    last.iter_mut().zip(coeffs).for_each(|(o, &m)| *o = m);
+    rows.push(last);
+    rows
 }
 
 /// Seeded GGSW encryption of the integer polynomial M = Σ_t coeffs[t]·Y^t under `key`
@@ -64,6 +67,7 @@ pub(crate) fn encrypt_ggsw(
         seeder.seed().into(),
         CiphertextModulus::new_native(),
     );
+    let messages = ggsw_row_messages(key, coeffs);
     let mut generator = EncryptionRandomGenerator::<DefaultRandomGenerator>::new(ggsw.compression_seed(), seeder);
     let forks = generator
         .try_fork_from_config(ggsw.encryption_fork_config(Uniform, noise))
@@ -74,7 +78,8 @@ pub(crate) fn encrypt_ggsw(
             .try_fork_from_config(matrix.encryption_fork_config(Uniform, noise))
             .expect("a level matrix's generator forks per row");
         for ((row, mut glwe), mut row_generator) in matrix.as_mut_seeded_glwe_list().iter_mut().enumerate().zip(rows) {
-            glwe.get_mut_body().as_mut().copy_from_slice(&ggsw_row_plaintext(key, coeffs, row, factor));
+            let mut body = glwe.get_mut_body();
+            body.as_mut().iter_mut().zip(&messages[row]).for_each(|(o, &m)| *o = m.wrapping_mul(factor));
             encrypt_seeded_glwe_ciphertext_assign_with_pre_seeded_generator(key, &mut glwe, noise, &mut row_generator);
         }
     }
