@@ -224,6 +224,28 @@ fn a_small_forest_runs_encrypted_as_in_the_clear() {
 }
 
 #[test]
+fn tree_scores_sent_as_partial_sums_decrypt_as_in_the_clear() {
+    // The small forest's scores as one partial sum per tree: each is exact, so it may use
+    // the whole torus (no padding bit) and is decoded unsigned; the client's total equals
+    // clear execution of the whole scores.
+    let dir = models_dir().join("trees/rf_wine_3x3");
+    let g = veil_frontend::onnx::import_file(dir.join("model.onnx")).unwrap();
+    let calib = read_npy(&dir.join("calib.npy"));
+    let c = veil_passes::compile(&g, std::slice::from_ref(&calib), &Default::default()).unwrap();
+    let q = veil_passes::trees::sums::split_scores(&c.model, 3).unwrap().unwrap();
+    let lowered = veil_backend::lower::lower(&q, c.precision).unwrap();
+    assert!(lowered.client.outputs.iter().any(|o| o.whole_torus()), "an exact output uses the whole torus");
+    let params = optimize(&lowered.requirements).unwrap();
+    let x = read_npy(&dir.join("test_x.npy"));
+    let x = Tensor::F32(x.as_f32().unwrap().slice_axis(Axis(0), Slice::from(0..4)).to_owned());
+    let ints = encrypted_integers(&lowered.circuit, &lowered.client, &params, b"sums-test", &x);
+    let clear_ints = veil_ir::interp::run(&q.graph, &q.encode_inputs(std::slice::from_ref(&x)).unwrap()).unwrap();
+    assert_eq!(ints, clear_ints, "partial sums");
+    let fhe = lowered.client.finish(&ints, std::slice::from_ref(&x)).unwrap();
+    assert_eq!(fhe, c.model.run_clear(std::slice::from_ref(&x)).unwrap());
+}
+
+#[test]
 fn two_precision_classes_run_with_two_parameter_sets() {
     // 16 squares of 3-bit inputs (narrow lookups) summed in pairs, then the square of each
     // 7-bit sum (a wide lookup): one set at 7 bits for all 24 lookups models about 3.4×

@@ -90,3 +90,28 @@ fn check_all(client_tests: bool) {
         }
     }
 }
+
+#[test]
+fn scores_sent_as_partial_sums_read_as_the_whole_scores() {
+    // The client adds the decrypted partial sums over groups of trees and reads the total
+    // at the score's own step: the same outputs as the whole scores, to the bit.
+    for dir in tree_dirs() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let g = veil_frontend::onnx::import_file(dir.join("model.onnx")).unwrap();
+        let calib = read_npy(&dir.join("calib.npy"));
+        let c = veil_passes::compile(&g, std::slice::from_ref(&calib), &Default::default()).unwrap();
+        let trees = veil_passes::trees::sums::trees_in_scores(&c.model).expect("a tree score output");
+        let x = read_npy(&dir.join("test_x.npy"));
+        let whole = c.model.run_clear(std::slice::from_ref(&x)).unwrap();
+        for groups in [2, 3, trees] {
+            let q = veil_passes::trees::sums::split_scores(&c.model, groups).unwrap().expect("split");
+            let parts = groups.min(trees);
+            assert_eq!(q.graph.outputs().len(), parts * c.model.graph.outputs().len(), "{name}");
+            let split = q.run_clear(std::slice::from_ref(&x)).unwrap();
+            assert_eq!(split, whole, "{name}, {groups} groups");
+            // each partial sum's compiled range holds what it takes (its sound bound)
+            let (_, overflows) = q.run_clear_checked(std::slice::from_ref(&x)).unwrap();
+            assert!(overflows.is_empty(), "{name}: {} values beyond the compiled ranges", overflows.len());
+        }
+    }
+}

@@ -778,7 +778,7 @@ fn client_from_proto(p: proto::Client, circuit: &Circuit, path: &str) -> Result<
             }
             Some(proto::tail_source::Source::ServerDigits(d))
                 if d.count >= 1
-                    && d.count <= 16
+                    && d.count <= 1024
                     && d.shift.saturating_mul(d.count) <= 48
                     && d.rounding < 48
                     && (d.first as usize).saturating_add(d.count as usize) <= outputs.len() =>
@@ -803,7 +803,7 @@ fn client_from_proto(p: proto::Client, circuit: &Circuit, path: &str) -> Result<
     }
     for (k, o) in outputs.iter().enumerate() {
         let fits = o.shape.iter().product::<usize>() == circuit.value_len[circuit.outputs[k]]
-            && encodes(o.range, o.base, o.delta_log2)
+            && (encodes(o.range, o.base, o.delta_log2) || encodes_whole_torus(o.range, o.base, o.delta_log2))
             && o.decode.rounding < 48
             && o.decode.scale.iter().chain(o.decode.offset.iter()).all(|v| v.is_finite());
         if !fits {
@@ -859,6 +859,12 @@ fn cuts_from_proto(i: &proto::Input, shape: &[usize]) -> std::result::Result<Opt
         return Err(format!("the encoding spans 0..={max} but the input is declared {}..={}", i.lo, i.hi));
     }
     Ok(Some(cuts))
+}
+
+/// An exact output using the whole torus (see `lower::OutputEncoding::whole_torus`).
+fn encodes_whole_torus(range: Range, base: i64, delta_log2: u32) -> bool {
+    let (lo, hi) = (range.lo as i128 - base as i128, range.hi as i128 - base as i128);
+    lo >= 0 && lo <= hi && hi - lo < 1 << 32 && delta_log2 < 63 && hi < 1i128 << (64 - delta_log2)
 }
 
 fn encodes(range: Range, base: i64, delta_log2: u32) -> bool {

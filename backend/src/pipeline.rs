@@ -10,6 +10,7 @@ use std::time::Instant;
 use veil_ir::{Elem, Graph, NodeId, Op, Tensor};
 use veil_passes::bitwidth::{compile as search, Compiled, Metric, SearchOptions};
 use veil_passes::digits::split_outputs;
+use veil_passes::trees::sums::{split_scores, trees_in_scores, MAX_GROUPS};
 use veil_passes::QuantizedModel;
 
 #[derive(Clone, Debug)]
@@ -41,7 +42,8 @@ pub fn compile(float: &Graph, calibration: &[Tensor], opts: &CompileOptions) -> 
     let mut search_opts = opts.search.clone();
     search_opts.p_error = opts.global_p_error.map_or(opts.p_error, |g| g.min(opts.p_error));
     let mut compiled = search(float, calibration, &search_opts)?;
-    let (model, digits, mut lowered, mut params) = cheapest_outputs(&compiled, calibration, opts)?;
+    let Outputs { model, digits, score_parts, mut lowered, mut params } =
+        cheapest_outputs(&compiled, calibration, opts)?;
     if opts.several_sets {
         if let Some((l, p)) = partitioned(&model, &lowered, &params, opts)? {
             (lowered, params) = (l, p);
@@ -51,6 +53,7 @@ pub fn compile(float: &Graph, calibration: &[Tensor], opts: &CompileOptions) -> 
     let lookups = lowered.circuit.lookups_per_sample();
     let mut report = report(&compiled, lookups, start.elapsed().as_secs_f64());
     report.output_digits = digits;
+    report.score_parts = score_parts;
     report.accuracy_warning = compiled.below_tolerance.clone().unwrap_or_default();
     let stages = proto::Stages {
         float_json: graph_to_json(float),
@@ -64,44 +67,68 @@ pub fn compile(float: &Graph, calibration: &[Tensor], opts: &CompileOptions) -> 
 /// Most digits a decrypted output is split into.
 pub const MAX_OUTPUT_DIGITS: u32 = 4;
 
-/// Lower and choose parameters with outputs whole and split into 2..=4 digits (see
-/// `veil_passes::digits`); keep the variant with the cheapest lookups (fewer digits on a
-/// tie). Splitting only helps when a wide output forces lookups to read amplified copies.
-fn cheapest_outputs(
-    compiled: &Compiled,
-    calibration: &[Tensor],
-    opts: &CompileOptions,
-) -> Result<(QuantizedModel, u32, Lowered, Params)> {
-    let mut best: Option<(f64, QuantizedModel, u32, Lowered, Params)> = None;
-    let mut first_err = None;
-    for digits in 1..=MAX_OUTPUT_DIGITS {
-        let model = if digits == 1 {
-            compiled.model.clone()
-        } else {
-            match split_outputs(&compiled.model, digits, calibration, opts.search.range_margin)? {
-                Some(m) => m,
-                None => break,
-            }
-        };
+/// How the decrypted outputs are sent: the model, digits per wide output, partial sums
+/// per tree score (1: whole), and its lowering with parameters.
+struct Outputs {
+    model: QuantizedModel,
+    digits: u32,
+    score_parts: u32,
+    lowered: Lowered,
+    params: Params,
+}
+
+/// Lower and choose parameters with outputs whole, wide outputs split into 2..=4 digits
+/// (see `veil_passes::digits`) and tree scores split into partial sums over 2, 4, …
+/// groups of trees (see `veil_passes::trees::sums`); keep the variant with the cheapest
+/// lookups (fewer parts on a tie). Splitting only helps when an output's noise bound
+/// forces the lookups feeding it onto costlier parameters.
+fn cheapest_outputs(compiled: &Compiled, calibration: &[Tensor], opts: &CompileOptions) -> Result<Outputs> {
+    let price = |model: QuantizedModel, digits: u32, score_parts: u32| -> Result<(f64, Outputs)> {
         let mut lowered = lower(&model, compiled.precision)?;
         let lookups = lowered.circuit.lookups_per_sample();
         lowered.requirements.p_error = per_lookup_p_error(lookups, opts);
-        let params = match optimize(&lowered.requirements) {
-            Ok(p) => p,
+        let params = optimize(&lowered.requirements)?;
+        let cost = lookups as f64 * params.pbs_cost_ms;
+        Ok((cost, Outputs { model, digits, score_parts, lowered, params }))
+    };
+    let mut best: Option<(f64, Outputs)> = None;
+    let mut first_err = None;
+    // keep a variant only if clearly cheaper than the best so far
+    let mut consider = |v: Result<(f64, Outputs)>, best: &mut Option<(f64, Outputs)>| -> bool {
+        match v {
+            Ok((cost, o)) if best.as_ref().is_none_or(|b| cost < b.0 * 0.99) => {
+                *best = Some((cost, o));
+                true
+            }
+            Ok(_) => false,
             Err(e) => {
                 first_err.get_or_insert(e);
-                continue;
+                false
             }
-        };
-        let cost = lookups as f64 * params.pbs_cost_ms;
-        if best.as_ref().is_some_and(|b| cost >= b.0 * 0.99) {
+        }
+    };
+    consider(price(compiled.model.clone(), 1, 1), &mut best);
+    for digits in 2..=MAX_OUTPUT_DIGITS {
+        let Some(m) = split_outputs(&compiled.model, digits, calibration, opts.search.range_margin)? else { break };
+        if !consider(price(m, digits, 1), &mut best) {
             break; // more digits only narrow the outputs further: no gain past the first none
         }
-        best = Some((cost, model, digits, lowered, params));
+    }
+    if let Some(trees) = trees_in_scores(&compiled.model) {
+        // 2, 4, 8, … groups, then one per tree; a coarser split may stay on the same
+        // parameters while a finer one drops a level, so every count is priced
+        let mut counts: Vec<usize> = (1..).map(|k| 1usize << k).take_while(|&g| g < trees.min(MAX_GROUPS)).collect();
+        counts.push(trees.min(MAX_GROUPS));
+        for groups in counts.into_iter().filter(|&g| g >= 2) {
+            if let Some(m) = split_scores(&compiled.model, groups)? {
+                let parts = groups.min(trees) as u32;
+                consider(price(m, 1, parts), &mut best);
+            }
+        }
     }
     match best {
-        Some((_, model, digits, lowered, params)) => Ok((model, digits, lowered, params)),
-        None => Err(first_err.expect("digits = 1 is always tried")),
+        Some((_, o)) => Ok(o),
+        None => Err(first_err.expect("whole outputs are always tried")),
     }
 }
 
@@ -223,6 +250,7 @@ fn report(c: &Compiled, lookups: usize, seconds: f64) -> proto::Report {
         lookups_before_fusion: c.fuse.lookups_before as u32,
         output_bits: c.output_bits,
         output_digits: 1,
+        score_parts: 1,
         accuracy_warning: String::new(),
         trials: c
             .trials

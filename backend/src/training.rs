@@ -224,6 +224,7 @@ fn report(model: &TrainingModel, low: &LoweredGraph, seconds: f64) -> proto::Rep
         lookups_before_fusion: low.circuit.lookups_per_sample() as u32,
         output_bits: 0,
         output_digits: 1,
+        score_parts: 1,
         trials: Vec::new(),
         accuracy_warning: String::new(),
     }

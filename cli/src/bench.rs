@@ -327,7 +327,7 @@ fn bench_one(d: &ModelData, samples: usize, opts: &CompileOptions, variant: &str
         "server_key_mb": key_mb,
         "lookups": a.circuit.lookups_per_sample(),
         "max_bits": a.report.max_precision,
-        "bits": { "input": a.report.input_bits, "weight": a.report.weight_bits, "activation": a.report.act_bits, "output": a.report.output_bits, "output_digits": a.report.output_digits },
+        "bits": { "input": a.report.input_bits, "weight": a.report.weight_bits, "activation": a.report.act_bits, "output": a.report.output_bits, "output_digits": a.report.output_digits, "score_parts": a.report.score_parts.max(1) },
         "params": a.params,
         "latency_s": latency.as_secs_f64(),
         "throughput_s_per_sample": batch.as_secs_f64() / n.max(1) as f64,

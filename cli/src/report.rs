@@ -55,6 +55,9 @@ pub fn text(a: &Artifact, trials: bool) -> String {
         if r.output_digits > 1 {
             let _ = write!(s, ", sent as {} digits each", r.output_digits);
         }
+        if r.score_parts > 1 {
+            let _ = write!(s, ", tree scores sent as {} partial sums over groups of trees", r.score_parts);
+        }
         let _ = writeln!(s);
     }
     let _ = writeln!(s, "{:<40} {:<8} {:>22} {:>8} {:>5} {:>8}", "layer", "op", "range", "lookups", "bits", "dropped");
@@ -173,6 +176,7 @@ pub fn json(a: &Artifact) -> Value {
         "act_bits": r.act_bits,
         "output_bits": r.output_bits,
         "output_digits": r.output_digits,
+        "score_parts": r.score_parts.max(1),
         "metric": r.metric,
         "calibration_score": r.calibration_score,
         "accuracy_warning": r.accuracy_warning,

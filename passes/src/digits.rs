@@ -28,29 +28,56 @@ pub fn split_outputs(q: &QuantizedModel, digits: u32, calib: &[Tensor], margin: 
     if digits < 2 {
         return Ok(None);
     }
+    let split = |g: &Graph, graph: &mut Graph, o: &Output, d: &OutputDecode| -> Result<Option<Parts>> {
+        let Some((lin_id, lin, b)) = splittable(g, o.node, d, digits) else { return Ok(None) };
+        let x = g.operands(lin_id)[0];
+        let mut parts = Vec::new();
+        for j in 0..digits {
+            let kind = digit_kind(&lin.kind, b, digits, j);
+            let bias = if j == 0 { lin.bias.clone() } else { ArrayD::zeros(lin.bias.raw_dim()) };
+            let label = format!("{} digit {j}", lin.label);
+            let name = format!("{}_digit{j}", g.node(lin_id).name);
+            let id = graph.add(Op::Linear(Box::new(Linear::new(kind, bias, label))), &[x], name)?;
+            parts.push((Output { name: format!("{}_digit{j}", o.name), node: id }, digit_decode(d, b, digits, j)));
+        }
+        Ok(Some(Parts { outputs: parts, shift: b }))
+    };
+    let Some((mut model, new_nodes)) = replace_outputs(q, split)? else { return Ok(None) };
+    assume_observed(&mut model.graph, &new_nodes, &q.encode_inputs(calib)?, margin)?;
+    veil_ir::verify(&model.graph)?;
+    Ok(Some(model))
+}
+
+/// The outputs one output is replaced by, and the weight 2^shift between consecutive ones.
+pub(crate) struct Parts {
+    pub outputs: Vec<(Output, OutputDecode)>,
+    pub shift: u32,
+}
+
+/// Replace each output `split` splits (it adds the parts' nodes to the new graph) by its
+/// parts, which the client recombines as digits (`Σ_j 2^(shift·j)·part_j`) before its
+/// tail. Returns the new model and the parts' nodes, or `None` when nothing was split.
+pub(crate) fn replace_outputs(
+    q: &QuantizedModel,
+    mut split: impl FnMut(&Graph, &mut Graph, &Output, &OutputDecode) -> Result<Option<Parts>>,
+) -> Result<Option<(QuantizedModel, Vec<NodeId>)>> {
     let g = &q.graph;
     let mut graph = g.clone();
     let mut outputs: Vec<Output> = Vec::new();
     let mut decode: Vec<OutputDecode> = Vec::new();
-    // old output index → (first new index, count)
+    // old output index → (first new index, count, shift, rounding)
     let mut place: Vec<(usize, usize, u32, u32)> = Vec::new();
-    let mut digit_nodes: Vec<NodeId> = Vec::new();
+    let mut part_nodes: Vec<NodeId> = Vec::new();
     for (o, d) in g.outputs().iter().zip(&q.decode) {
         let first = outputs.len();
         let mut shift = 0;
-        match splittable(g, o.node, d, digits) {
-            Some((lin_id, lin, b)) => {
-                shift = b;
-                let x = g.operands(lin_id)[0];
-                for j in 0..digits {
-                    let kind = digit_kind(&lin.kind, b, digits, j);
-                    let bias = if j == 0 { lin.bias.clone() } else { ArrayD::zeros(lin.bias.raw_dim()) };
-                    let label = format!("{} digit {j}", lin.label);
-                    let name = format!("{}_digit{j}", g.node(lin_id).name);
-                    let id = graph.add(Op::Linear(Box::new(Linear::new(kind, bias, label))), &[x], name)?;
-                    digit_nodes.push(id);
-                    outputs.push(Output { name: format!("{}_digit{j}", o.name), node: id });
-                    decode.push(digit_decode(d, b, digits, j));
+        match split(g, &mut graph, o, d)? {
+            Some(parts) => {
+                shift = parts.shift;
+                for (out, dec) in parts.outputs {
+                    part_nodes.push(out.node);
+                    outputs.push(out);
+                    decode.push(dec);
                 }
             }
             None => {
@@ -60,14 +87,12 @@ pub fn split_outputs(q: &QuantizedModel, digits: u32, calib: &[Tensor], margin: 
         }
         place.push((first, outputs.len() - first, shift, d.rounding));
     }
-    if digit_nodes.is_empty() {
+    if part_nodes.is_empty() {
         return Ok(None);
     }
     *graph.outputs_mut() = outputs;
-    let (mut graph, map) = prune(&graph)?;
-    let digit_nodes: Vec<NodeId> = digit_nodes.iter().map(|n| map[n]).collect();
-    assume_observed(&mut graph, &digit_nodes, &q.encode_inputs(calib)?, margin)?;
-    veil_ir::verify(&graph)?;
+    let (graph, map) = prune(&graph)?;
+    let part_nodes = part_nodes.iter().map(|n| map[n]).collect();
     let tail_inputs = q
         .tail_inputs
         .iter()
@@ -79,7 +104,7 @@ pub fn split_outputs(q: &QuantizedModel, digits: u32, calib: &[Tensor], margin: 
             other => other,
         })
         .collect();
-    Ok(Some(QuantizedModel { graph, decode, tail_inputs, ..q.clone() }))
+    Ok(Some((QuantizedModel { graph, decode, tail_inputs, ..q.clone() }, part_nodes)))
 }
 
 /// The linear layer behind output `out` (possibly under an `assume`), with the digit base
@@ -148,7 +173,7 @@ fn digit_kind(kind: &LinearKind, b: u32, digits: u32, j: u32) -> LinearKind {
 /// recombined sum at the output's own step, so the semantics the search validated hold
 /// except for values within that error of a step edge. (Reading only log2(D) bits finer
 /// moved a CNN's test accuracy by a sample; 3 more bits cost no bootstrap level.)
-fn digit_decode(d: &OutputDecode, b: u32, digits: u32, j: u32) -> OutputDecode {
+pub(crate) fn digit_decode(d: &OutputDecode, b: u32, digits: u32, j: u32) -> OutputDecode {
     let finer = 32 - (digits - 1).leading_zeros() + 3;
     OutputDecode {
         scale: d.scale.mapv(|s| s * 2f64.powi((b * j) as i32)),

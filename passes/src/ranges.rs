@@ -49,7 +49,7 @@ pub fn narrow(g: &Graph, inputs: &[Tensor], margin: f64) -> Result<Graph> {
             op => out.add(op.clone(), ops, node.name.clone())?,
         };
         // (a tree circuit's sums are exact value sets, not accumulators: see trees.rs)
-        let tree = matches!(&node.op, Op::Linear(l) if l.label == crate::trees::TREE_LABEL);
+        let tree = matches!(&node.op, Op::Linear(l) if crate::trees::is_tree_map(&l.label));
         let widened = !tree && matches!(node.op, Op::Linear(_) | Op::AddEnc | Op::SubEnc | Op::MaxEnc { .. });
         let target = match (out.node(new).ty.elem, seen.get(&id)) {
             (Elem::Enc(sound), Some(&seen)) if widened => {

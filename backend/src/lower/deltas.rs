@@ -5,6 +5,9 @@
 //! - a lookup reading it with k low bits dropped: d ≤ 63 − p − k (slots 2^(63−p) apart);
 //!   products and saturations read their operands the same way;
 //! - a decrypted output: d ≤ 63 − bits(range), so the range fits below the padding bit;
+//!   an output that takes only values in its range (tree scores, whose ranges are exact
+//!   by construction) needs no padding bit, since only the client reads it (unsigned, see
+//!   `OutputEncoding::decode_rows`): d ≤ 64 − bits(range), twice the room for noise;
 //! - an affine op using it with weights whose 2-adic valuation is at least j: d ≤ d_out + j
 //!   (2^j·w times a value at scale d_out + j is w times the same ciphertext).
 //!
@@ -62,6 +65,16 @@ pub(super) fn assign(
     }
 }
 
+/// Whether output `o` takes only values within its range: a sum of a tree circuit's
+/// per-tree values (see `veil_passes::trees`), under the exact `assume` the trees give it.
+pub(super) fn exact_output(g: &Graph, o: NodeId) -> bool {
+    let lin = match g.node(o).op {
+        Op::Assume { .. } => g.operands(o)[0],
+        _ => o,
+    };
+    matches!(&g.node(lin).op, Op::Linear(l) if l.label == veil_passes::trees::TREE_SUMS_LABEL)
+}
+
 fn one_pass(
     g: &Graph,
     order: &[NodeId],
@@ -78,7 +91,8 @@ fn one_pass(
     };
     for o in g.outputs() {
         let r = g.enc_range(o.node);
-        tighten(&mut bound, o.node, 63 - bits(r.hi - r.lo) as i64);
+        let top = if exact_output(g, o.node) { 64 } else { 63 };
+        tighten(&mut bound, o.node, (top - bits(r.hi - r.lo) as i64).min(62));
     }
     for (&n, &v) in extra {
         tighten(&mut bound, n, v as i64);

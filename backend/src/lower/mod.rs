@@ -365,7 +365,7 @@ impl ClientSpec {
                         msg: format!("{} elements per sample, the model's output has {per}", r.len()),
                     });
                 }
-                Ok(Tensor::I64(decode_rows(rows, o.delta_log2, o.base, &o.shape)))
+                Ok(Tensor::I64(o.decode_rows(rows)))
             })
             .collect()
     }
@@ -396,10 +396,34 @@ impl ClientSpec {
 
 /// Integers `[samples, shape...]` from decrypted plaintexts per sample.
 pub fn decode_rows(rows: &[Vec<u64>], delta_log2: u32, base: i64, shape: &[usize]) -> ArrayD<i64> {
-    let vals: Vec<i64> = rows.iter().flat_map(|r| r.iter().map(|&m| decode_plain(m, delta_log2) + base)).collect();
+    decode_each(rows, shape, |m| decode_plain(m, delta_log2) + base)
+}
+
+fn decode_each(rows: &[Vec<u64>], shape: &[usize], f: impl Fn(u64) -> i64) -> ArrayD<i64> {
+    let vals: Vec<i64> = rows.iter().flat_map(|r| r.iter().map(|&m| f(m))).collect();
     let mut dims = vec![rows.len()];
     dims.extend(shape);
     ArrayD::from_shape_vec(dims, vals).expect("sizes match")
+}
+
+impl OutputEncoding {
+    /// Whether the output's range reaches the plaintext's top bit (an output with an
+    /// exact range may use the whole torus, see `deltas`): it is then read unsigned.
+    pub fn whole_torus(&self) -> bool {
+        let span = self.range.hi as i128 - self.base as i128;
+        self.range.lo >= self.base && self.delta_log2 < 64 && span >= 1i128 << (63 - self.delta_log2.min(63))
+    }
+
+    /// Integers `[samples, shape...]` from this output's decrypted plaintexts per sample.
+    pub fn decode_rows(&self, rows: &[Vec<u64>]) -> ArrayD<i64> {
+        if !self.whole_torus() {
+            return decode_rows(rows, self.delta_log2, self.base, &self.shape);
+        }
+        // round(m / 2^d) mod 2^(64 − d): small negative noise around the base wraps to 0
+        let d = self.delta_log2;
+        let half = if d == 0 { 0 } else { 1u64 << (d - 1) };
+        decode_each(rows, &self.shape, |m| (m.wrapping_add(half) >> d) as i64 + self.base)
+    }
 }
 
 /// round(m / 2^delta_log2) with m read as signed (outputs keep their top bit clear, so a

@@ -18,6 +18,7 @@
 //! Concrete ML's "GEMM" form instead spends one lookup per internal node and one per
 //! leaf.
 
+pub mod sums;
 pub mod units;
 
 use crate::error::{PassError, Result};
@@ -30,6 +31,14 @@ use veil_ir::{Elem, Expr, Graph, Linear, LinearKind, NodeId, Op, Range, Tlu};
 /// Label of the linear maps of a tree circuit: their ranges are exact by construction,
 /// so `ranges::narrow` leaves them alone.
 pub const TREE_LABEL: &str = "tree";
+
+/// Label of the map that sums the per-tree values into scores (exact, like [`TREE_LABEL`]).
+pub const TREE_SUMS_LABEL: &str = "tree sums";
+
+/// Whether a linear map belongs to a tree circuit (exact by construction).
+pub fn is_tree_map(label: &str) -> bool {
+    label == TREE_LABEL || label == TREE_SUMS_LABEL
+}
 
 /// Integer steps the summed leaf values of one target span (before the base value).
 const SCORE_STEPS: f64 = 16384.0;
@@ -262,28 +271,50 @@ pub fn build(out: &mut Graph, e: &TreeEnsemble, features: Features, unit_bits: u
     let table = Expr::Table { index: Box::new(Expr::Input), first: 0, len };
     let tlu = Tlu { expr: table, input: Range::new(0, len as i64 - 1), params, rounding: 0, label: "leaves".into() };
     let leaves = out.add(Op::Tlu(Box::new(tlu)), &[per_elem], format!("{name}/leaves"))?;
-    // sum per target
-    let mut sum = Array2::<i64>::zeros((e.n_targets, elems.len()));
-    elems.iter().enumerate().for_each(|(i, &(_, k))| sum[[k, i]] = 1);
-    let mut bias = ArrayD::zeros(vec![e.n_targets]);
-    if let Some(sums) = &complement {
-        // last = Σ_trees (tree constant) − Σ_others
-        elems.iter().enumerate().for_each(|(i, _)| sum[[last, i]] = -1);
-        let trees = e.trees.iter().enumerate().filter(|(_, t)| !matches!(t[0], TreeNode::Leaf { .. }));
-        bias[last] = trees.map(|(t, _)| (sums[t] / scale[last]).round() as i64).sum::<i64>();
-    }
-    let lin = Linear::new(LinearKind::Dense { weights: sum }, bias, TREE_LABEL);
-    let sums = out.add(Op::Linear(Box::new(lin)), &[leaves], format!("{name}/scores"))?;
-    // Exactly one leaf per tree is reached: the scores lie within Σ_trees [min, max] of
-    // their leaves' integers, far inside the interval bound of a sum over all units.
-    let (mut lo_sum, mut hi_sum) = (i64::MAX, i64::MIN);
-    for k in 0..e.n_targets {
-        let (mut l, mut h) = (0i64, 0i64);
-        for (t, tree) in e.trees.iter().enumerate().filter(|(_, t)| !matches!(t[0], TreeNode::Leaf { .. })) {
-            let q: Vec<i64> = leaves_of(tree).into_iter().map(|leaf| quantized(t, leaf, k) as i64).collect();
-            l += q.iter().copied().min().unwrap_or(0);
-            h += q.iter().copied().max().unwrap_or(0);
+    // Per tree and target, the tree's value (exactly one unit of a tree answers), then
+    // their sum per target. The per-tree values let the backend send the scores as
+    // partial sums over groups of trees (see [`sums`]); each lies within the tree's
+    // [min leaf, max leaf], far inside the bound of a sum over the tree's units.
+    let grown: Vec<usize> = (0..e.trees.len()).filter(|&t| !matches!(e.trees[t][0], TreeNode::Leaf { .. })).collect();
+    let row_of: HashMap<usize, usize> = grown.iter().enumerate().map(|(i, &t)| (t, i)).collect();
+    let n_targets = e.n_targets;
+    let mut per_tree = Array2::<i64>::zeros((grown.len() * n_targets, elems.len()));
+    let mut tree_bias = ArrayD::zeros(vec![grown.len() * n_targets]);
+    for (i, &(u, k)) in elems.iter().enumerate() {
+        let r = row_of[&all_units[u].tree] * n_targets;
+        per_tree[[r + k, i]] = 1;
+        if complement.is_some() {
+            // last = tree constant − Σ others
+            per_tree[[r + last, i]] = -1;
         }
+    }
+    if let Some(sums) = &complement {
+        for (i, &t) in grown.iter().enumerate() {
+            tree_bias[i * n_targets + last] = (sums[t] / scale[last]).round() as i64;
+        }
+    }
+    let tree_value = |t: usize, k: usize| -> (i64, i64) {
+        let q = leaves_of(&e.trees[t]).into_iter().map(|leaf| quantized(t, leaf, k) as i64);
+        q.fold((i64::MAX, i64::MIN), |(l, h), v| (l.min(v), h.max(v)))
+    };
+    let (mut lo_tree, mut hi_tree) = (i64::MAX, i64::MIN);
+    for &t in &grown {
+        for k in 0..n_targets {
+            let (l, h) = tree_value(t, k);
+            (lo_tree, hi_tree) = (lo_tree.min(l), hi_tree.max(h));
+        }
+    }
+    let lin = Linear::new(LinearKind::Dense { weights: per_tree }, tree_bias, TREE_LABEL);
+    let trees = out.add(Op::Linear(Box::new(lin)), &[leaves], format!("{name}/trees"))?;
+    let trees = out.add(Op::Assume { range: Range::new(lo_tree, hi_tree) }, &[trees], format!("{name}/trees"))?;
+    let mut sum = Array2::<i64>::zeros((n_targets, grown.len() * n_targets));
+    (0..grown.len() * n_targets).for_each(|c| sum[[c % n_targets, c]] = 1);
+    let lin = Linear::new(LinearKind::Dense { weights: sum }, ArrayD::zeros(vec![n_targets]), TREE_SUMS_LABEL);
+    let sums = out.add(Op::Linear(Box::new(lin)), &[trees], format!("{name}/scores"))?;
+    // the scores lie within Σ_trees [min, max] of their leaves' integers
+    let (mut lo_sum, mut hi_sum) = (i64::MAX, i64::MIN);
+    for k in 0..n_targets {
+        let (l, h) = grown.iter().map(|&t| tree_value(t, k)).fold((0, 0), |(l, h), (a, b)| (l + a, h + b));
         (lo_sum, hi_sum) = (lo_sum.min(l), hi_sum.max(h));
     }
     let node = out.add(Op::Assume { range: Range::new(lo_sum, hi_sum) }, &[sums], format!("{name}/scores"))?;
