@@ -44,6 +44,12 @@ fn check_all(client_tests: bool) {
         let mut opts = veil_backend::pipeline::CompileOptions::default();
         opts.search.client_tree_tests = client_tests;
         let (a, c) = veil_backend::pipeline::compile(&g, &[calib], &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+        // every table is read, with its parameter set's slot count (an unread table of
+        // another set's size once made the evaluator refuse a two-set forest)
+        let parts = a.circuit.table_partitions();
+        for (t, q) in a.circuit.tables.iter().zip(parts) {
+            assert_eq!(t.len(), 1 << a.circuit.precision_of(q), "{name}: a table's size");
+        }
         // the rank or unary encoding survives the model file
         let a = veil_backend::artifact::Artifact::from_bytes(&a.to_bytes(), &name).unwrap();
         let x = read_npy(&dir.join("test_x.npy"));

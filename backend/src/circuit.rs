@@ -183,6 +183,34 @@ impl Circuit {
         self.keys.get(v).copied().unwrap_or(0) as usize
     }
 
+    /// Drop the tables no lookup reads (sharing a bootstrap replaces two lookups' tables
+    /// by combined ones) and renumber the rest: an unread table belongs to no parameter
+    /// set, so nothing could check its size against one.
+    pub fn drop_unused_tables(&mut self) {
+        let mut new_index: Vec<Option<u32>> = vec![None; self.tables.len()];
+        for ins in &self.instructions {
+            if let Instruction::Lookup(l) = ins {
+                for &t in &l.table {
+                    if let Some(slot) = new_index.get_mut(t as usize) {
+                        *slot = Some(0);
+                    }
+                }
+            }
+        }
+        let mut next = 0u32;
+        for slot in new_index.iter_mut().filter(|s| s.is_some()) {
+            *slot = Some(next);
+            next += 1;
+        }
+        let tables = std::mem::take(&mut self.tables);
+        self.tables = tables.into_iter().zip(&new_index).filter(|(_, i)| i.is_some()).map(|(t, _)| t).collect();
+        for ins in &mut self.instructions {
+            if let Instruction::Lookup(l) = ins {
+                l.table.iter_mut().for_each(|t| *t = new_index[*t as usize].expect("a read table is kept"));
+            }
+        }
+    }
+
     /// The partition of each table (that of the lookups reading it; 0 for an unread one).
     pub fn table_partitions(&self) -> Vec<usize> {
         let mut out = vec![0; self.tables.len()];

@@ -190,6 +190,7 @@ pub(super) fn lower_partitioned(
         node_lookups.insert(id, e.circuit.lookups_per_sample() - before);
     }
     e.share_bootstraps();
+    e.circuit.drop_unused_tables();
     e.circuit.inputs = g
         .inputs()
         .iter()
