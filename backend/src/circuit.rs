@@ -197,10 +197,8 @@ impl Circuit {
                 }
             }
         }
-        let mut next = 0u32;
-        for slot in new_index.iter_mut().filter(|s| s.is_some()) {
-            *slot = Some(next);
-            next += 1;
+        for (next, slot) in new_index.iter_mut().filter(|s| s.is_some()).enumerate() {
+            *slot = Some(next as u32);
         }
         let tables = std::mem::take(&mut self.tables);
         self.tables = tables.into_iter().zip(&new_index).filter(|(_, i)| i.is_some()).map(|(t, _)| t).collect();
