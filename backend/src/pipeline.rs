@@ -23,6 +23,9 @@ pub struct CompileOptions {
     /// Let lookups of different precisions use different parameter sets when the modelled
     /// cost is lower (see [`crate::partitions`]); false: one set for the whole circuit.
     pub several_sets: bool,
+    /// Most partial sums a tree score may be sent as (see `veil_passes::trees::sums`);
+    /// 1: whole scores.
+    pub max_score_parts: usize,
 }
 
 impl Default for CompileOptions {
@@ -32,6 +35,7 @@ impl Default for CompileOptions {
             p_error: 2f64.powi(-40),
             global_p_error: None,
             several_sets: true,
+            max_score_parts: MAX_GROUPS,
         }
     }
 }
@@ -117,8 +121,9 @@ fn cheapest_outputs(compiled: &Compiled, calibration: &[Tensor], opts: &CompileO
     if let Some(trees) = trees_in_scores(&compiled.model) {
         // 2, 4, 8, … groups, then one per tree; a coarser split may stay on the same
         // parameters while a finer one drops a level, so every count is priced
-        let mut counts: Vec<usize> = (1..).map(|k| 1usize << k).take_while(|&g| g < trees.min(MAX_GROUPS)).collect();
-        counts.push(trees.min(MAX_GROUPS));
+        let most = trees.min(opts.max_score_parts).min(MAX_GROUPS);
+        let mut counts: Vec<usize> = (1..).map(|k| 1usize << k).take_while(|&g| g < most).collect();
+        counts.push(most);
         for groups in counts.into_iter().filter(|&g| g >= 2) {
             if let Some(m) = split_scores(&compiled.model, groups)? {
                 let parts = groups.min(trees) as u32;

@@ -362,6 +362,11 @@ struct CompileArgs {
     /// Widest lookup precision allowed (bits).
     #[arg(long, default_value_t = veil_passes::bitwidth::MAX_PRECISION)]
     max_precision: u32,
+    /// Tree ensembles: most partial sums over groups of trees a score may be sent as
+    /// (the client adds them). More parts can take a bootstrap level off every leaf
+    /// lookup but multiply the download; 1 sends whole scores.
+    #[arg(long, default_value_t = veil_passes::trees::sums::MAX_GROUPS)]
+    max_score_parts: usize,
     /// What the outputs are, which decides how faithfulness is scored: classification
     /// (argmax agreement) or regression (R² per output; also for element-wise maps).
     /// Default: from the model, else from its output's shape.
@@ -464,6 +469,9 @@ impl CompileArgs {
         if !(2..=8).contains(&self.max_precision) {
             bail!("--max-precision must be between 2 and 8");
         }
+        if !(1..=veil_passes::trees::sums::MAX_GROUPS).contains(&self.max_score_parts) {
+            bail!("--max-score-parts must be between 1 and {}", veil_passes::trees::sums::MAX_GROUPS);
+        }
         Ok(CompileOptions {
             search: SearchOptions {
                 n_bits: self.n_bits,
@@ -486,6 +494,7 @@ impl CompileArgs {
             },
             global_p_error: self.global_p_error,
             several_sets: !self.one_parameter_set,
+            max_score_parts: self.max_score_parts,
         })
     }
 }

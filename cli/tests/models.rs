@@ -128,3 +128,22 @@ fn activations_can_stay_on_the_server() {
     let mean = pa.iter().zip(pb.iter()).map(|(x, y)| (x - y).abs()).sum::<f32>() / pa.len() as f32;
     assert!(mean < 0.02, "probabilities differ by {mean} on average");
 }
+
+#[test]
+fn forest_scores_travel_as_partial_sums_unless_capped() {
+    // 50 trees: one partial sum per tree lets the leaf lookups drop a bootstrap level;
+    // --max-score-parts 1 keeps whole scores; 0 is refused and writes nothing.
+    let dir = scratch("score-parts");
+    let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/trees/rf_breast_cancer_50x5");
+    let (model, calib, m) = (f.join("model.onnx"), f.join("calib.npy"), dir.join("m.veil"));
+    let compile =
+        |parts: &'static str| vec!["compile", s(&model), "--calib", s(&calib), "-o", s(&m), "--max-score-parts", parts];
+    let split = ok(&compile("64"));
+    assert!(split.contains("tree scores sent as 50 partial sums") && split.contains("×1 KS"), "{split}");
+    let whole = ok(&compile("1"));
+    assert!(!whole.contains("partial sums") && whole.contains("×2 KS"), "{whole}");
+    std::fs::remove_file(&m).unwrap();
+    let e = fails(&compile("0"));
+    assert!(e.contains("--max-score-parts"), "{e}");
+    assert!(!m.exists());
+}
