@@ -215,6 +215,9 @@ fn a_small_forest_runs_encrypted_as_in_the_clear() {
             // up (13 lookups before)
             assert_eq!(a.circuit.lookups_per_sample(), 10);
         }
+        // whole scores, read rounded, on the whole torus (a value at the bottom of the
+        // range must not wrap to the top)
+        assert!(a.client.outputs.iter().all(|o| o.whole_torus && o.decode.rounding > 0));
         let ints = encrypted_integers(&a.circuit, &a.client, &a.params, &a.fingerprint, &x);
         let fhe = a.client.finish(&ints, std::slice::from_ref(&x)).unwrap();
         let clear = a.quantized_model().unwrap().run_clear(std::slice::from_ref(&x)).unwrap();
@@ -234,7 +237,7 @@ fn tree_scores_sent_as_partial_sums_decrypt_as_in_the_clear() {
     let c = veil_passes::compile(&g, std::slice::from_ref(&calib), &Default::default()).unwrap();
     let q = veil_passes::trees::sums::split_scores(&c.model, 3).unwrap().unwrap();
     let lowered = veil_backend::lower::lower(&q, c.precision).unwrap();
-    assert!(lowered.client.outputs.iter().any(|o| o.whole_torus()), "an exact output uses the whole torus");
+    assert!(lowered.client.outputs.iter().all(|o| o.whole_torus), "an exact output uses the whole torus");
     let params = optimize(&lowered.requirements).unwrap();
     let x = read_npy(&dir.join("test_x.npy"));
     let x = Tensor::F32(x.as_f32().unwrap().slice_axis(Axis(0), Slice::from(0..4)).to_owned());

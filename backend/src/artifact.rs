@@ -631,6 +631,7 @@ fn client_to_proto(c: &ClientSpec) -> proto::Client {
                 rounding: o.decode.rounding,
                 lo: o.range.lo,
                 hi: o.range.hi,
+                whole_torus: o.whole_torus,
             })
             .collect(),
         tail_graph_json: graph_to_json(&c.tail),
@@ -762,6 +763,7 @@ fn client_from_proto(p: proto::Client, circuit: &Circuit, path: &str) -> Result<
                 delta_log2: delta_log2(o.delta, path)?,
                 base: o.base,
                 range: Range::new(o.lo, o.hi.max(o.lo)),
+                whole_torus: o.whole_torus,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -803,7 +805,11 @@ fn client_from_proto(p: proto::Client, circuit: &Circuit, path: &str) -> Result<
     }
     for (k, o) in outputs.iter().enumerate() {
         let fits = o.shape.iter().product::<usize>() == circuit.value_len[circuit.outputs[k]]
-            && (encodes(o.range, o.base, o.delta_log2) || encodes_whole_torus(o.range, o.base, o.delta_log2))
+            && if o.whole_torus {
+                encodes_whole_torus(o.range, o.base, o.delta_log2, o.decode.rounding)
+            } else {
+                encodes(o.range, o.base, o.delta_log2)
+            }
             && o.decode.rounding < 48
             && o.decode.scale.iter().chain(o.decode.offset.iter()).all(|v| v.is_finite());
         if !fits {
@@ -861,10 +867,16 @@ fn cuts_from_proto(i: &proto::Input, shape: &[usize]) -> std::result::Result<Opt
     Ok(Some(cuts))
 }
 
-/// An exact output using the whole torus (see `lower::OutputEncoding::whole_torus`).
-fn encodes_whole_torus(range: Range, base: i64, delta_log2: u32) -> bool {
+/// An exact output on the whole torus (see `lower::OutputEncoding::whole_torus`): its
+/// range from the base, plus a read step of gap, fits 2^(64 − delta_log2).
+fn encodes_whole_torus(range: Range, base: i64, delta_log2: u32, rounding: u32) -> bool {
     let (lo, hi) = (range.lo as i128 - base as i128, range.hi as i128 - base as i128);
-    lo >= 0 && lo <= hi && hi - lo < 1 << 32 && delta_log2 < 63 && hi < 1i128 << (64 - delta_log2)
+    lo >= 0
+        && lo <= hi
+        && hi - lo < 1 << 32
+        && (1..63).contains(&delta_log2)
+        && rounding < 48
+        && hi + (1i128 << rounding) < 1i128 << (64 - delta_log2)
 }
 
 fn encodes(range: Range, base: i64, delta_log2: u32) -> bool {

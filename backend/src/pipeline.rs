@@ -97,24 +97,25 @@ fn cheapest_outputs(compiled: &Compiled, calibration: &[Tensor], opts: &CompileO
     };
     let mut best: Option<(f64, Outputs)> = None;
     let mut first_err = None;
-    // keep a variant only if clearly cheaper than the best so far
-    let mut consider = |v: Result<(f64, Outputs)>, best: &mut Option<(f64, Outputs)>| -> bool {
+    // keep a variant only if clearly cheaper than the best so far; Some(false): priced,
+    // not cheaper; None: no parameters fit it
+    let mut consider = |v: Result<(f64, Outputs)>, best: &mut Option<(f64, Outputs)>| -> Option<bool> {
         match v {
             Ok((cost, o)) if best.as_ref().is_none_or(|b| cost < b.0 * 0.99) => {
                 *best = Some((cost, o));
-                true
+                Some(true)
             }
-            Ok(_) => false,
+            Ok(_) => Some(false),
             Err(e) => {
                 first_err.get_or_insert(e);
-                false
+                None
             }
         }
     };
     consider(price(compiled.model.clone(), 1, 1), &mut best);
     for digits in 2..=MAX_OUTPUT_DIGITS {
         let Some(m) = split_outputs(&compiled.model, digits, calibration, opts.search.range_margin)? else { break };
-        if !consider(price(m, digits, 1), &mut best) {
+        if consider(price(m, digits, 1), &mut best) == Some(false) {
             break; // more digits only narrow the outputs further: no gain past the first none
         }
     }

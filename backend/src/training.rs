@@ -164,6 +164,7 @@ fn client_spec(plan: &TrainingPlan, g: &Graph, low: &LoweredGraph) -> ClientSpec
             delta_log2: low.outputs[i].delta_log2,
             base: low.outputs[i].base,
             range: g.enc_range(o.node),
+            whole_torus: false,
         })
         .collect();
     // after decryption the weights are the outputs (on the [−1, 1] features)

@@ -168,8 +168,8 @@ impl OutputDecode {
         if self.rounding == 0 {
             return v;
         }
-        let step = 1i64 << self.rounding;
-        (v + step / 2).div_euclid(step) * step
+        let step = 1i64 << self.rounding.min(62);
+        v.saturating_add(step / 2).div_euclid(step).saturating_mul(step)
     }
 
     pub fn decode(&self, v: &ArrayD<i64>, what: &str) -> Result<ArrayD<f32>> {
@@ -200,7 +200,8 @@ pub fn combine_digits(
         if v.shape() != sum.shape() {
             return Err(PassError::Quantize { node: what.into(), msg: format!("digit {j} has another shape") });
         }
-        ndarray::Zip::from(&mut sum).and(v).for_each(|s, &x| *s += d.read(x) << (shift * j as u32));
+        let weight = 1i64.checked_shl(shift * j as u32).unwrap_or(0);
+        ndarray::Zip::from(&mut sum).and(v).for_each(|s, &x| *s = s.saturating_add(d.read(x).saturating_mul(weight)));
     }
     OutputDecode { scale: d0.scale.clone(), offset: d0.offset.clone(), rounding }.decode(&sum, what)
 }

@@ -6,8 +6,11 @@
 //!   products and saturations read their operands the same way;
 //! - a decrypted output: d ≤ 63 − bits(range), so the range fits below the padding bit;
 //!   an output that takes only values in its range (tree scores, whose ranges are exact
-//!   by construction) needs no padding bit, since only the client reads it (unsigned, see
-//!   `OutputEncoding::decode_rows`): d ≤ 64 − bits(range), twice the room for noise;
+//!   by construction) needs no padding bit, since only the client reads it: its noise
+//!   stays under half its read step 2^r, so d ≤ 64 − bits(span + 2^r) leaves a gap
+//!   between the largest and the smallest value it can decrypt to, and the client decodes
+//!   around the middle of that gap (`OutputEncoding::decode_rows`): up to twice the room
+//!   for noise;
 //! - an affine op using it with weights whose 2-adic valuation is at least j: d ≤ d_out + j
 //!   (2^j·w times a value at scale d_out + j is w times the same ciphertext).
 //!
@@ -41,10 +44,11 @@ pub(super) fn assign(
     order: &[NodeId],
     demands: &dyn Fn(NodeId) -> Vec<(usize, Demand)>,
     state: &[(NodeId, NodeId)],
+    output_rounding: &[u32],
 ) -> Result<HashMap<NodeId, u32>> {
     let mut extra: HashMap<NodeId, u32> = HashMap::new();
     loop {
-        let d = one_pass(g, order, demands, &extra)?;
+        let d = one_pass(g, order, demands, &extra, output_rounding)?;
         let mut changed = false;
         for &(input, output) in state {
             let (a, b) = (d[&input], d[&output]);
@@ -66,13 +70,26 @@ pub(super) fn assign(
 }
 
 /// Whether output `o` takes only values within its range: a sum of a tree circuit's
-/// per-tree values (see `veil_passes::trees`), under the exact `assume` the trees give it.
-pub(super) fn exact_output(g: &Graph, o: NodeId) -> bool {
+/// per-tree values (see `veil_passes::trees`), under the exact `assume` the trees give it
+/// (and read by nothing else, so that it is encoded for that range).
+pub(crate) fn exact_output(g: &Graph, o: NodeId) -> bool {
     let lin = match g.node(o).op {
-        Op::Assume { .. } => g.operands(o)[0],
+        Op::Assume { .. } if g.users(g.operands(o)[0]) == [o] => g.operands(o)[0],
+        Op::Assume { .. } => return false,
         _ => o,
     };
     matches!(&g.node(lin).op, Op::Linear(l) if l.label == veil_passes::trees::TREE_SUMS_LABEL)
+}
+
+/// The finest scale an output may have: below the padding bit, or for an exact output
+/// read to multiples of 2^`rounding`, with a gap wider than its noise on the whole torus.
+pub(crate) fn output_scale_bound(span: i64, exact: bool, rounding: u32) -> i64 {
+    if exact {
+        let guarded = span.max(0).saturating_add(1i64 << rounding.min(62));
+        (64 - bits(guarded) as i64).min(62)
+    } else {
+        63 - bits(span) as i64
+    }
 }
 
 fn one_pass(
@@ -80,6 +97,7 @@ fn one_pass(
     order: &[NodeId],
     demands: &dyn Fn(NodeId) -> Vec<(usize, Demand)>,
     extra: &HashMap<NodeId, u32>,
+    output_rounding: &[u32],
 ) -> Result<HashMap<NodeId, u32>> {
     // bound[n]: the largest d every constraint seen so far allows
     let mut bound: HashMap<NodeId, i64> = HashMap::new();
@@ -89,10 +107,10 @@ fn one_pass(
             *e = v;
         }
     };
-    for o in g.outputs() {
+    for (i, o) in g.outputs().iter().enumerate() {
         let r = g.enc_range(o.node);
-        let top = if exact_output(g, o.node) { 64 } else { 63 };
-        tighten(&mut bound, o.node, (top - bits(r.hi - r.lo) as i64).min(62));
+        let rounding = output_rounding.get(i).copied().unwrap_or(0);
+        tighten(&mut bound, o.node, output_scale_bound(r.hi - r.lo, exact_output(g, o.node), rounding));
     }
     for (&n, &v) in extra {
         tighten(&mut bound, n, v as i64);

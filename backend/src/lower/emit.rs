@@ -114,13 +114,15 @@ pub(super) struct Emitter<'a> {
 /// one; with several, each value is assigned the large key of its partition, and a linear
 /// map mixing values of two partitions is an error (the caller then uses one set).
 /// With `external_products`, products with a client-input operand become external
-/// products (see [`super::products`]).
+/// products (see [`super::products`]). `output_rounding` gives the low bits the client
+/// drops from each output (none when empty).
 pub(super) fn lower_partitioned(
     g: &Graph,
     part_of: &dyn Fn(NodeId) -> usize,
     precisions: &[u32],
     state: &[(usize, usize)],
     external_products: bool,
+    output_rounding: &[u32],
 ) -> Result<LoweredGraph> {
     let precision = precisions.iter().copied().max().unwrap_or(0);
     let order = g.topo_order().ok_or_else(|| BackendError::Lower { node: g.name.clone(), msg: "cycle".into() })?;
@@ -181,7 +183,7 @@ pub(super) fn lower_partitioned(
             e.probes.insert(id, probe);
         }
     }
-    let scales = deltas::assign(g, &order, &|id| e.demands(id), &state_nodes)?;
+    let scales = deltas::assign(g, &order, &|id| e.demands(id), &state_nodes, output_rounding)?;
     e.d = scales;
     let mut node_lookups = HashMap::new();
     for &id in &order {

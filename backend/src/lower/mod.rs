@@ -132,6 +132,10 @@ pub struct OutputEncoding {
     pub delta_log2: u32,
     pub base: i64,
     pub range: Range,
+    /// An exact output (tree scores) on the whole torus, decoded around the middle of the
+    /// gap above its range (see `deltas`); otherwise below the padding bit, decoded signed.
+    #[serde(default)]
+    pub whole_torus: bool,
 }
 
 /// Everything the client needs: quantize and encode inputs; decrypt, decode and finish.
@@ -190,13 +194,13 @@ impl LoweredGraph {
 /// with graph outputs (by position) that must be encoded identically, so that the output
 /// of one run can be the input of the next.
 pub fn lower_graph(g: &Graph, precision: u32, state: &[(usize, usize)]) -> Result<LoweredGraph> {
-    emit::lower_partitioned(g, &|_| 0, &[precision], state, false)
+    emit::lower_partitioned(g, &|_| 0, &[precision], state, false, &[])
 }
 
 /// [`lower_graph`] with products whose operand is a client input computed as external
 /// products with the client's GGSW encryptions of that input ([`products`]).
 pub fn lower_graph_external(g: &Graph, precision: u32, state: &[(usize, usize)]) -> Result<LoweredGraph> {
-    emit::lower_partitioned(g, &|_| 0, &[precision], state, true)
+    emit::lower_partitioned(g, &|_| 0, &[precision], state, true, &[])
 }
 
 /// [`lower_graph`] with each lookup node in partition `part_of(node)`, read at
@@ -207,7 +211,7 @@ pub fn lower_graph_partitioned(
     precisions: &[u32],
     state: &[(usize, usize)],
 ) -> Result<LoweredGraph> {
-    emit::lower_partitioned(g, part_of, precisions, state, false)
+    emit::lower_partitioned(g, part_of, precisions, state, false, &[])
 }
 
 /// Lower a quantized model whose lookups read at most `precision` bits.
@@ -224,7 +228,8 @@ pub fn lower_partitioned(
     precisions: &[u32],
 ) -> Result<Lowered> {
     let g = &model.graph;
-    let low = emit::lower_partitioned(g, part_of, precisions, &[], false)?;
+    let rounding: Vec<u32> = model.decode.iter().map(|d| d.rounding).collect();
+    let low = emit::lower_partitioned(g, part_of, precisions, &[], false, &rounding)?;
     let inputs = g
         .inputs()
         .iter()
@@ -248,6 +253,7 @@ pub fn lower_partitioned(
             delta_log2: low.outputs[i].delta_log2,
             base: low.outputs[i].base,
             range: g.enc_range(o.node),
+            whole_torus: deltas::exact_output(g, o.node),
         })
         .collect::<Vec<_>>();
     let mut requirements = low.requirements;
@@ -395,8 +401,10 @@ impl ClientSpec {
 }
 
 /// Integers `[samples, shape...]` from decrypted plaintexts per sample.
+/// Outputs below the padding bit only (an exact output on the whole torus decodes with
+/// [`OutputEncoding::decode_rows`]).
 pub fn decode_rows(rows: &[Vec<u64>], delta_log2: u32, base: i64, shape: &[usize]) -> ArrayD<i64> {
-    decode_each(rows, shape, |m| decode_plain(m, delta_log2) + base)
+    decode_each(rows, shape, |m| decode_plain(m, delta_log2).saturating_add(base))
 }
 
 fn decode_each(rows: &[Vec<u64>], shape: &[usize], f: impl Fn(u64) -> i64) -> ArrayD<i64> {
@@ -407,22 +415,24 @@ fn decode_each(rows: &[Vec<u64>], shape: &[usize], f: impl Fn(u64) -> i64) -> Ar
 }
 
 impl OutputEncoding {
-    /// Whether the output's range reaches the plaintext's top bit (an output with an
-    /// exact range may use the whole torus, see `deltas`): it is then read unsigned.
-    pub fn whole_torus(&self) -> bool {
-        let span = self.range.hi as i128 - self.base as i128;
-        self.range.lo >= self.base && self.delta_log2 < 64 && span >= 1i128 << (63 - self.delta_log2.min(63))
-    }
-
     /// Integers `[samples, shape...]` from this output's decrypted plaintexts per sample.
+    /// A whole-torus output's value u = round(m / 2^d) mod 2^(64−d) is read as u, or as
+    /// u − 2^(64−d) when it lies past the middle of the gap above its range (noise took it
+    /// below its base). Values that do not fit an i64 saturate (a crafted file only).
     pub fn decode_rows(&self, rows: &[Vec<u64>]) -> ArrayD<i64> {
-        if !self.whole_torus() {
+        if !self.whole_torus {
             return decode_rows(rows, self.delta_log2, self.base, &self.shape);
         }
-        // round(m / 2^d) mod 2^(64 − d): small negative noise around the base wraps to 0
-        let d = self.delta_log2;
+        let d = self.delta_log2.min(63);
         let half = if d == 0 { 0 } else { 1u64 << (d - 1) };
-        decode_each(rows, &self.shape, |m| (m.wrapping_add(half) >> d) as i64 + self.base)
+        let modulus = 1i128 << (64 - d);
+        let span = self.range.hi as i128 - self.base as i128;
+        let wrap = span + (modulus - span) / 2;
+        decode_each(rows, &self.shape, |m| {
+            let u = (m.wrapping_add(half) >> d) as i128;
+            let v = if u > wrap { u - modulus } else { u };
+            (v + self.base as i128).clamp(i64::MIN as i128, i64::MAX as i128) as i64
+        })
     }
 }
 

@@ -259,3 +259,36 @@ fn derived_inputs_check_their_indices() {
     let ok = DerivedInput { from: 0, groups: vec![vec![0, 1], vec![1]], delta_log2: 3, base: 0 };
     assert_eq!(ok.compute(&x).unwrap(), vec![vec![5, 4]]);
 }
+
+#[test]
+fn whole_torus_outputs_decode_every_value_with_noise_under_half_a_read_step() {
+    // An exact output read to multiples of 2^r, at the finest scale the guard band allows:
+    // every value of its range, with noise just under half a read step either way, decodes
+    // within half a read step (never wrapping to the other end of the range).
+    for (lo, hi, r) in [(0i64, 328i64, 0u32), (-7, 16400, 2), (0, 16383, 2), (5, 1023, 3)] {
+        let d = deltas::output_scale_bound(hi - lo, true, r) as u32;
+        let out = OutputEncoding {
+            name: "scores".into(),
+            decode: OutputDecode {
+                scale: ArrayD::from_elem(vec![], 1.0),
+                offset: ArrayD::from_elem(vec![], 0.0),
+                rounding: r,
+            },
+            shape: vec![1],
+            delta_log2: d,
+            base: lo,
+            range: Range::new(lo, hi),
+            whole_torus: true,
+        };
+        let noise = (1i64 << (d + r - 1)) - 1;
+        for v in lo..=hi {
+            for e in [-noise, 0, noise] {
+                let m = encode((v - lo) as i128, d).wrapping_add(e as u64);
+                let got = out.decode_rows(&[vec![m]])[[0, 0]];
+                assert!((got - v).abs() <= 1 << r >> 1, "{v} with noise {e} (d = {d}, r = {r}) decoded as {got}");
+            }
+        }
+        // the same output below the padding bit has a coarser scale
+        assert!(d as i64 >= deltas::output_scale_bound(hi - lo, false, r), "{lo}..{hi}");
+    }
+}
