@@ -233,6 +233,8 @@ fn lookup_time_tracks_the_cost_model() {
         params(914, 1, 2048, (15, 2), (3, 6), 5),
         params(874, 1, 2048, (12, 3), (2, 8), 5),
         params(914, 1, 2048, (23, 1), (3, 6), 5),
+        // the 50-tree forest's one-level set (its scores as one partial sum per tree)
+        params(890, 2, 1024, (23, 1), (4, 4), 4),
         // the set encrypted training at 6 bits and p_error 2^-7 uses
         params(850, 1, 2048, (23, 1), (2, 8), 6),
     ];
