@@ -209,7 +209,7 @@ pub fn keygen_cmd(model: &Path, out_dir: &Path) -> Result<()> {
     sp.finish_and_clear();
     let took = start.elapsed();
     let (cp, sp) = (out_dir.join("client.key"), out_dir.join("server.key"));
-    files::write(&cp, &ck, CLIENT_KEY_LIMIT)?;
+    files::write_secret(&cp, &ck, CLIENT_KEY_LIMIT)?;
     files::write(&sp, &sk, SERVER_KEY_LIMIT)?;
     let size = |p: &Path| crate::report::bytes(std::fs::metadata(p).map(|m| m.len()).unwrap_or(0));
     eprintln!(
@@ -232,6 +232,7 @@ pub(crate) fn load_client_key(path: &Path, a: &Artifact) -> Result<ClientKey> {
 }
 
 pub fn encrypt_cmd(model: &Path, client_key: &Path, input: &Path, output: &Path, strict: bool) -> Result<()> {
+    npy::check_writable(output, "the ciphertexts")?;
     let a = load_inference(model)?;
     let ck = load_client_key(client_key, &a)?;
     let xs = npy::read_model_inputs(input, &a.client.model_inputs)?;
@@ -249,6 +250,7 @@ pub fn encrypt_cmd(model: &Path, client_key: &Path, input: &Path, output: &Path,
 }
 
 pub fn run_cmd(model: &Path, server_key: &Path, input: &Path, output: &Path) -> Result<()> {
+    npy::check_writable(output, "the encrypted outputs")?;
     let a = load_inference(model)?;
     let sk: ServerKey = files::read(server_key, SERVER_KEY_LIMIT)?;
     let cts: EncryptedInputs = files::read(input, CIPHERTEXT_LIMIT)?;
@@ -282,6 +284,7 @@ pub fn decrypt_cmd(
     output: &Path,
     outputs_dir: Option<&Path>,
 ) -> Result<()> {
+    npy::check_writable(output, "the outputs")?;
     let a = load_inference(model)?;
     let ck = load_client_key(client_key, &a)?;
     let cts: EncryptedOutputs = files::read(input, CIPHERTEXT_LIMIT)?;

@@ -665,6 +665,7 @@ fn run(cli: Cli) -> Result<()> {
 
 fn compile(model: &Path, calib: &Path, output: &Path, args: &CompileArgs) -> Result<()> {
     let opts = args.options()?;
+    npy::check_writable(output, "the compiled model")?;
     let g = match model::load(model)? {
         model::Model::Onnx(g) => g,
         model::Model::Compiled(_) => bail!("{} is already compiled", model.display()),
@@ -730,6 +731,7 @@ fn predict(
     outputs_dir: Option<&Path>,
     strict_ranges: bool,
 ) -> Result<()> {
+    npy::check_writable(output, "the predictions")?;
     let m = model::load(path)?;
     if let model::Model::Compiled(a) = &m {
         if a.training.is_some() {

@@ -132,15 +132,11 @@ pub fn register(server: &str, model: &str, server_key: &Path, session: &Path) ->
         bail!("the server's answer has no key id and token: {v}");
     };
     let s = Session { server: server.into(), model: model.into(), key_id: key_id.into(), token: token.into() };
-    veil_backend::files::write_atomic(session, |w| serde_json::to_writer_pretty(w, &s).map_err(std::io::Error::other))
-        .with_context(|| format!("cannot write {}", session.display()))?;
     // it holds the token: readable by its owner only
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(session, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("cannot restrict {}", session.display()))?;
-    }
+    veil_backend::files::write_atomic_private(session, |w| {
+        serde_json::to_writer_pretty(w, &s).map_err(std::io::Error::other)
+    })
+    .with_context(|| format!("cannot write {}", session.display()))?;
     eprintln!(
         "registered {} ({:.1} MB) for model {model} in {:.1} s: key {key_id}; session (holds the token: keep it) → {}",
         server_key.display(),

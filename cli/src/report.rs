@@ -61,15 +61,25 @@ pub fn text(a: &Artifact, trials: bool) -> String {
         let _ = writeln!(s);
     }
     let _ = writeln!(s, "{:<40} {:<8} {:>22} {:>8} {:>5} {:>8}", "layer", "op", "range", "lookups", "bits", "dropped");
-    for l in &r.layers {
-        let name: String = l.name.chars().take(40).collect();
+    // runs of like layers (a tree score's partial sums, a forest's comparisons on one
+    // feature: the same name but for a trailing number) print once, with their count
+    let kind = |l: &veil_backend::proto::Layer| {
+        (l.name.trim_end_matches(|c: char| c.is_ascii_digit()).to_string(), l.op.clone(), l.lo, l.hi, l.lookups)
+    };
+    let mut i = 0;
+    while i < r.layers.len() {
+        let l = &r.layers[i];
+        let run = r.layers[i..].iter().take_while(|m| kind(m) == kind(l) && m.precision == l.precision).count();
+        let name = if run > 1 { format!("{} (×{run})", short_name(&l.name, 33)) } else { short_name(&l.name, 40) };
         let range = format!("{}..{}", l.lo, l.hi);
         if l.lookups > 0 {
+            let lookups: u32 = r.layers[i..i + run].iter().map(|m| m.lookups).sum();
             let _ =
-                writeln!(s, "{name:<40} {:<8} {range:>22} {:>8} {:>5} {:>8}", l.op, l.lookups, l.precision, l.rounding);
+                writeln!(s, "{name:<40} {:<8} {range:>22} {:>8} {:>5} {:>8}", l.op, lookups, l.precision, l.rounding);
         } else {
             let _ = writeln!(s, "{name:<40} {:<8} {range:>22}", l.op);
         }
+        i += run;
     }
     if p.has_lookups() {
         let per_sample = if a.training.is_some() {
@@ -124,7 +134,7 @@ pub fn text(a: &Artifact, trials: bool) -> String {
         );
     }
     if trials && !r.trials.is_empty() {
-        let _ = writeln!(s, "bit-width search ({} trials, in order; score = {}):", r.trials.len(), r.metric);
+        let _ = writeln!(s, "bit-width search ({} trial(s), in order; score = {}):", r.trials.len(), r.metric);
         let _ = writeln!(
             s,
             "  {:>4} {:>6} {:>7} {:>4} {:>4}  {:<11} {:>7} {:>7}",
@@ -203,4 +213,16 @@ pub fn bytes(n: u64) -> String {
     } else {
         format!("{:.1} MB", n as f64 / 1e6)
     }
+}
+
+/// At most `width` characters of a layer name: its start and its end around an ellipsis
+/// (the end tells layers of one op apart).
+fn short_name(name: &str, width: usize) -> String {
+    let chars: Vec<char> = name.chars().collect();
+    if chars.len() <= width {
+        return name.to_string();
+    }
+    let head = width / 2 - 1;
+    let tail = width - head - 1;
+    chars[..head].iter().chain(std::iter::once(&'…')).chain(&chars[chars.len() - tail..]).collect()
 }

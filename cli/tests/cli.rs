@@ -166,6 +166,17 @@ fn encrypted_workflow_and_its_failure_modes() {
     let err = fails(&["run", s(&lr), "--server-key", s(&sk), "-i", s(&x), "-o", s(&out)]);
     assert!(err.contains("not a veil file"), "{err}");
 
+    // An output path that cannot be written is refused before any work.
+    let nowhere = dir.join("no-such-dir/y.ct");
+    let err = fails(&["run", s(&lr), "--server-key", s(&sk), "-i", s(&ct), "-o", s(&nowhere)]);
+    assert!(err.contains("does not exist") && err.contains("encrypted outputs"), "{err}");
+    // The client key is a secret: readable by its owner only.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&ck).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
     // A model file that is not one.
     let err = fails(&["keygen", s(&x.with_extension("veil")), "--out-dir", s(&keys)]);
     assert!(err.contains("cannot read"), "{err}");

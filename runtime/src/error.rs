@@ -6,7 +6,7 @@ pub enum RuntimeError {
     #[error("{what}: made for a different compiled model (fingerprint {found}, this model's is {expected}); make it again with this model (veil keygen, then veil encrypt, or veil train-encrypt for training)")]
     Mismatch { what: String, found: String, expected: String },
     /// A ciphertext encrypted under another key pair than the key given.
-    #[error("{what} was made with another key pair than the key given (from another `veil keygen`): use the client.key and server.key of one keygen")]
+    #[error("{what}: made with another key pair than the key given (from another `veil keygen`): use the client.key and server.key of one keygen")]
     KeyPair { what: String },
     #[error("{0}")]
     Invalid(String),

@@ -36,6 +36,13 @@ pub fn write<T: Serialize + Versionize + Named>(path: &Path, value: &T, limit: u
         .map_err(|e| file_err(path, format!("cannot write: {e}")))
 }
 
+/// [`write`] for a secret (the client key): readable by its owner only.
+pub fn write_secret<T: Serialize + Versionize + Named>(path: &Path, value: &T, limit: u64) -> Result<()> {
+    let bytes = to_bytes(value, limit).map_err(|e| file_err(path, e))?;
+    veil_backend::files::write_atomic_private(path, |w| w.write_all(&bytes))
+        .map_err(|e| file_err(path, format!("cannot write: {e}")))
+}
+
 /// A value as veil's file format holds it: magic, version, checksum, payload.
 pub fn to_bytes<T: Serialize + Versionize + Named>(value: &T, limit: u64) -> std::result::Result<Vec<u8>, String> {
     let mut payload = Vec::new();
