@@ -50,6 +50,15 @@ pub fn read_f32(path: &Path) -> Result<Tensor> {
 /// `np.savez(path, **{name: array})`); an `.npy` serves a model with a single input. Each
 /// is read as model inputs are (float, finite).
 pub fn read_model_inputs(path: &Path, names: &[String]) -> Result<Vec<Tensor>> {
+    let xs = read_model_inputs_any(path, names)?;
+    // samples run along the first axis: an empty one is a mistake, not a batch
+    if let Some((name, _)) = names.iter().zip(&xs).find(|(_, x)| x.shape().first() == Some(&0)) {
+        bail!("{}: no samples: the first axis (the batch) of input '{name}' is empty", path.display());
+    }
+    Ok(xs)
+}
+
+fn read_model_inputs_any(path: &Path, names: &[String]) -> Result<Vec<Tensor>> {
     let is_npz = path.extension().is_some_and(|e| e == "npz");
     if !is_npz {
         if names.len() > 1 {

@@ -34,6 +34,13 @@ fn predict_rejects_wrong_input_shape() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("input X: expects shape [N,30], got [360, 1, 8, 8]"), "{err}");
     assert!(!y.exists(), "no output is written on failure");
+    // an empty batch is named as such, not as a shape mismatch
+    let empty = dir.join("empty.npy");
+    ndarray_npy::write_npy(&empty, &ndarray::Array2::<f32>::zeros((0, 30))).unwrap();
+    let out = veil(&["predict", s(&model), "--input", s(&empty), "--output", s(&y)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no samples"), "{err}");
+    assert!(!y.exists());
 }
 
 #[test]
@@ -78,7 +85,7 @@ fn bad_calibration_data_is_a_clear_error() {
     nan[[7, 3]] = f32::NAN;
     let cases = [
         (write("nan.npy", nan), "sample 7, element 3 is NaN"),
-        (write("empty.npy", ndarray::Array2::zeros((0, 64))), "no calibration samples"),
+        (write("empty.npy", ndarray::Array2::zeros((0, 64))), "no samples"),
         (write("shape.npy", ndarray::Array2::zeros((20, 60))), "expects shape [N,64], got [20, 60]"),
     ];
     for (calib, want) in cases {

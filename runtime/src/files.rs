@@ -91,6 +91,11 @@ pub fn from_bytes<T: DeserializeOwned + Unversionize + Named + Validate>(
         return Err("the file is truncated or was modified (checksum mismatch)".into());
     }
     let value: T = safe_deserialize(payload, limit).map_err(|e| {
+        let e = e.to_string();
+        // a sound file of another kind (a ciphertext file where keys were expected, …)
+        if let Some(other) = other_veil_type(&e).filter(|t| *t != T::NAME) {
+            return format!("this is a {other} file, not a {}: give the file this command takes", T::NAME);
+        }
         format!(
             "not a valid {} ({e}): damaged, or written by a veil whose format this one cannot read; make it again (veil keygen, then veil encrypt or veil train-encrypt)",
             T::NAME
@@ -102,3 +107,20 @@ pub fn from_bytes<T: DeserializeOwned + Unversionize + Named + Validate>(
 
 /// Bytes before the payload: magic, format version, SHA-256 of the payload.
 pub const HEADER_BYTES: usize = HEADER;
+
+/// The veil type a deserialization error says the file holds ("… got type veil::X …").
+fn other_veil_type(err: &str) -> Option<&str> {
+    let rest = &err[err.find("got type veil::")? + "got type ".len()..];
+    let end = rest.find(|c: char| !(c.is_alphanumeric() || c == ':' || c == '_')).unwrap_or(rest.len());
+    Some(&rest[..end])
+}
+
+#[cfg(test)]
+mod type_tests {
+    #[test]
+    fn a_file_of_another_kind_is_named() {
+        let e = "On deserialization, expected type veil::EncryptedOutputs, got type veil::EncryptedInputs";
+        assert_eq!(super::other_veil_type(e), Some("veil::EncryptedInputs"));
+        assert_eq!(super::other_veil_type("buffer underflow"), None);
+    }
+}
