@@ -672,6 +672,15 @@ fn compile(model: &Path, calib: &Path, output: &Path, args: &CompileArgs) -> Res
     };
     let names = input_names(&g);
     let xs = npy::read_model_inputs(calib, &names)?;
+    let has_trees = g.node_ids().any(|id| matches!(g.node(id).op, veil_ir::Op::TreeEnsemble(_)));
+    let tree_flags =
+        args.tree_tests != TreeTests::Client || args.max_score_parts != veil_passes::trees::sums::MAX_GROUPS;
+    if tree_flags && !has_trees {
+        eprintln!(
+            "warning: --tree-tests and --max-score-parts apply to tree ensembles; {} has none, so they change nothing",
+            model.display()
+        );
+    }
     let start = Instant::now();
     let (artifact, _) = veil_backend::pipeline::compile(&g, &xs, &opts)
         .with_context(|| format!("compiling {} with calibration data {}", model.display(), calib.display()))?;

@@ -146,4 +146,9 @@ fn forest_scores_travel_as_partial_sums_unless_capped() {
     let e = fails(&compile("0"));
     assert!(e.contains("--max-score-parts"), "{e}");
     assert!(!m.exists());
+    // on a model without trees the option changes nothing, and says so
+    let lr = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/logreg_breast_cancer");
+    let (lm, lc) = (lr.join("model.onnx"), lr.join("calib.npy"));
+    let said = ok(&["compile", s(&lm), "--calib", s(&lc), "-o", s(&m), "--max-score-parts", "1"]);
+    assert!(said.contains("apply to tree ensembles"), "{said}");
 }
