@@ -11,8 +11,8 @@ impl Quantizer<'_> {
         let mut tail_inputs = Vec::new();
         let mut decode = Vec::new();
         let mut map: HashMap<NodeId, NodeId> = HashMap::new();
-        // server node → its tail input, scale and offset (the first value sent from it)
-        let mut sent: HashMap<NodeId, (NodeId, ArrayD<f64>, ArrayD<f64>)> = HashMap::new();
+        // server node → its tail input and server output (the first value sent from it)
+        let mut sent: HashMap<NodeId, (NodeId, usize)> = HashMap::new();
         // A server value the client needs: decrypted and decoded, then a tail input.
         let mut to_client =
             |q: &mut Self, tail_graph: &mut Graph, map: &mut HashMap<NodeId, NodeId>, id: NodeId| -> Result<NodeId> {
@@ -26,23 +26,21 @@ impl Quantizer<'_> {
                 } else {
                     match q.val(id) {
                         QVal::Const(c) => tail_graph.add_const(Tensor::F32(c), node.name.clone()),
-                        QVal::Enc(e) => match q.shared_output(id, &e, &sent, tail_graph)? {
-                            // the same ciphertexts are sent already (a binary classifier's two
-                            // probabilities are affine in one score): map their decoded value
-                            Some(t) => t,
-                            None => {
-                                let dims = q.sample_dims(id);
-                                let b = |a: &ArrayD<f64>| a.broadcast(IxDyn(&dims)).map(|v| v.to_owned());
-                                let (scale, offset) = (b(&e.scale), b(&e.offset));
-                                let node_id = e.node;
-                                tail_inputs.push(q.server_output(id, e, &mut decode));
-                                let t = tail_graph.add_input(node.name.clone(), node.ty.clone());
-                                if let (Some(s), Some(o)) = (scale, offset) {
-                                    sent.entry(node_id).or_insert((t, s, o));
+                        QVal::Enc(e) => {
+                            let first = sent.get(&e.node).map(|&(t, i)| (t, &decode[i]));
+                            match q.shared_output(id, &e, first, tail_graph)? {
+                                // the same ciphertexts are sent already (a binary classifier's
+                                // two probabilities are affine in one score): map their value
+                                Some(t) => t,
+                                None => {
+                                    let (server_node, output) = (e.node, decode.len());
+                                    tail_inputs.push(q.server_output(id, e, &mut decode));
+                                    let t = tail_graph.add_input(node.name.clone(), node.ty.clone());
+                                    sent.entry(server_node).or_insert((t, output));
+                                    t
                                 }
-                                t
                             }
-                        },
+                        }
                         QVal::Fn(p) => {
                             let e = q.tabulate(id, p)?;
                             tail_inputs.push(q.server_output(id, e, &mut decode));
@@ -93,22 +91,24 @@ impl Quantizer<'_> {
         })
     }
 
-    /// When the server already sends `e`'s ciphertexts (another value of the same node,
-    /// same shape), the tail nodes computing `e`'s real value from that one's:
-    /// e = (s_e / s)·x + (o_e − (s_e / s)·o). `None` otherwise (or where a scale is 0).
+    /// When the server already sends `e`'s ciphertexts (`first`: the tail input of another
+    /// value of the same node, and its decoding), the tail nodes computing `e`'s real value
+    /// from that one's: e = (s_e / s)·x + (o_e − (s_e / s)·o). `None` otherwise (another
+    /// shape, or a scale of 0).
     fn shared_output(
         &self,
         id: NodeId,
         e: &Quantized,
-        sent: &HashMap<NodeId, (NodeId, ArrayD<f64>, ArrayD<f64>)>,
+        first: Option<(NodeId, &OutputDecode)>,
         tail_graph: &mut Graph,
     ) -> Result<Option<NodeId>> {
-        let Some((t, s, o)) = sent.get(&e.node) else { return Ok(None) };
+        let Some((t, OutputDecode { scale: s, offset: o, .. })) = first else { return Ok(None) };
         let dims = self.sample_dims(id);
         let (Some(se), Some(oe)) = (e.scale.broadcast(IxDyn(&dims)), e.offset.broadcast(IxDyn(&dims))) else {
             return Ok(None);
         };
-        if s.shape() != dims.as_slice() || s.iter().any(|&v| v == 0.0 || !v.is_finite()) {
+        let fits = s.shape() == dims.as_slice() && o.shape() == dims.as_slice();
+        if !fits || s.iter().any(|&v| v == 0.0 || !v.is_finite()) {
             return Ok(None);
         }
         let a = &se / s;
@@ -117,7 +117,7 @@ impl Quantizer<'_> {
         let f32s = |x: ArrayD<f64>| Tensor::F32(x.mapv(|v| v as f32));
         let ka = tail_graph.add_const(f32s(a), format!("{name}_shared_scale"));
         let kb = tail_graph.add_const(f32s(b), format!("{name}_shared_offset"));
-        let m = tail_graph.add(Op::Binary(BinaryFn::Mul), &[*t, ka], format!("{name}_shared_scaled"))?;
+        let m = tail_graph.add(Op::Binary(BinaryFn::Mul), &[t, ka], format!("{name}_shared_scaled"))?;
         Ok(Some(tail_graph.add(Op::Binary(BinaryFn::Add), &[m, kb], name)?))
     }
 

@@ -202,9 +202,11 @@ pub fn build(out: &mut Graph, e: &TreeEnsemble, features: Features, unit_bits: u
     let leaves_of = |tree: &[TreeNode]| -> Vec<usize> {
         (0..tree.len()).filter(|&i| matches!(tree[i], TreeNode::Leaf { .. })).collect()
     };
+    // the trees with branches (single leaves are constants, in the offset)
+    let grown: Vec<usize> = (0..e.trees.len()).filter(|&t| !matches!(e.trees[t][0], TreeNode::Leaf { .. })).collect();
     // scale per target: the summed leaf values span SCORE_STEPS integers
     let (mut lo, mut hi) = (constant.clone(), constant.clone());
-    for tree in e.trees.iter().filter(|t| !matches!(t[0], TreeNode::Leaf { .. })) {
+    for tree in grown.iter().map(|&t| &e.trees[t]) {
         for k in 0..e.n_targets {
             let vals = leaves_of(tree).into_iter().map(|l| leaf_value(tree, l, k));
             let (l, h) = vals.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(v), h.max(v)));
@@ -271,53 +273,23 @@ pub fn build(out: &mut Graph, e: &TreeEnsemble, features: Features, unit_bits: u
     let table = Expr::Table { index: Box::new(Expr::Input), first: 0, len };
     let tlu = Tlu { expr: table, input: Range::new(0, len as i64 - 1), params, rounding: 0, label: "leaves".into() };
     let leaves = out.add(Op::Tlu(Box::new(tlu)), &[per_elem], format!("{name}/leaves"))?;
-    // Per tree and target, the tree's value (exactly one unit of a tree answers), then
-    // their sum per target. The per-tree values let the backend send the scores as
-    // partial sums over groups of trees (see [`sums`]); each lies within the tree's
-    // [min leaf, max leaf], far inside the bound of a sum over the tree's units.
-    let grown: Vec<usize> = (0..e.trees.len()).filter(|&t| !matches!(e.trees[t][0], TreeNode::Leaf { .. })).collect();
-    let row_of: HashMap<usize, usize> = grown.iter().enumerate().map(|(i, &t)| (t, i)).collect();
-    let n_targets = e.n_targets;
-    let mut per_tree = Array2::<i64>::zeros((grown.len() * n_targets, elems.len()));
-    let mut tree_bias = ArrayD::zeros(vec![grown.len() * n_targets]);
-    for (i, &(u, k)) in elems.iter().enumerate() {
-        let r = row_of[&all_units[u].tree] * n_targets;
-        per_tree[[r + k, i]] = 1;
-        if complement.is_some() {
-            // last = tree constant − Σ others
-            per_tree[[r + last, i]] = -1;
-        }
-    }
-    if let Some(sums) = &complement {
-        for (i, &t) in grown.iter().enumerate() {
-            tree_bias[i * n_targets + last] = (sums[t] / scale[last]).round() as i64;
-        }
-    }
-    let tree_value = |t: usize, k: usize| -> (i64, i64) {
-        let q = leaves_of(&e.trees[t]).into_iter().map(|leaf| quantized(t, leaf, k) as i64);
-        q.fold((i64::MAX, i64::MIN), |(l, h), v| (l.min(v), h.max(v)))
-    };
-    let (mut lo_tree, mut hi_tree) = (i64::MAX, i64::MIN);
-    for &t in &grown {
-        for k in 0..n_targets {
-            let (l, h) = tree_value(t, k);
-            (lo_tree, hi_tree) = (lo_tree.min(l), hi_tree.max(h));
-        }
-    }
-    let lin = Linear::new(LinearKind::Dense { weights: per_tree }, tree_bias, TREE_LABEL);
-    let trees = out.add(Op::Linear(Box::new(lin)), &[leaves], format!("{name}/trees"))?;
-    let trees = out.add(Op::Assume { range: Range::new(lo_tree, hi_tree) }, &[trees], format!("{name}/trees"))?;
-    let mut sum = Array2::<i64>::zeros((n_targets, grown.len() * n_targets));
-    (0..grown.len() * n_targets).for_each(|c| sum[[c % n_targets, c]] = 1);
-    let lin = Linear::new(LinearKind::Dense { weights: sum }, ArrayD::zeros(vec![n_targets]), TREE_SUMS_LABEL);
-    let sums = out.add(Op::Linear(Box::new(lin)), &[trees], format!("{name}/scores"))?;
-    // the scores lie within Σ_trees [min, max] of their leaves' integers
-    let (mut lo_sum, mut hi_sum) = (i64::MAX, i64::MIN);
-    for k in 0..n_targets {
-        let (l, h) = grown.iter().map(|&t| tree_value(t, k)).fold((0, 0), |(l, h), (a, b)| (l + a, h + b));
-        (lo_sum, hi_sum) = (lo_sum.min(l), hi_sum.max(h));
-    }
-    let node = out.add(Op::Assume { range: Range::new(lo_sum, hi_sum) }, &[sums], format!("{name}/scores"))?;
+    // per grown tree and target: the range of its leaves' integers; and the constant of
+    // its complement row
+    let ranges: Vec<Vec<(i64, i64)>> = grown
+        .iter()
+        .map(|&t| {
+            (0..e.n_targets)
+                .map(|k| {
+                    let q = leaves_of(&e.trees[t]).into_iter().map(|leaf| quantized(t, leaf, k) as i64);
+                    q.fold((i64::MAX, i64::MIN), |(l, h), v| (l.min(v), h.max(v)))
+                })
+                .collect()
+        })
+        .collect();
+    let complement_bias: Option<Vec<i64>> =
+        complement.as_ref().map(|sums| grown.iter().map(|&t| (sums[t] / scale[last]).round() as i64).collect());
+    let tree_of: Vec<(usize, usize)> = elems.iter().map(|&(u, k)| (all_units[u].tree, k)).collect();
+    let node = score_sums(out, leaves, &tree_of, &grown, &ranges, complement_bias.as_deref(), name)?;
     let base = |k: usize| match e.base_values.len() {
         0 => 0.0,
         1 => e.base_values[0] as f64,
@@ -325,6 +297,57 @@ pub fn build(out: &mut Graph, e: &TreeEnsemble, features: Features, unit_bits: u
     };
     let offset = (0..e.n_targets).map(|k| constant[k] + base(k)).collect();
     Ok(Scores { node, scale, offset })
+}
+
+/// The scores `[batch, targets]` from the leaf lookups: per grown tree and target, the
+/// tree's value (exactly one unit of a tree answers; the complement target, when given, is
+/// the tree's constant minus the others), assumed within the trees' union leaf range; then
+/// their sum per target, assumed within Σ_trees [min leaf, max leaf]. The per-tree values
+/// let the backend send the scores as partial sums over groups of trees (see [`sums`]).
+/// `tree_of[i]` is leaf lookup i's (tree, target); `ranges[g][k]` the integer leaf range of
+/// grown tree `grown[g]` for target k.
+fn score_sums(
+    out: &mut Graph,
+    leaves: NodeId,
+    tree_of: &[(usize, usize)],
+    grown: &[usize],
+    ranges: &[Vec<(i64, i64)>],
+    complement_bias: Option<&[i64]>,
+    name: &str,
+) -> Result<NodeId> {
+    // every grown tree has a range per target (and there is at least one grown tree: the
+    // trees test a feature)
+    let n_targets = ranges.first().map_or(1, |r| r.len());
+    let last = n_targets - 1;
+    let row_of: HashMap<usize, usize> = grown.iter().enumerate().map(|(i, &t)| (t, i)).collect();
+    let rows = grown.len() * n_targets;
+    let mut per_tree = Array2::<i64>::zeros((rows, tree_of.len()));
+    let mut tree_bias = ArrayD::zeros(vec![rows]);
+    for (i, &(t, k)) in tree_of.iter().enumerate() {
+        let r = row_of[&t] * n_targets;
+        per_tree[[r + k, i]] = 1;
+        if complement_bias.is_some() {
+            per_tree[[r + last, i]] = -1;
+        }
+    }
+    if let Some(bias) = complement_bias {
+        bias.iter().enumerate().for_each(|(g, &c)| tree_bias[g * n_targets + last] = c);
+    }
+    let all = ranges.iter().flatten();
+    let (lo, hi) = all.fold((i64::MAX, i64::MIN), |(l, h), &(a, b)| (l.min(a), h.max(b)));
+    let lin = Linear::new(LinearKind::Dense { weights: per_tree }, tree_bias, TREE_LABEL);
+    let trees = out.add(Op::Linear(Box::new(lin)), &[leaves], format!("{name}/trees"))?;
+    let trees = out.add(Op::Assume { range: Range::new(lo, hi) }, &[trees], format!("{name}/trees"))?;
+    let mut sum = Array2::<i64>::zeros((n_targets, rows));
+    (0..rows).for_each(|c| sum[[c % n_targets, c]] = 1);
+    let lin = Linear::new(LinearKind::Dense { weights: sum }, ArrayD::zeros(vec![n_targets]), TREE_SUMS_LABEL);
+    let sums = out.add(Op::Linear(Box::new(lin)), &[trees], format!("{name}/scores"))?;
+    let (mut lo_sum, mut hi_sum) = (i64::MAX, i64::MIN);
+    for k in 0..n_targets {
+        let (l, h) = ranges.iter().fold((0, 0), |(l, h), r| (l + r[k].0, h + r[k].1));
+        (lo_sum, hi_sum) = (lo_sum.min(l), hi_sum.max(h));
+    }
+    Ok(out.add(Op::Assume { range: Range::new(lo_sum, hi_sum) }, &[sums], format!("{name}/scores"))?)
 }
 
 /// Per tree, the constant its leaves' values sum to over the targets, when every tree

@@ -21,9 +21,9 @@ use veil_ir::{Graph, Linear, LinearKind, NodeId, Op, Output};
 /// Most partial sums a score is sent as (the artifact reader accepts up to 1024 parts).
 pub const MAX_GROUPS: usize = 64;
 
-/// The sum behind a tree score output (under its `assume`): its node, weights
-/// `[targets, trees·targets]` and the per-tree values it reads.
-fn scores_of(g: &Graph, out: NodeId) -> Option<(NodeId, Array2<i64>, NodeId)> {
+/// The sum behind a tree score output (under its `assume`): its node, its linear map
+/// (weights `[targets, trees·targets]`) and the per-tree values it reads.
+fn scores_of(g: &Graph, out: NodeId) -> Option<(NodeId, &Linear, &Array2<i64>, NodeId)> {
     let lin_id = match g.node(out).op {
         Op::Assume { .. } => g.operands(out)[0],
         _ => out,
@@ -31,13 +31,13 @@ fn scores_of(g: &Graph, out: NodeId) -> Option<(NodeId, Array2<i64>, NodeId)> {
     let Op::Linear(lin) = &g.node(lin_id).op else { return None };
     let LinearKind::Dense { weights } = &lin.kind else { return None };
     (lin.label == TREE_SUMS_LABEL && g.users(lin_id).len() <= 1)
-        .then(|| (lin_id, weights.clone(), g.operands(lin_id)[0]))
+        .then(|| (lin_id, &**lin, weights, g.operands(lin_id)[0]))
 }
 
 /// Trees in a score output, when it is one (`None` otherwise).
 pub fn trees_in_scores(q: &QuantizedModel) -> Option<usize> {
     let g = &q.graph;
-    g.outputs().iter().filter_map(|o| scores_of(g, o.node)).map(|(_, w, _)| w.ncols() / w.nrows().max(1)).max()
+    g.outputs().iter().filter_map(|o| scores_of(g, o.node)).map(|(_, _, w, _)| w.ncols() / w.nrows().max(1)).max()
 }
 
 /// Send every tree score output as `groups` partial sums over consecutive trees (fewer
@@ -47,14 +47,13 @@ pub fn split_scores(q: &QuantizedModel, groups: usize) -> Result<Option<Quantize
         return Ok(None);
     }
     let split = |g: &Graph, graph: &mut Graph, o: &Output, d: &OutputDecode| -> Result<Option<Parts>> {
-        let Some((lin_id, weights, trees)) = scores_of(g, o.node) else { return Ok(None) };
+        let Some((lin_id, lin, weights, trees)) = scores_of(g, o.node) else { return Ok(None) };
         let targets = weights.nrows().max(1);
         let n_trees = weights.ncols() / targets;
         let count = groups.min(n_trees);
         if count < 2 {
             return Ok(None);
         }
-        let Op::Linear(lin) = &g.node(lin_id).op else { return Ok(None) };
         let mut parts = Vec::new();
         for j in 0..count {
             let (from, to) = (j * n_trees / count, (j + 1) * n_trees / count);
