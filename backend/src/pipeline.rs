@@ -224,7 +224,7 @@ fn report(c: &Compiled, lookups: usize, seconds: f64) -> proto::Report {
         let Elem::Enc(r) = node.ty.elem else { continue };
         let (count, precision, rounding) = match &node.op {
             Op::Tlu(t) => (node.ty.shape.fixed_volume(), t.input_bits(), t.rounding),
-            Op::MaxEnc { rounding, .. } => {
+            Op::MaxEnc { rounding, .. } | Op::AbsEnc { rounding, .. } => {
                 (node.ty.shape.fixed_volume(), veil_passes::bitwidth::max_precision_of(g, id), *rounding)
             }
             Op::Linear(_) | Op::Input { .. } => (0, 0, 0),

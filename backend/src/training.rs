@@ -197,7 +197,7 @@ fn report(model: &TrainingModel, low: &LoweredGraph, seconds: f64) -> proto::Rep
         };
         let rounding = match &node.op {
             veil_ir::Op::Tlu(t) => t.rounding,
-            veil_ir::Op::SatEnc { rounding, .. } => *rounding,
+            veil_ir::Op::SatEnc { rounding, .. } | veil_ir::Op::AbsEnc { rounding, .. } => *rounding,
             _ => 0,
         };
         layers.push(proto::Layer {

@@ -74,6 +74,33 @@ pub fn saturate_range(r: Range, lo: i64, hi: i64, rounding: u32) -> Range {
     Range::new(low.min(high), high.max(low))
 }
 
+/// |v| read to a multiple of 2^rounding, divided by 2^shift (see `Op::AbsEnc`).
+pub fn abs_read(v: i64, rounding: u32, shift: u32) -> i64 {
+    rounded(v, rounding).saturating_abs() >> shift
+}
+
+/// Sound range of an `abs_enc` of values in `r`: a read may land in the bucket next to the
+/// value's (the bootstrap's approximate rounding).
+pub fn abs_range(r: Range, rounding: u32) -> Range {
+    let step = 1i64.checked_shl(rounding).unwrap_or(i64::MAX);
+    let (lo, hi) = (rounded(r.lo, rounding), rounded(r.hi, rounding));
+    let top = lo.saturating_abs().max(hi.saturating_abs());
+    let top = if rounding == 0 { top } else { top.saturating_add(step) };
+    let bottom = if lo <= 0 && hi >= 0 { 0 } else { lo.saturating_abs().min(hi.saturating_abs()) };
+    let bottom = if rounding == 0 { bottom } else { bottom.saturating_sub(step).max(0) };
+    Range::new(bottom, top)
+}
+
+/// Bits a whole-torus read of `abs_enc` needs for inputs in `r` with `rounding` low bits
+/// dropped: the buckets must lie in [−(2^p − 1), 2^p − 1], so that a read one bucket off
+/// (noise at the edge) still lands in the window [−2^p, 2^p] where |q| is read right.
+pub fn abs_precision(r: Range, rounding: u32) -> u32 {
+    let step = 1i64.checked_shl(rounding).unwrap_or(i64::MAX);
+    let bucket = |v: i64| v.saturating_add(step / 2).div_euclid(step);
+    let far = bucket(r.lo).saturating_neg().max(bucket(r.hi)).max(1) as u64;
+    64 - far.leading_zeros()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -89,6 +89,11 @@ pub fn run_noisy(g: &Graph, inputs: &[Tensor], slot_std: f64, seed: u64) -> Resu
                 let x = int(&args, 0).map_err(fail)?;
                 Tensor::I64(x.mapv(|v| crate::enc::saturate_read(v, v + noise(step), *lo, *hi, *rounding)))
             }
+            Op::AbsEnc { rounding, shift } if *rounding > 0 => {
+                let step = 1i64 << rounding;
+                let x = int(&args, 0).map_err(fail)?;
+                Tensor::I64(x.mapv(|v| crate::enc::abs_read(v + noise(step), *rounding, *shift)))
+            }
             Op::MaxEnc { rounding, diff } if *rounding > 0 => {
                 let step = 1i64 << rounding;
                 let (a, b) = (int(&args, 0).map_err(fail)?, int(&args, 1).map_err(fail)?);
@@ -317,6 +322,9 @@ pub fn eval_op(op: &Op, args: &[&Tensor]) -> OpResult<Tensor> {
         Op::MatMulEnc => Tensor::I64(crate::enc::matmul(int(args, 0)?, int(args, 1)?)?),
         Op::SatEnc { lo, hi, rounding } => {
             Tensor::I64(int(args, 0)?.mapv(|v| crate::enc::saturate(v, *lo, *hi, *rounding)))
+        }
+        Op::AbsEnc { rounding, shift } => {
+            Tensor::I64(int(args, 0)?.mapv(|v| crate::enc::abs_read(v, *rounding, *shift)))
         }
         Op::Assume { range } => Tensor::I64(int(args, 0)?.mapv(|v| v.clamp(range.lo, range.hi))),
     })

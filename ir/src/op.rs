@@ -417,6 +417,19 @@ pub enum Op {
         hi: i64,
         rounding: u32,
     },
+    /// Absolute value with one lookup on the whole torus: the input is read to a multiple
+    /// q of 2^rounding (round half up) and the result is |q| / 2^shift (`shift ≤
+    /// rounding`, so the division is exact: the output keeps the read's resolution in
+    /// fewer bits, which balances it against other inputs of the layer it feeds). Its table is anti-periodic
+    /// (|q| + |q + W| = W for q in [−W, 0), W = 2^(p + rounding)), so the bootstrap needs
+    /// no padding bit: a precision-p read resolves 2^(p+1) buckets instead of 2^p (see
+    /// [`crate::enc::abs_precision`]). ReLU-like activations become `(x + |x|)/2`
+    /// (Chillotti et al., "Improved programmable bootstrapping with larger precision",
+    /// ASIACRYPT 2021, §4: negacyclic functions need no padding bit).
+    AbsEnc {
+        rounding: u32,
+        shift: u32,
+    },
     /// The compiled range of an encrypted tensor: values are encoded for `range`, narrower
     /// than the worst case that interval arithmetic proves. Free at run time; a value
     /// outside it would overflow its encoding (the clear interpreter reports and saturates).
@@ -462,6 +475,7 @@ impl Op {
             Op::Tlu(_) => "tlu",
             Op::MatMulEnc => "matmul_enc",
             Op::SatEnc { .. } => "saturate",
+            Op::AbsEnc { .. } => "abs_enc",
             Op::Assume { .. } => "assume",
         }
     }
@@ -666,6 +680,14 @@ impl Op {
                     _ => unreachable!(),
                 };
                 Ok(TensorType::new(Elem::Enc(r), shape))
+            }
+            Op::AbsEnc { rounding, shift } => {
+                let (r, ty) = enc_only(x.unwrap())?;
+                if shift > rounding || *rounding > 62 {
+                    return Err(format!("abs_enc shifts by {shift} bits but drops {rounding}"));
+                }
+                let a = crate::enc::abs_range(r, *rounding);
+                Ok(TensorType::new(Elem::Enc(Range::new(a.lo >> shift, a.hi >> shift)), ty.shape.clone()))
             }
             Op::Assume { range } => {
                 let (r, ty) = enc_only(x.unwrap())?;

@@ -132,6 +132,7 @@ pub fn attrs_text(op: &Op) -> String {
         }
         Op::Assume { range } => format!("range={range}"),
         Op::SatEnc { lo, hi, rounding } => format!("bounds={lo}..{hi} round={rounding}"),
+        Op::AbsEnc { rounding, shift } => format!("round={rounding} shift={shift}"),
         Op::MatMulEnc => String::new(),
         Op::MatMul | Op::Binary(_) | Op::GlobalAvgPool | Op::AddEnc | Op::SubEnc | Op::MaxEnc { .. } => String::new(),
     }

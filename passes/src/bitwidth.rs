@@ -17,6 +17,7 @@ use crate::model::QuantizedModel;
 use crate::quantize::QuantConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use veil_ir::enc::abs_precision;
 use veil_ir::tlu::lookup_precision;
 use veil_ir::{Graph, NodeId, Op, Range, Tensor};
 
@@ -230,6 +231,12 @@ pub fn set_precision(g: &Graph, p: u32) -> Result<Graph> {
                 let rounding = rounding_for(out.enc_range(ops[0]), p).ok_or_else(|| too_narrow(p, &node.name))?;
                 Op::SatEnc { lo: *lo, hi: *hi, rounding }
             }
+            Op::AbsEnc { shift, .. } => {
+                let r = out.enc_range(ops[0]);
+                let rounding = (0..63).find(|&k| abs_precision(r, k) <= p).ok_or_else(|| too_narrow(p, &node.name))?;
+                // the output's scale is fixed by `shift`: a finer read would not show in it
+                Op::AbsEnc { rounding: rounding.max(*shift), shift: *shift }
+            }
             op => op.clone(),
         };
         Ok::<_, PassError>(Some(out.add(op, ops, node.name.clone())?))
@@ -259,6 +266,7 @@ pub fn max_precision_of(g: &Graph, id: NodeId) -> u32 {
             let r = g.enc_range(g.operands(id)[0]);
             lookup_precision(entries(r, *rounding), *rounding)
         }
+        Op::AbsEnc { rounding, .. } => abs_precision(g.enc_range(g.operands(id)[0]), *rounding),
         // the sums a + b are read exactly
         Op::MatMulEnc => {
             let ops = g.operands(id);
@@ -267,6 +275,60 @@ pub fn max_precision_of(g: &Graph, id: NodeId) -> u32 {
         }
         _ => 0,
     }
+}
+
+/// The calibration rows followed by as many rows near the classifier's decision
+/// boundaries: each mixes two calibration rows the float model classifies differently,
+/// λ·a + (1 − λ)·b with λ uniform in [0.75, 0.9] (all inputs of a sample alike).
+///
+/// Why: calibration rows are usually training rows, on which a trained classifier is far
+/// more confident than on unseen data (digits MLP: no calibration row has a top-2 logit
+/// margin below 1, 1.6% of test rows do). Argmax agreement on them overstates agreement on
+/// new data (99.8% against 97.8% over ten training runs), and flips happen near the
+/// boundaries. The mixed rows put a known share of rows there; on the digits networks,
+/// their disagreement runs 1.2–2× the test set's, so scoring on both halves tracks test
+/// agreement. `None` when there is nothing to mix (one row, one class, an integer input).
+pub fn near_boundary_rows(inputs: &[Tensor], reference: &Tensor) -> Option<Vec<Tensor>> {
+    let n = reference.shape().first().copied()?;
+    let classes = reference.shape().get(1).copied().unwrap_or(1);
+    if n < 2 || classes < 2 || inputs.iter().any(|t| t.as_f32().is_none() || t.shape().first() != Some(&n)) {
+        return None;
+    }
+    let r = reference.to_f32();
+    let rows = r.to_shape((n, r.len() / n)).ok()?;
+    let label: Vec<usize> = rows
+        .outer_iter()
+        .map(|row| row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0)
+        .collect();
+    // SplitMix64: deterministic, so a compile is reproducible
+    let mut state = 0x5eed_u64;
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let mut pairs = Vec::with_capacity(n);
+    for a in 0..n {
+        // a partner of another class, if a few draws find one
+        let Some(b) = (0..16).map(|_| (next() % n as u64) as usize).find(|&b| label[b] != label[a]) else { continue };
+        let lambda = 0.75 + 0.15 * (next() >> 11) as f64 / (1u64 << 53) as f64;
+        pairs.push((a, b, lambda as f32));
+    }
+    if pairs.is_empty() {
+        return None;
+    }
+    let mixed = inputs.iter().map(|t| {
+        let x = t.as_f32().expect("checked");
+        let mut out = x.clone();
+        for (a, b, l) in &pairs {
+            let row = &x.index_axis(ndarray::Axis(0), *a) * *l + &x.index_axis(ndarray::Axis(0), *b) * (1.0 - l);
+            out.push(ndarray::Axis(0), row.view()).ok()?;
+        }
+        Some(Tensor::F32(out))
+    });
+    mixed.collect()
 }
 
 /// The first floating-point output of a float model's outputs, as reference values.
@@ -350,7 +412,11 @@ pub fn score(metric: Metric, ours: &Tensor, reference: &Tensor) -> f64 {
 
 pub(crate) struct Search<'a> {
     pub(crate) g: &'a Graph,
+    /// The calibration rows (ranges come from these only).
     inputs: &'a [Tensor],
+    /// The rows trials are scored on: the calibration rows, and for classifiers as many
+    /// rows near the decision boundaries (see [`near_boundary_rows`]).
+    scored: Vec<Tensor>,
     pub(crate) calib: Calibration,
     reference: Tensor,
     out_index: usize,
@@ -416,7 +482,7 @@ impl Search<'_> {
             Err(e) => return Err(e),
         }
         // Score as the encrypted circuit behaves: rounded reads are noisy.
-        let outs = q.run_noisy(self.inputs, self.slot_std, 0x5eed)?;
+        let outs = q.run_noisy(&self.scored, self.slot_std, 0x5eed)?;
         let s = score(self.metric, &outs[self.out_index], &self.reference);
         let ok = 1.0 - s <= self.tolerance + 1e-12;
         let lookups = count_lookups(&q.graph);
@@ -431,11 +497,22 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
     let float = veil_ir::interp::run(g, inputs)?;
     let out_index = first_float(&float)
         .ok_or_else(|| PassError::Search("the model has no floating-point output to compare".into()))?;
-    let reference = float[out_index].clone();
-    let (metric, metric_source) = choose_metric(g, &reference, opts.task);
+    let (metric, metric_source) = choose_metric(g, &float[out_index], opts.task);
+    let mixed = match metric {
+        Metric::ArgmaxAgreement => near_boundary_rows(inputs, &float[out_index]),
+        Metric::R2 => None,
+    };
+    let (scored, reference) = match mixed {
+        Some(rows) => {
+            let reference = veil_ir::interp::run(g, &rows)?[out_index].clone();
+            (rows, reference)
+        }
+        None => (inputs.to_vec(), float[out_index].clone()),
+    };
     let mut s = Search {
         g,
         inputs,
+        scored,
         calib,
         reference,
         out_index,

@@ -450,11 +450,11 @@ pub struct FuseReport {
     pub egraph_nodes: usize,
 }
 
-/// Lookups (bootstraps) per sample in an integer graph: one per element of every Tlu and
-/// MaxEnc.
+/// Lookups (bootstraps) per sample in an integer graph: one per element of every Tlu,
+/// MaxEnc and AbsEnc.
 pub fn count_lookups(g: &Graph) -> usize {
     g.node_ids()
-        .filter(|&n| matches!(g.node(n).op, Op::Tlu(_) | Op::MaxEnc { .. }))
+        .filter(|&n| matches!(g.node(n).op, Op::Tlu(_) | Op::MaxEnc { .. } | Op::AbsEnc { .. }))
         .map(|n| g.node(n).ty.shape.fixed_volume())
         .sum()
 }

@@ -230,6 +230,7 @@ impl Emitter<'_> {
                 vec![(0, read(*rounding)), (1, read(*rounding)), (1, Demand::Affine(Some(0)))]
             }
             Op::SatEnc { rounding, .. } => vec![(0, read(*rounding)), (0, Demand::Affine(Some(0)))],
+            Op::AbsEnc { rounding, .. } => vec![(0, read(*rounding))],
             Op::MatMulEnc => match self.client_operand(id) {
                 // the other operand is packed at the product's scale
                 Some(k) => vec![(1 - k, Demand::Affine(Some(0)))],
@@ -298,6 +299,7 @@ impl Emitter<'_> {
             Op::Tlu(t) => self.lookup(id, ops[0], t)?,
             Op::MaxEnc { rounding, diff } => self.max(id, ops[0], ops[1], *rounding, *diff)?,
             Op::SatEnc { lo, hi, rounding } => self.saturate(id, ops[0], *lo, *hi, *rounding)?,
+            Op::AbsEnc { rounding, shift } => self.abs(id, ops[0], *rounding, *shift)?,
             Op::MatMulEnc => self.matmul(id, ops[0], ops[1])?,
             op if is_affine(op) => self.affine(id, &ops)?,
             other => return Err(err(self.g, id, format!("{} cannot run on encrypted data", other.mnemonic()))),
@@ -622,6 +624,32 @@ impl Emitter<'_> {
         li.output = out;
         self.circuit.instructions.push(Instruction::Linear(li));
         out
+    }
+
+    /// |x| / 2^shift on the whole torus (see `Op::AbsEnc`). With W = 2^(p + rounding), the
+    /// read puts slot 0 at −W, so slots 0..2^p hold q in [−W, 0) and the bootstrap's
+    /// second, negated half holds q in [0, W). Writing V = W / 2^shift, the table stores
+    /// |q|/2^shift − V/2 for the first half; the second half then reads
+    /// −(|q − W|/2^shift − V/2) = |q|/2^shift − V/2, as needed. The output is encoded with
+    /// base V/2, and no padding bit is spent.
+    fn abs(&mut self, id: NodeId, x: NodeId, rounding: u32, shift: u32) -> Result<usize> {
+        let d = self.d[&id];
+        let r = self.g.enc_range(x);
+        let need = veil_ir::enc::abs_precision(r, rounding);
+        if need > self.p {
+            return Err(err(self.g, id, format!("|x| needs {need} bits, its lookups have {}", self.p)));
+        }
+        let w = 1i64 << (self.p + rounding);
+        let read = Read { k: rounding, base: -w };
+        let copy = self.shared_copy(self.value[&x], &read)?;
+        let step = 1i64 << rounding;
+        let centre = (w >> shift) / 2;
+        let table = (0..1i64 << self.p).map(|s| encode((((w - s * step) >> shift) - centre) as i128, d)).collect();
+        self.circuit.tables.push(table);
+        let t = (self.circuit.tables.len() - 1) as u32;
+        let n = sample_len(self.g, id);
+        // every slot of the torus is in use: no second function can share this bootstrap
+        Ok(self.push_lookup(copy, vec![t; n], centre, d, 2 << self.p))
     }
 
     /// Saturation: x − excess(read of x), one lookup for the excess (see `Op::SatEnc`).

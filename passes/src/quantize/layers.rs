@@ -8,6 +8,19 @@ impl Quantizer<'_> {
     /// x·W + bias over the last axis; `w` is [K, M] in real units.
     pub(super) fn dense(&mut self, id: NodeId, x: Quantized, w: Array2<f64>, bias: Vec<f64>) -> Result<QVal> {
         let in_dims = self.sample_dims(self.float_operand(id, 0));
+        self.dense_over(id, x, in_dims, w, bias)
+    }
+
+    /// [`Self::dense`] on an input of per-sample shape `in_dims` (which a composed layer's
+    /// concatenated input does not share with the float operand).
+    pub(super) fn dense_over(
+        &mut self,
+        id: NodeId,
+        x: Quantized,
+        in_dims: Vec<usize>,
+        w: Array2<f64>,
+        bias: Vec<f64>,
+    ) -> Result<QVal> {
         let k = *in_dims.last().ok_or_else(|| self.err(id, "dense on a scalar"))?;
         if w.nrows() != k {
             return Err(self.err(id, format!("weights take {} inputs, the tensor has {k}", w.nrows())));
@@ -33,6 +46,7 @@ impl Quantizer<'_> {
             .into_owned()
             .into_shape_with_order(IxDyn(&out_dims))
             .map_err(|e| self.err(id, e.to_string()))?;
+        let bias_real = bias;
         let (bias, offset) = self.center(id, &s_out, offset, &out_dims, true);
         let scale = ArrayD::from_shape_vec(vec![w.ncols()], s_out)
             .expect("one per row")
@@ -41,6 +55,17 @@ impl Quantizer<'_> {
             .to_owned();
         let lin = Linear::new(LinearKind::Dense { weights: q }, bias, self.g.node(id).op.mnemonic());
         let node = self.out.add(Op::Linear(Box::new(lin)), &[x.node], self.g.node(id).name.clone())?;
+        if in_dims.len() == 1 {
+            let source = kinks::DenseSource {
+                float: id,
+                x: x.clone(),
+                w: w.clone(),
+                bias: bias_real.clone(),
+                scale: scale.iter().copied().collect(),
+                offset: offset.iter().copied().collect(),
+            };
+            self.dense_src.insert(node, source);
+        }
         Ok(QVal::Enc(Quantized { node, scale, offset }))
     }
 

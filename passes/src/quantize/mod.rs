@@ -13,6 +13,7 @@
 //! argmax, …) move to the client, which runs them after decryption.
 
 mod elementwise;
+mod kinks;
 mod layers;
 mod scales;
 mod tail;
@@ -122,6 +123,7 @@ pub fn quantize_with(
         input_of: Vec::new(),
         rank_cuts: HashMap::new(),
         placement,
+        dense_src: HashMap::new(),
     };
     let order = g.topo_order().ok_or_else(|| PassError::Quantize { node: g.name.clone(), msg: "cycle".into() })?;
     for &id in &order {
@@ -152,6 +154,9 @@ struct Quantizer<'a> {
     /// Rank-encoded inputs (read by tree ensembles only) and their cuts.
     rank_cuts: HashMap<NodeId, Vec<Vec<crate::model::Cut>>>,
     placement: Placement,
+    /// Dense layers on [batch, K] inputs, by their output node, for composition with a
+    /// following one-kink activation and dense layer (see `kinks`).
+    dense_src: HashMap<NodeId, kinks::DenseSource>,
 }
 
 impl<'a> Quantizer<'a> {
@@ -200,15 +205,22 @@ impl<'a> Quantizer<'a> {
                     None => Some(vec![0.0; m]),
                 };
                 let bias = bias.ok_or_else(|| self.unsupported(id, "a Gemm bias that varies per sample"))?;
+                let w = w.mapv(|v| *alpha as f64 * v as f64);
+                if let Some(v) = self.compose_kink(id, ops[0], &w, &bias)? {
+                    return Ok(v);
+                }
                 let x = self.enc_operand(id, ops[0])?;
-                self.dense(id, x, w.mapv(|v| *alpha as f64 * v as f64), bias)
+                self.dense(id, x, w, bias)
             }
             Op::MatMul => {
                 let w = self.const_operand(id, &ops, 1, "right operand")?;
                 let w = to2(&w).map_err(|_| self.unsupported(id, "MatMul needs a constant 2-D right operand"))?;
+                let (w, bias) = (w.mapv(|v| v as f64), vec![0.0; w.ncols()]);
+                if let Some(v) = self.compose_kink(id, ops[0], &w, &bias)? {
+                    return Ok(v);
+                }
                 let x = self.enc_operand(id, ops[0])?;
-                let m = w.ncols();
-                self.dense(id, x, w.mapv(|v| v as f64), vec![0.0; m])
+                self.dense(id, x, w, bias)
             }
             Op::Conv(c) => {
                 let w = self.const_operand(id, &ops, 1, "weights")?;

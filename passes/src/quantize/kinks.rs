@@ -1,0 +1,194 @@
+//! Activations with one kink between two dense layers, read on the whole torus.
+//!
+//! A piecewise-linear activation with one kink (ReLU, leaky ReLU, PReLU, |x|, any of them
+//! followed by an affine map such as batch normalisation) is `a·(u − u0) + n·|u − u0| + c`
+//! for the pre-activation u. The linear half needs no lookup: when u is a dense layer
+//! `h·W1 + b1` of an encrypted h and the activation feeds another dense layer W2, the
+//! composition `h·(W1·diag(a)·W2)` is one more clear matrix on h, quantized with the rest
+//! of the layer. Only |u − u0| needs a bootstrap, and |·| is anti-periodic, so it is read
+//! on the whole torus (`Op::AbsEnc`): 2^(p+1) buckets at the cost of a p-bit lookup,
+//! twice the resolution of a ReLU table (whose negative half would all read 0), and its
+//! rounding error is halved by the factor n = ½ of a ReLU.
+//!
+//! The next layer then reads [h, |u − u0|] concatenated. Its weights on h are a product of
+//! real matrices, quantized once, so nothing is lost to an intermediate requantization;
+//! h is a fresh encryption or a lookup's output, so the noise model is that of any dense
+//! layer with K + M inputs.
+
+use super::*;
+
+/// A dense layer as the quantizer built it: its encrypted input and real weights, kept
+/// so that a following layer can compose with it.
+#[derive(Clone, Debug)]
+pub(super) struct DenseSource {
+    /// The float node (for its calibrated range).
+    pub float: NodeId,
+    /// The encrypted input h, [K] per sample.
+    pub x: Quantized,
+    /// Real weights [K, M] on h's real values, and bias [M].
+    pub w: Array2<f64>,
+    pub bias: Vec<f64>,
+    /// Real value of the layer's integer output v: scale ⊙ v + offset, [M].
+    pub scale: Vec<f64>,
+    pub offset: Vec<f64>,
+}
+
+/// `f(v) = a·(v − v0) + n·|v − v0| + k0` on the integer v of the source, per element.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Kink {
+    pub a: f64,
+    pub n: f64,
+    pub v0: f64,
+    pub k0: f64,
+}
+
+/// The kink form of `f` if it has one on [−3r, 3r] (r > 0: the source's widest |v|),
+/// checked at 64 points and beside the kink to a relative 1e-7.
+pub(super) fn kink_of(f: impl Fn(f64) -> f64, r: f64) -> Option<Kink> {
+    let slope = |x0: f64, x1: f64| (f(x1) - f(x0)) / (x1 - x0);
+    let (m1, m2) = (slope(-3.0 * r, -2.0 * r), slope(2.0 * r, 3.0 * r));
+    if !(m1.is_finite() && m2.is_finite()) || (m2 - m1).abs() <= 1e-9 * (m1.abs() + m2.abs()) {
+        return None;
+    }
+    // where the two outer lines meet
+    let (b1, b2) = (f(-3.0 * r) + 3.0 * r * m1, f(3.0 * r) - 3.0 * r * m2);
+    let v0 = (b2 - b1) / (m1 - m2);
+    if !v0.is_finite() || v0.abs() > 2.0 * r {
+        return None;
+    }
+    let k = Kink { a: (m1 + m2) / 2.0, n: (m2 - m1) / 2.0, v0, k0: f(v0) };
+    let model = |v: f64| k.a * (v - v0) + k.n * (v - v0).abs() + k.k0;
+    let tol = 1e-7 * ((k.a.abs() + k.n.abs()) * 3.0 * r + k.k0.abs());
+    let probes =
+        (0..=64).map(|i| -3.0 * r + 6.0 * r * i as f64 / 64.0).chain([v0 - 1.0, v0 + 1.0, v0 - r / 1e3, v0 + r / 1e3]);
+    probes.into_iter().all(|v| (f(v) - model(v)).abs() <= tol).then_some(k)
+}
+
+/// Integer factors (1 to 16) per element that bring every element's reach (its largest
+/// |v| to read) close below one common target 7/8·2^j. A whole-torus read of p bits
+/// resolves buckets up to 2^p − 1 from the kink with a power-of-two rounding, so a reach
+/// just over a power of two would leave half the buckets unused, and an element reaching
+/// half as far as the widest would use half of them. Below 7/8·2^j every p ≥ 3 fits.
+/// The target is chosen for the best mean use of the window.
+pub(super) fn fill_factors(reach: &[f64]) -> Vec<i64> {
+    let widest = reach.iter().copied().fold(1.0f64, f64::max);
+    let first = (widest / 0.875).log2().ceil() as i32;
+    let factors = |j: i32| -> Vec<i64> {
+        let target = 0.875 * 2f64.powi(j);
+        reach.iter().map(|&r| ((target / r.max(1e-300)).floor() as i64).clamp(1, 16)).collect()
+    };
+    let usage = |j: i32| {
+        let target = 0.875 * 2f64.powi(j);
+        factors(j).iter().zip(reach).map(|(&f, &r)| (r * f as f64 / target).min(1.0)).sum::<f64>()
+    };
+    let best = (first..first + 5).max_by(|&a, &b| usage(a).total_cmp(&usage(b)).then(b.cmp(&a))).unwrap_or(first);
+    factors(best)
+}
+
+impl Quantizer<'_> {
+    /// `y = P(u)·W2 + b2` for float dense node `id`, when its operand P is a pending
+    /// one-kink function of a dense layer's output u (see the module doc); `None` when it
+    /// is not, and the caller tabulates P as usual.
+    pub(super) fn compose_kink(
+        &mut self,
+        id: NodeId,
+        operand: NodeId,
+        w2: &Array2<f64>,
+        b2: &[f64],
+    ) -> Result<Option<QVal>> {
+        let QVal::Fn(p) = self.val(operand) else { return Ok(None) };
+        let Some(src) = self.dense_src.get(&p.src).cloned() else { return Ok(None) };
+        let m = src.scale.len();
+        if self.sample_dims(operand) != [m] || w2.nrows() != m {
+            return Ok(None);
+        }
+        let r = self.enc_range(p.src);
+        let reach = (r.lo.unsigned_abs().max(r.hi.unsigned_abs()) as f64).max(1.0);
+        let tlu = Tlu { expr: p.expr.clone(), input: r, params: p.params.clone(), rounding: 0, label: String::new() };
+        let params = tlu.element_params(&[m]).map_err(|e| self.err(id, e))?;
+        let mut kinks = Vec::with_capacity(m);
+        for pe in &params {
+            match kink_of(|v| p.expr.eval(v, pe), reach) {
+                Some(k) if k.n != 0.0 => kinks.push(k),
+                _ => return Ok(None),
+            }
+        }
+        // Integer shift putting each kink at (within half an integer of) 0.
+        let c: Vec<i64> = kinks.iter().map(|k| k.v0.round() as i64).collect();
+        // |v − c| fits in `reach` bits; keep act_bits of it (more would only widen the
+        // next layer's integer weights on the other inputs).
+        let reach: Vec<f64> = match self.calib.features.get(&src.float).filter(|f| f.len() == m) {
+            Some(f) => (0..m)
+                .map(|e| {
+                    let at = |u: f64| ((u - src.offset[e]) / src.scale[e] - c[e] as f64).abs();
+                    at(f[e].0).max(at(f[e].1)).max(1.0)
+                })
+                .collect(),
+            None => return Ok(None),
+        };
+        let f = fill_factors(&reach);
+        let widest = reach.iter().zip(&f).map(|(r, &f)| r * f as f64).fold(1.0, f64::max) * (1.0 + 2.0 * self.margin);
+        let shift = (64 - (widest.ceil() as u64).leading_zeros()).saturating_sub(self.cfg.act_bits);
+        let name = self.g.node(operand).name.clone();
+        let shifted = Linear::new(
+            LinearKind::Scale { factor: ArrayD::from_shape_vec(vec![m], f.clone()).expect("one per element") },
+            ArrayD::from_shape_vec(vec![m], c.iter().zip(&f).map(|(&v, &f)| -v * f).collect())
+                .expect("one per element"),
+            "kink",
+        );
+        let v = self.out.add(Op::Linear(Box::new(shifted)), &[p.src], format!("{name}_kink"))?;
+        let abs = self.out.add(Op::AbsEnc { rounding: shift, shift }, &[v], format!("{name}_abs"))?;
+        // P ≈ a·(u − u0) + k0 + n·2^shift·abs, with u = s·v + o and u0 = s·v0 + o.
+        let lam: Vec<f64> = kinks.iter().zip(&src.scale).map(|(k, s)| k.a / s).collect();
+        let konst: Vec<f64> =
+            kinks.iter().enumerate().map(|(e, k)| k.k0 - lam[e] * (src.scale[e] * k.v0 + src.offset[e])).collect();
+        let k_in = src.w.nrows();
+        let mut w = Array2::zeros((k_in + m, w2.ncols()));
+        let lw = Array2::from_shape_fn((m, w2.ncols()), |(e, j)| lam[e] * w2[[e, j]]);
+        w.slice_mut(ndarray::s![..k_in, ..]).assign(&src.w.dot(&lw));
+        w.slice_mut(ndarray::s![k_in.., ..]).assign(w2);
+        let bias: Vec<f64> = (0..w2.ncols())
+            .map(|j| b2[j] + (0..m).map(|e| (lam[e] * src.bias[e] + konst[e]) * w2[[e, j]]).sum::<f64>())
+            .collect();
+        let x_scale = src.x.scale.broadcast(IxDyn(&[k_in])).ok_or_else(|| self.err(id, "input scale shape"))?;
+        let x_offset = src.x.offset.broadcast(IxDyn(&[k_in])).ok_or_else(|| self.err(id, "input offset shape"))?;
+        let unit = 2f64.powi(shift as i32);
+        let scale: Vec<f64> =
+            x_scale.iter().copied().chain(kinks.iter().zip(&f).map(|(k, &f)| k.n * unit / f as f64)).collect();
+        let offset: Vec<f64> = x_offset.iter().copied().chain(std::iter::repeat_n(0.0, m)).collect();
+        let both = self.out.add(Op::Concat { axis: 1 }, &[src.x.node, abs], format!("{name}_and_input"))?;
+        let x = Quantized {
+            node: both,
+            scale: ArrayD::from_shape_vec(vec![k_in + m], scale).expect("one per input"),
+            offset: ArrayD::from_shape_vec(vec![k_in + m], offset).expect("one per input"),
+        };
+        self.dense_over(id, x, vec![k_in + m], w, bias).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_kink_of_relu_like_functions() {
+        let relu = |v: f64| (0.5 * v - 3.0).max(0.0);
+        let k = kink_of(relu, 100.0).unwrap();
+        assert!((k.v0 - 6.0).abs() < 1e-9 && (k.a - 0.25).abs() < 1e-12 && (k.n - 0.25).abs() < 1e-12);
+        let leaky = |v: f64| if v > 1.0 { 2.0 * (v - 1.0) } else { 0.02 * (v - 1.0) } + 7.0;
+        let k = kink_of(leaky, 10.0).unwrap();
+        assert!((k.v0 - 1.0).abs() < 1e-9 && (k.k0 - 7.0).abs() < 1e-9);
+        assert!((k.a - 1.01).abs() < 1e-9 && (k.n - 0.99).abs() < 1e-9);
+        let abs = |v: f64| (v + 2.0).abs();
+        assert!(kink_of(abs, 10.0).is_some_and(|k| k.a.abs() < 1e-12 && (k.n - 1.0).abs() < 1e-12));
+    }
+
+    #[test]
+    fn refuses_smooth_and_doubly_kinked_functions() {
+        assert!(kink_of(|v: f64| v.max(0.0).min(6.0), 10.0).is_none(), "relu6 has two kinks");
+        assert!(kink_of(|v: f64| 1.0 / (1.0 + (-v).exp()), 10.0).is_none());
+        assert!(kink_of(|v: f64| 3.0 * v + 1.0, 10.0).is_none(), "affine: nothing to read");
+        // GELU is ReLU-like far out but not piecewise linear
+        assert!(kink_of(|v: f64| 0.5 * v * (1.0 + (v / 2f64.sqrt()).tanh()), 10.0).is_none());
+    }
+}
