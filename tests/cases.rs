@@ -78,8 +78,7 @@ fn two_features_of_different_ranges_get_a_scale_each() {
 #[test]
 fn values_beyond_the_calibrated_ranges_are_reported_per_sample() {
     // Test rows (t, t): the hidden unit x0 + x1 reaches 2t, past its calibrated maximum 1
-    // from t = 0.5 on, where the activation saturates. Those samples, and only those, are
-    // reported; the others are right.
+    // from t = 0.5 on. Every sample is either right or reported.
     let (a, out) = compile_and_run("model.onnx", &["calib.npy"], &["test_x.npy"], "activation-beyond-calibration");
     let d = case("activation-beyond-calibration");
     let want = read_npy(&d.join("expected.npy"));
@@ -97,9 +96,18 @@ fn values_beyond_the_calibrated_ranges_are_reported_per_sample() {
         }
         assert!((o[i] - w[i]).abs() < 0.06, "sample {i} (t = {ti}) is not reported but off: {} vs {}", o[i], w[i]);
     }
+    // The ReLU between the two dense layers is read as |x| with its linear half composed
+    // into the second layer (no table, so no output range to saturate): the hidden unit
+    // past its calibrated maximum is computed right within the accumulator's margin. A
+    // value that saturated would have to be reported (above); these are right instead.
     for (i, &ti) in t.iter().enumerate() {
         if ti > 0.52 {
-            assert!(flagged.contains(&i), "sample {i} (t = {ti}) saturates but is not reported: {flagged:?}");
+            assert!(
+                flagged.contains(&i) || (o[i] - w[i]).abs() < 0.06,
+                "sample {i} (t = {ti}) is off ({} vs {}) and not reported: {flagged:?}",
+                o[i],
+                w[i]
+            );
         }
     }
 }

@@ -258,6 +258,8 @@ fn report(c: &Compiled, lookups: usize, seconds: f64) -> proto::Report {
         output_digits: 1,
         score_parts: 1,
         accuracy_warning: String::new(),
+        near_boundary_score: c.near_boundary,
+        scored_near_boundary: c.scored_near_boundary,
         trials: c
             .trials
             .iter()

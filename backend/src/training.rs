@@ -228,6 +228,8 @@ fn report(model: &TrainingModel, low: &LoweredGraph, seconds: f64) -> proto::Rep
         score_parts: 1,
         trials: Vec::new(),
         accuracy_warning: String::new(),
+        near_boundary_score: None,
+        scored_near_boundary: false,
     }
 }
 

@@ -376,6 +376,14 @@ struct CompileArgs {
     /// found is compiled, with a warning saying how far it is).
     #[arg(long)]
     strict_tolerance: bool,
+    /// Classifiers: judge the tolerance on the calibration rows and as many rows mixed
+    /// from pairs of them near the decision boundaries, instead of the calibration rows
+    /// alone. Calibration rows are usually training rows, on which agreement overstates
+    /// agreement on new data; this tracks it better, and may choose wider lookups. By
+    /// default the search does so only when it costs at most twice the lookup time. The
+    /// report gives the agreement on the mixed rows either way.
+    #[arg(long)]
+    score_near_boundary: bool,
     /// Keep trailing non-linear ops (activations, sigmoid) on the server as lookups, so
     /// the client never sees pre-activation values (costs lookups). Softmax, argmax and
     /// label mapping always run on the client.
@@ -478,6 +486,7 @@ impl CompileArgs {
                 tolerance: self.accuracy_tolerance,
                 max_precision: self.max_precision,
                 strict: self.strict_tolerance,
+                near_boundary: self.score_near_boundary,
                 server_tail: self.server_activations,
                 client_tree_tests: self.tree_tests == TreeTests::Client,
                 task: self.task.map(|t| match t {

@@ -44,7 +44,20 @@ pub fn text(a: &Artifact, trials: bool) -> String {
             );
         }
         None => {
-            let _ = writeln!(s, "calibration: {:.4} {}", r.calibration_score, r.metric);
+            let rows = if r.scored_near_boundary { "calibration and near-boundary rows" } else { "calibration" };
+            let _ = writeln!(s, "{rows}: {:.4} {}", r.calibration_score, r.metric);
+            if let Some(near) = r.near_boundary_score {
+                let how = if r.scored_near_boundary {
+                    "the search met the tolerance on both sets together"
+                } else {
+                    "calibration rows are usually training rows: expect agreement on new data between the two figures; --score-near-boundary makes the search meet the tolerance on both sets together, at any cost"
+                };
+                let _ = writeln!(
+                    s,
+                    "near decision boundaries: {:.4} on rows mixed from pairs of calibration rows of different classes ({how})",
+                    near
+                );
+            }
         }
     }
     if !r.accuracy_warning.is_empty() {
@@ -189,6 +202,8 @@ pub fn json(a: &Artifact) -> Value {
         "score_parts": r.score_parts.max(1),
         "metric": r.metric,
         "calibration_score": r.calibration_score,
+        "near_boundary_score": r.near_boundary_score,
+        "scored_near_boundary": r.scored_near_boundary,
         "accuracy_warning": r.accuracy_warning,
         "compile_seconds": r.compile_seconds,
         "layers": r.layers.iter().map(|l| json!({

@@ -140,4 +140,20 @@ mod tests {
         assert_eq!(saturate_range(Range::new(-100, 100), -5, 5, 0), Range::new(-5, 5));
         assert_eq!(saturate_range(Range::new(0, 3), -5, 5, 0), Range::new(0, 3));
     }
+
+    #[test]
+    fn absolute_value_reads_and_their_precision() {
+        assert_eq!(abs_read(-13, 2, 0), 12); // −13 reads as −12 (round half up)
+        assert_eq!(abs_read(-14, 2, 0), 12); // −14 reads as −12 too
+        assert_eq!(abs_read(14, 2, 1), 8); // 14 reads as 16, shifted by 1
+                                           // buckets must lie within ±(2^p − 1): a read one bucket off stays in the window
+        assert_eq!(abs_precision(Range::new(-15, 15), 0), 4);
+        assert_eq!(abs_precision(Range::new(-16, 15), 0), 5);
+        assert_eq!(abs_precision(Range::new(-118, 117), 3), 4);
+        assert_eq!(abs_precision(Range::new(0, 0), 3), 1);
+        let r = abs_range(Range::new(-118, 117), 3);
+        assert!(r.lo == 0 && r.hi >= 120 + 8);
+        let r = abs_range(Range::new(20, 40), 2);
+        assert!(r.lo <= 16 && r.hi >= 44);
+    }
 }

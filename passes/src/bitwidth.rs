@@ -53,6 +53,10 @@ pub struct SearchOptions {
     pub client_tree_tests: bool,
     /// How candidates are priced (see [`LookupCost`]).
     pub lookup_cost: LookupCost,
+    /// Classifiers: score trials on the calibration rows and as many rows near the
+    /// decision boundaries (see [`crate::boundary::near_boundary_rows`]): closer to agreement on new data,
+    /// and often wider lookups. Otherwise those rows are only scored for the report.
+    pub near_boundary: bool,
 }
 
 impl Default for SearchOptions {
@@ -68,6 +72,7 @@ impl Default for SearchOptions {
             server_tail: false,
             client_tree_tests: true,
             lookup_cost: doubling_cost,
+            near_boundary: false,
         }
     }
 }
@@ -117,6 +122,11 @@ pub struct Compiled {
     /// Set when no configuration met the tolerance and the best one found was compiled:
     /// what to tell the user.
     pub below_tolerance: Option<String>,
+    /// Classifiers: argmax agreement of the compiled model on the rows mixed near the
+    /// decision boundaries alone (see [`crate::boundary::near_boundary_rows`]).
+    pub near_boundary: Option<f64>,
+    /// The search scored trials on those rows too.
+    pub scored_near_boundary: bool,
 }
 
 /// The number of standard deviations `z` with P(|N(0,1)| > z) = p.
@@ -277,60 +287,6 @@ pub fn max_precision_of(g: &Graph, id: NodeId) -> u32 {
     }
 }
 
-/// The calibration rows followed by as many rows near the classifier's decision
-/// boundaries: each mixes two calibration rows the float model classifies differently,
-/// λ·a + (1 − λ)·b with λ uniform in [0.75, 0.9] (all inputs of a sample alike).
-///
-/// Why: calibration rows are usually training rows, on which a trained classifier is far
-/// more confident than on unseen data (digits MLP: no calibration row has a top-2 logit
-/// margin below 1, 1.6% of test rows do). Argmax agreement on them overstates agreement on
-/// new data (99.8% against 97.8% over ten training runs), and flips happen near the
-/// boundaries. The mixed rows put a known share of rows there; on the digits networks,
-/// their disagreement runs 1.2–2× the test set's, so scoring on both halves tracks test
-/// agreement. `None` when there is nothing to mix (one row, one class, an integer input).
-pub fn near_boundary_rows(inputs: &[Tensor], reference: &Tensor) -> Option<Vec<Tensor>> {
-    let n = reference.shape().first().copied()?;
-    let classes = reference.shape().get(1).copied().unwrap_or(1);
-    if n < 2 || classes < 2 || inputs.iter().any(|t| t.as_f32().is_none() || t.shape().first() != Some(&n)) {
-        return None;
-    }
-    let r = reference.to_f32();
-    let rows = r.to_shape((n, r.len() / n)).ok()?;
-    let label: Vec<usize> = rows
-        .outer_iter()
-        .map(|row| row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0)
-        .collect();
-    // SplitMix64: deterministic, so a compile is reproducible
-    let mut state = 0x5eed_u64;
-    let mut next = move || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
-    let mut pairs = Vec::with_capacity(n);
-    for a in 0..n {
-        // a partner of another class, if a few draws find one
-        let Some(b) = (0..16).map(|_| (next() % n as u64) as usize).find(|&b| label[b] != label[a]) else { continue };
-        let lambda = 0.75 + 0.15 * (next() >> 11) as f64 / (1u64 << 53) as f64;
-        pairs.push((a, b, lambda as f32));
-    }
-    if pairs.is_empty() {
-        return None;
-    }
-    let mixed = inputs.iter().map(|t| {
-        let x = t.as_f32().expect("checked");
-        let mut out = x.clone();
-        for (a, b, l) in &pairs {
-            let row = &x.index_axis(ndarray::Axis(0), *a) * *l + &x.index_axis(ndarray::Axis(0), *b) * (1.0 - l);
-            out.push(ndarray::Axis(0), row.view()).ok()?;
-        }
-        Some(Tensor::F32(out))
-    });
-    mixed.collect()
-}
-
 /// The first floating-point output of a float model's outputs, as reference values.
 fn first_float(outs: &[Tensor]) -> Option<usize> {
     outs.iter().position(|t| matches!(t, Tensor::F32(_)))
@@ -415,7 +371,7 @@ pub(crate) struct Search<'a> {
     /// The calibration rows (ranges come from these only).
     inputs: &'a [Tensor],
     /// The rows trials are scored on: the calibration rows, and for classifiers as many
-    /// rows near the decision boundaries (see [`near_boundary_rows`]).
+    /// rows near the decision boundaries (see [`crate::boundary::near_boundary_rows`]).
     scored: Vec<Tensor>,
     pub(crate) calib: Calibration,
     reference: Tensor,
@@ -443,7 +399,9 @@ impl Search<'_> {
         if let Some(m) = self.cache.get(&(cfg, self.rules)) {
             return Ok(m.clone());
         }
-        let mut q = crate::quantize::quantize_with(self.g, &self.calib, &cfg, self.margin, self.placement)?;
+        // the max→lookup order pools the activation's input with whole-torus maxima
+        let placement = crate::quantize::Placement { whole_torus_max: self.rules.max_commute, ..self.placement };
+        let mut q = crate::quantize::quantize_with(self.g, &self.calib, &cfg, self.margin, placement)?;
         let unfused = q.graph.clone();
         let (graph, report) = fuse_with(&q.graph, self.rules)?;
         let enc = q.encode_inputs(self.inputs)?;
@@ -482,8 +440,15 @@ impl Search<'_> {
             Err(e) => return Err(e),
         }
         // Score as the encrypted circuit behaves: rounded reads are noisy.
-        let outs = q.run_noisy(&self.scored, self.slot_std, 0x5eed)?;
-        let s = score(self.metric, &outs[self.out_index], &self.reference);
+        let s = if self.scored.len() == self.inputs.len()
+            && self.scored.iter().zip(self.inputs).all(|(a, b)| a.shape() == b.shape())
+        {
+            let outs = q.run_noisy(&self.scored, self.slot_std, 0x5eed)?;
+            score(self.metric, &outs[self.out_index], &self.reference)
+        } else {
+            // with mixed rows: those leaving a compiled range count as disagreements
+            crate::boundary::agreement(&q, &self.scored, &self.reference, self.out_index, self.slot_std, 0)?
+        };
         let ok = 1.0 - s <= self.tolerance + 1e-12;
         let lookups = count_lookups(&q.graph);
         self.trials.push(self.record(cfg, p, lookups, s, ok));
@@ -492,22 +457,56 @@ impl Search<'_> {
 }
 
 /// Calibrate, quantize, fuse and choose bit widths for `g` on the calibration inputs.
+///
+/// A classifier is searched first on its calibration rows. When the result misses the
+/// tolerance on the rows near the decision boundaries (see
+/// [`crate::boundary::near_boundary_rows`]), it is searched again for a result that meets
+/// it on both sets together, one bit wider at most; that result is taken when its lookups
+/// cost at most [`crate::boundary::NEAR_BOUNDARY_COST`] times the first's. With
+/// `opts.near_boundary` the search is scored on both sets from the start.
 pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Compiled> {
+    let first = compile_scored(g, inputs, opts)?;
+    let short = first.near_boundary.is_some_and(|nb| 1.0 - nb > opts.tolerance + 1e-12);
+    if opts.near_boundary || !short || first.below_tolerance.is_some() || first.precision >= opts.max_precision {
+        return Ok(first);
+    }
+    let wider = SearchOptions {
+        near_boundary: true,
+        strict: false,
+        max_precision: (first.precision + 1).min(opts.max_precision),
+        ..opts.clone()
+    };
+    // the second search is optional: whatever goes wrong there, the first result stands
+    let Ok(second) = compile_scored(g, inputs, &wider) else { return Ok(first) };
+    let cost = |c: &Compiled| count_lookups(&c.model.graph) as f64 * (opts.lookup_cost)(c.precision);
+    if second.below_tolerance.is_none() && cost(&second) <= crate::boundary::NEAR_BOUNDARY_COST * cost(&first) {
+        let mut second = second;
+        second.trials = first.trials.into_iter().chain(second.trials).collect();
+        return Ok(second);
+    }
+    Ok(first)
+}
+
+/// [`compile`] with trials scored as `opts.near_boundary` says.
+fn compile_scored(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Compiled> {
     let calib = calibrate(g, inputs)?;
     let float = veil_ir::interp::run(g, inputs)?;
     let out_index = first_float(&float)
         .ok_or_else(|| PassError::Search("the model has no floating-point output to compare".into()))?;
     let (metric, metric_source) = choose_metric(g, &float[out_index], opts.task);
+    // tree ensembles are exact on any row: nothing to learn near the boundaries
+    let trees = g.node_ids().any(|n| matches!(g.node(n).op, Op::TreeEnsemble(_)));
     let mixed = match metric {
-        Metric::ArgmaxAgreement => near_boundary_rows(inputs, &float[out_index]),
-        Metric::R2 => None,
+        Metric::ArgmaxAgreement if !trees => crate::boundary::near_boundary_rows(inputs, &float[out_index]),
+        _ => None,
     };
-    let (scored, reference) = match mixed {
-        Some(rows) => {
-            let reference = veil_ir::interp::run(g, &rows)?[out_index].clone();
-            (rows, reference)
-        }
-        None => (inputs.to_vec(), float[out_index].clone()),
+    let mixed = match mixed {
+        Some(rows) => Some((veil_ir::interp::run(g, &rows)?[out_index].clone(), rows)),
+        None => None,
+    };
+    let (scored, reference) = match &mixed {
+        Some((reference, rows)) if opts.near_boundary => (rows.clone(), reference.clone()),
+        _ => (inputs.to_vec(), float[out_index].clone()),
     };
     let mut s = Search {
         g,
@@ -528,6 +527,7 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
         placement: crate::quantize::Placement {
             server_tail: opts.server_tail,
             client_tree_tests: opts.client_tree_tests,
+            whole_torus_max: false,
         },
     };
 
@@ -540,7 +540,8 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
     // precision; try both when the model has a max and keep the cheaper circuit.
     let mut variants = vec![Rules { max_commute: true }];
     let probe = s.fused(full)?.0.graph;
-    if probe.node_ids().any(|n| matches!(probe.node(n).op, Op::MaxEnc { .. })) {
+    let pools = g.node_ids().any(|n| matches!(g.node(n).op, Op::MaxPool(_)));
+    if pools || probe.node_ids().any(|n| matches!(probe.node(n).op, Op::MaxEnc { .. })) {
         variants.push(Rules { max_commute: false });
     }
     let mut chosen: Option<(QuantizedModel, FuseReport, f64, u32, Rules, QuantConfig, f64)> = None;
@@ -670,6 +671,13 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
     }
     let precision = max_precision(&model.graph);
     let unfused = s.fused(cfg)?.2;
+    let near_boundary = match &mixed {
+        Some((reference, rows)) => {
+            let n = s.inputs.first().and_then(|t| t.shape().first().copied()).unwrap_or(0);
+            Some(crate::boundary::agreement(&model, rows, reference, s.out_index, s.slot_std, n)?)
+        }
+        None => None,
+    };
     Ok(Compiled {
         model,
         config: cfg,
@@ -683,5 +691,7 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
         unfused,
         output_bits: if exact { 0 } else { s.output_bits },
         below_tolerance,
+        scored_near_boundary: opts.near_boundary && near_boundary.is_some(),
+        near_boundary,
     })
 }

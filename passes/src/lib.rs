@@ -3,6 +3,7 @@
 //! integer SGD step for encrypted training.
 
 pub mod bitwidth;
+pub mod boundary;
 pub mod calibrate;
 pub mod digits;
 pub mod error;

@@ -97,5 +97,7 @@ pub(crate) fn compile(mut s: Search, opts: &SearchOptions, metric_source: &'stat
         unfused,
         output_bits: SCORE_READ_BITS,
         below_tolerance,
+        near_boundary: None,
+        scored_near_boundary: false,
     })
 }

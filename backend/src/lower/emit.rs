@@ -639,7 +639,10 @@ impl Emitter<'_> {
         if need > self.p {
             return Err(err(self.g, id, format!("|x| needs {need} bits, its lookups have {}", self.p)));
         }
-        let w = 1i64 << (self.p + rounding);
+        let w = 1i64
+            .checked_shl(self.p + rounding)
+            .filter(|&w| self.p + rounding < 62 && w > 0)
+            .ok_or_else(|| err(self.g, id, format!("|x| read to 2^{rounding} at {} bits overflows 64 bits", self.p)))?;
         let read = Read { k: rounding, base: -w };
         let copy = self.shared_copy(self.value[&x], &read)?;
         let step = 1i64 << rounding;

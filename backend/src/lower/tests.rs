@@ -292,3 +292,30 @@ fn whole_torus_outputs_decode_every_value_with_noise_under_half_a_read_step() {
         assert!(d as i64 >= deltas::output_scale_bound(hi - lo, false, r), "{lo}..{hi}");
     }
 }
+
+#[test]
+fn absolute_values_read_on_the_whole_torus() {
+    // relu(x) = (x + |x|)/2 kept doubled: x + |x|, with |x| from one whole-torus lookup
+    for (lo, hi, rounding, shift, p) in
+        [(-118, 117, 3, 1, 4), (-118, 117, 3, 3, 5), (-15, 15, 0, 0, 4), (-7, 40, 2, 0, 4)]
+    {
+        let mut g = Graph::new("abs");
+        let x = g.add_input("x", enc(lo, hi, &[5]));
+        let a = g.add(Op::AbsEnc { rounding, shift }, &[x], "abs").unwrap();
+        let up = Linear::new(
+            LinearKind::Scale { factor: ArrayD::from_elem(vec![], 1 << shift) },
+            ArrayD::zeros(vec![]),
+            "up",
+        );
+        let a_up = g.add(Op::Linear(Box::new(up)), &[a], "abs_up").unwrap();
+        let relu2 = g.add(Op::AddEnc, &[x, a_up], "relu2").unwrap();
+        g.set_output("abs", a);
+        g.set_output("relu2", relu2);
+        assert!(veil_ir::enc::abs_precision(g.enc_range(x), rounding) <= p);
+        // every value of the range, and the extremes
+        let n = (hi - lo + 1) as usize;
+        let ints = vec![ArrayD::from_shape_fn(vec![n, 5], |ix| lo + ix[0] as i64)];
+        let low = check_exact(&g, p, &[], &ints);
+        assert_eq!(lookups(&low.circuit), 5);
+    }
+}

@@ -12,8 +12,8 @@
 //!
 //! The next layer then reads [h, |u − u0|] concatenated. Its weights on h are a product of
 //! real matrices, quantized once, so nothing is lost to an intermediate requantization;
-//! h is a fresh encryption or a lookup's output, so the noise model is that of any dense
-//! layer with K + M inputs.
+//! h is what the first layer read, so the noise is that of a dense layer with K + M
+//! inputs.
 
 use super::*;
 
@@ -43,7 +43,7 @@ pub(super) struct Kink {
 }
 
 /// The kink form of `f` if it has one on [−3r, 3r] (r > 0: the source's widest |v|),
-/// checked at 64 points and beside the kink to a relative 1e-7.
+/// checked at 65 evenly spaced points and 4 beside the kink, to a relative 1e-7.
 pub(super) fn kink_of(f: impl Fn(f64) -> f64, r: f64) -> Option<Kink> {
     let slope = |x0: f64, x1: f64| (f(x1) - f(x0)) / (x1 - x0);
     let (m1, m2) = (slope(-3.0 * r, -2.0 * r), slope(2.0 * r, 3.0 * r));
@@ -64,7 +64,7 @@ pub(super) fn kink_of(f: impl Fn(f64) -> f64, r: f64) -> Option<Kink> {
     probes.into_iter().all(|v| (f(v) - model(v)).abs() <= tol).then_some(k)
 }
 
-/// Integer factors (1 to 16) per element that bring every element's reach (its largest
+/// Integer factors (1 to 4) per element that bring every element's reach (its largest
 /// |v| to read) close below one common target 7/8·2^j. A whole-torus read of p bits
 /// resolves buckets up to 2^p − 1 from the kink with a power-of-two rounding, so a reach
 /// just over a power of two would leave half the buckets unused, and an element reaching
@@ -75,7 +75,7 @@ pub(super) fn fill_factors(reach: &[f64]) -> Vec<i64> {
     let first = (widest / 0.875).log2().ceil() as i32;
     let factors = |j: i32| -> Vec<i64> {
         let target = 0.875 * 2f64.powi(j);
-        reach.iter().map(|&r| ((target / r.max(1e-300)).floor() as i64).clamp(1, 16)).collect()
+        reach.iter().map(|&r| ((target / r.max(1e-300)).floor() as i64).clamp(1, 4)).collect()
     };
     let usage = |j: i32| {
         let target = 0.875 * 2f64.powi(j);
@@ -103,36 +103,38 @@ impl Quantizer<'_> {
             return Ok(None);
         }
         let r = self.enc_range(p.src);
-        let reach = (r.lo.unsigned_abs().max(r.hi.unsigned_abs()) as f64).max(1.0);
+        let widest = (r.lo.unsigned_abs().max(r.hi.unsigned_abs()) as f64).max(1.0);
         let tlu = Tlu { expr: p.expr.clone(), input: r, params: p.params.clone(), rounding: 0, label: String::new() };
         let params = tlu.element_params(&[m]).map_err(|e| self.err(id, e))?;
         let mut kinks = Vec::with_capacity(m);
         for pe in &params {
-            match kink_of(|v| p.expr.eval(v, pe), reach) {
+            match kink_of(|v| p.expr.eval(v, pe), widest) {
                 Some(k) if k.n != 0.0 => kinks.push(k),
                 _ => return Ok(None),
             }
         }
         // Integer shift putting each kink at (within half an integer of) 0.
         let c: Vec<i64> = kinks.iter().map(|k| k.v0.round() as i64).collect();
-        // |v − c| fits in `reach` bits; keep act_bits of it (more would only widen the
-        // next layer's integer weights on the other inputs).
-        let reach: Vec<f64> = match self.calib.features.get(&src.float).filter(|f| f.len() == m) {
-            Some(f) => (0..m)
+        // Each element's calibrated reach from its kink, in integer units.
+        let reach: Vec<f64> = match self.calib.features.get(&src.float).filter(|r| r.len() == m) {
+            Some(ranges) => (0..m)
                 .map(|e| {
                     let at = |u: f64| ((u - src.offset[e]) / src.scale[e] - c[e] as f64).abs();
-                    at(f[e].0).max(at(f[e].1)).max(1.0)
+                    at(ranges[e].0).max(at(ranges[e].1)).max(1.0)
                 })
                 .collect(),
             None => return Ok(None),
         };
-        let f = fill_factors(&reach);
-        let widest = reach.iter().zip(&f).map(|(r, &f)| r * f as f64).fold(1.0, f64::max) * (1.0 + 2.0 * self.margin);
+        let factors = fill_factors(&reach);
+        let widest =
+            reach.iter().zip(&factors).map(|(r, &f)| r * f as f64).fold(1.0, f64::max) * (1.0 + 2.0 * self.margin);
+        // keep act_bits of |v − c|: more would only widen the next layer's integer weights
+        // on its other inputs
         let shift = (64 - (widest.ceil() as u64).leading_zeros()).saturating_sub(self.cfg.act_bits);
         let name = self.g.node(operand).name.clone();
         let shifted = Linear::new(
-            LinearKind::Scale { factor: ArrayD::from_shape_vec(vec![m], f.clone()).expect("one per element") },
-            ArrayD::from_shape_vec(vec![m], c.iter().zip(&f).map(|(&v, &f)| -v * f).collect())
+            LinearKind::Scale { factor: ArrayD::from_shape_vec(vec![m], factors.clone()).expect("one per element") },
+            ArrayD::from_shape_vec(vec![m], c.iter().zip(&factors).map(|(&v, &f)| -v * f).collect())
                 .expect("one per element"),
             "kink",
         );
@@ -150,11 +152,14 @@ impl Quantizer<'_> {
         let bias: Vec<f64> = (0..w2.ncols())
             .map(|j| b2[j] + (0..m).map(|e| (lam[e] * src.bias[e] + konst[e]) * w2[[e, j]]).sum::<f64>())
             .collect();
-        let x_scale = src.x.scale.broadcast(IxDyn(&[k_in])).ok_or_else(|| self.err(id, "input scale shape"))?;
-        let x_offset = src.x.offset.broadcast(IxDyn(&[k_in])).ok_or_else(|| self.err(id, "input offset shape"))?;
+        let (Some(x_scale), Some(x_offset)) =
+            (src.x.scale.broadcast(IxDyn(&[k_in])), src.x.offset.broadcast(IxDyn(&[k_in])))
+        else {
+            return Ok(None);
+        };
         let unit = 2f64.powi(shift as i32);
         let scale: Vec<f64> =
-            x_scale.iter().copied().chain(kinks.iter().zip(&f).map(|(k, &f)| k.n * unit / f as f64)).collect();
+            x_scale.iter().copied().chain(kinks.iter().zip(&factors).map(|(k, &f)| k.n * unit / f as f64)).collect();
         let offset: Vec<f64> = x_offset.iter().copied().chain(std::iter::repeat_n(0.0, m)).collect();
         let both = self.out.add(Op::Concat { axis: 1 }, &[src.x.node, abs], format!("{name}_and_input"))?;
         let x = Quantized {
@@ -185,7 +190,7 @@ mod tests {
 
     #[test]
     fn refuses_smooth_and_doubly_kinked_functions() {
-        assert!(kink_of(|v: f64| v.max(0.0).min(6.0), 10.0).is_none(), "relu6 has two kinks");
+        assert!(kink_of(|v: f64| v.clamp(0.0, 6.0), 10.0).is_none(), "relu6 has two kinks");
         assert!(kink_of(|v: f64| 1.0 / (1.0 + (-v).exp()), 10.0).is_none());
         assert!(kink_of(|v: f64| 3.0 * v + 1.0, 10.0).is_none(), "affine: nothing to read");
         // GELU is ReLU-like far out but not piecewise linear

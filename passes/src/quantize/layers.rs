@@ -294,6 +294,79 @@ impl Quantizer<'_> {
         Ok(QVal::Enc(Quantized { node: cur, scale, offset }))
     }
 
+    /// A balanced tree of maxima a + b + |a − b| (twice the max) of equally shaped
+    /// encrypted values, |·| read on the whole torus: the root holds 2^levels × the max.
+    pub(super) fn doubling_max_tree(&mut self, name: &str, mut taps: Vec<NodeId>) -> Result<(NodeId, u32)> {
+        let mut level = 0;
+        while taps.len() > 1 {
+            let mut next = Vec::new();
+            for (i, pair) in taps.chunks(2).enumerate() {
+                let tag = format!("{name}_max{level}_{i}");
+                let [a, b] = *pair else {
+                    let two = Linear::new(
+                        LinearKind::Scale { factor: ArrayD::from_elem(vec![], 2) },
+                        ArrayD::zeros(vec![]),
+                        "x2",
+                    );
+                    next.push(self.out.add(Op::Linear(Box::new(two)), &[pair[0]], format!("{tag}_x2"))?);
+                    continue;
+                };
+                let sum = self.out.add(Op::AddEnc, &[a, b], format!("{tag}_sum"))?;
+                let diff = self.out.add(Op::SubEnc, &[a, b], format!("{tag}_diff"))?;
+                let abs = self.out.add(Op::AbsEnc { rounding: 0, shift: 0 }, &[diff], format!("{tag}_abs"))?;
+                next.push(self.out.add(Op::AddEnc, &[sum, abs], tag)?);
+            }
+            taps = next;
+            level += 1;
+        }
+        Ok((taps[0], level))
+    }
+
+    /// Max pooling of a pending monotone non-decreasing function f of one source (ReLU
+    /// after a convolution), when `Placement::whole_torus_max`: pool the source with
+    /// [`Self::doubling_max_tree`] and keep f pending on the pooled values, since
+    /// max(f(a), f(b)) = f(max(a, b)). `None` when the operand is not of that form.
+    pub(super) fn pool_then_activate(&mut self, id: NodeId, operand: NodeId, p: &Pool2d) -> Result<Option<QVal>> {
+        if !self.placement.whole_torus_max {
+            return Ok(None);
+        }
+        let QVal::Fn(pend) = self.val(operand) else { return Ok(None) };
+        let in_dims = self.sample_dims(operand);
+        if in_dims.len() != 3 || sample_dims(&self.out.node(pend.src).ty.shape) != in_dims {
+            return Ok(None);
+        }
+        // Padded taps would hold the source's worst-case minimum, whose differences with
+        // real taps would widen every |a − b| read of the tensor.
+        let [oh, ow] = p.out_size(in_dims[1], in_dims[2]).ok_or_else(|| self.err(id, "window does not fit"))?;
+        let span = |o: usize, k: usize| (o - 1) * p.strides[k] + (p.kernel[k] - 1) * p.dilations[k] + 1;
+        if p.pads.iter().any(|&v| v > 0) || span(oh, 0) > in_dims[1] || span(ow, 1) > in_dims[2] {
+            return Ok(None);
+        }
+        let mut params = Vec::new();
+        for a in &pend.params {
+            let Some(v) = per_channel_of(a, &in_dims) else { return Ok(None) };
+            params.push(v);
+        }
+        let bounds: Vec<(f64, f64)> = params
+            .iter()
+            .map(|v| v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &x| (l.min(x), h.max(x))))
+            .collect();
+        if pend.expr.monotone(&bounds) != Some(veil_ir::tlu::Monotone::Increasing) {
+            return Ok(None);
+        }
+        let name = self.g.node(id).name.clone();
+        let taps = self.pool_taps(id, pend.src, p)?;
+        let (top, levels) = self.doubling_max_tree(&name, taps)?;
+        let out_dims = self.sample_dims(id);
+        let halve = Expr::binary(BinaryFn::Mul, Expr::Input, Expr::Const(0.5f64.powi(levels as i32)));
+        Ok(Some(QVal::Fn(Pending {
+            src: top,
+            expr: pend.expr.substitute(&halve),
+            params: params.iter().map(|v| per_channel(v, &out_dims)).collect(),
+            label: join_label(&pend.label, "maxpool"),
+        })))
+    }
+
     /// A balanced tree of pairwise maxima (or minima) of equally shaped encrypted values.
     pub(super) fn extremum_tree(&mut self, name: &str, mut taps: Vec<NodeId>, max: bool) -> Result<NodeId> {
         let mut level = 0;
@@ -333,15 +406,29 @@ impl Quantizer<'_> {
         if per_channel_of(&scale, &in_dims).is_none() || per_channel_of(&offset, &in_dims).is_none() {
             return Err(self.unsupported(id, "max pooling needs one scale and offset per channel"));
         }
+        let taps = self.pool_taps(id, x.node, p)?;
+        // Balanced tree: depth log2(k²) keeps the ranges (and rounding) shallow.
+        let top = self.extremum_tree(&self.g.node(id).name.clone(), taps, true)?;
+        let out_dims = self.sample_dims(id);
+        let s = per_channel_of(&scale, &in_dims).expect("checked");
+        let o = per_channel_of(&offset, &in_dims).expect("checked");
+        Ok(QVal::Enc(Quantized { node: top, scale: per_channel(&s, &out_dims), offset: per_channel(&o, &out_dims) }))
+    }
+
+    /// The taps of a max-pooling window over encrypted `x` [C, H, W]: one gathered tensor
+    /// of the output's shape per kernel position, padded with the range's lowest value
+    /// so that padded taps never win.
+    fn pool_taps(&mut self, id: NodeId, x: NodeId, p: &Pool2d) -> Result<Vec<NodeId>> {
+        let in_dims = self.sample_dims(self.float_operand(id, 0));
         let (h, w) = (in_dims[1], in_dims[2]);
         let [oh, ow] = p.out_size(h, w).ok_or_else(|| self.err(id, "window does not fit"))?;
         let name = self.g.node(id).name.clone();
-        let r = self.enc_range(x.node);
+        let r = self.enc_range(x);
         // Pad with the smallest representable value so padded taps never win.
         let span_h = (oh - 1) * p.strides[0] + (p.kernel[0] - 1) * p.dilations[0] + 1;
         let span_w = (ow - 1) * p.strides[1] + (p.kernel[1] - 1) * p.dilations[1] + 1;
         let (bottom, right) = ((span_h).saturating_sub(h + p.pads[0]), (span_w).saturating_sub(w + p.pads[1]));
-        let mut src = x.node;
+        let mut src = x;
         if p.pads.iter().any(|&v| v > 0) || bottom > 0 || right > 0 {
             let pads = vec![(0, 0), (0, 0), (p.pads[0], bottom), (p.pads[1], right)];
             src = self.out.add(Op::Pad { pads, value: r.lo as f32 }, &[src], format!("{name}_padded"))?;
@@ -364,12 +451,7 @@ impl Quantizer<'_> {
                 taps.push(tap);
             }
         }
-        // Balanced tree: depth log2(k²) keeps the ranges (and rounding) shallow.
-        let top = self.extremum_tree(&name, taps, true)?;
-        let out_dims = self.sample_dims(id);
-        let s = per_channel_of(&scale, &in_dims).expect("checked");
-        let o = per_channel_of(&offset, &in_dims).expect("checked");
-        Ok(QVal::Enc(Quantized { node: top, scale: per_channel(&s, &out_dims), offset: per_channel(&o, &out_dims) }))
+        Ok(taps)
     }
 
     /// Layout ops move ciphertexts; the per-element scales and offsets move with them.

@@ -55,6 +55,13 @@ pub struct Placement {
     /// instead of each feature's rank, and the server does no comparison lookups. Both
     /// reveal the trees' cuts to the client; unary sends one ciphertext per cut.
     pub client_tree_tests: bool,
+    /// Max pooling of a monotone activation (ReLU after a convolution) pools the
+    /// activation's input and applies the activation after, with maxima computed as
+    /// a + b + |a − b| (twice the max), |·| read on the whole torus: one lookup per
+    /// window for the activation, and each max resolves twice the buckets of a
+    /// relu(a − b) read with half its error. Otherwise the activation is tabulated per
+    /// element and the maxima read relu(a − b).
+    pub whole_torus_max: bool,
 }
 
 impl Default for QuantConfig {
@@ -277,6 +284,9 @@ impl<'a> Quantizer<'a> {
                 self.sum(id, x, axes.clone(), *keepdims, div)
             }
             Op::MaxPool(p) => {
+                if let Some(v) = self.pool_then_activate(id, ops[0], p)? {
+                    return Ok(v);
+                }
                 let x = self.enc_operand(id, ops[0])?;
                 self.max_pool(id, x, p)
             }
