@@ -461,7 +461,7 @@ impl Search<'_> {
 /// A classifier is searched first on its calibration rows. When the result misses the
 /// tolerance on the rows near the decision boundaries (see
 /// [`crate::boundary::near_boundary_rows`]), it is searched again for a result that meets
-/// it on both sets together, one bit wider at most; that result is taken when its lookups
+/// it on both sets together; that result is taken when its lookups
 /// cost at most [`crate::boundary::NEAR_BOUNDARY_COST`] times the first's. With
 /// `opts.near_boundary` the search is scored on both sets from the start.
 pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Compiled> {
@@ -470,12 +470,8 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
     if opts.near_boundary || !short || first.below_tolerance.is_some() || first.precision >= opts.max_precision {
         return Ok(first);
     }
-    let wider = SearchOptions {
-        near_boundary: true,
-        strict: false,
-        max_precision: (first.precision + 1).min(opts.max_precision),
-        ..opts.clone()
-    };
+    // (not capped at one bit wider: the digits MLP went from 3 to 5 bits within the cost)
+    let wider = SearchOptions { near_boundary: true, strict: false, ..opts.clone() };
     // the second search is optional: whatever goes wrong there, the first result stands
     let Ok(second) = compile_scored(g, inputs, &wider) else { return Ok(first) };
     let cost = |c: &Compiled| count_lookups(&c.model.graph) as f64 * (opts.lookup_cost)(c.precision);
