@@ -695,6 +695,13 @@ fn compile(model: &Path, calib: &Path, output: &Path, args: &CompileArgs) -> Res
         .with_context(|| format!("compiling {} with calibration data {}", model.display(), calib.display()))?;
     artifact.write(output)?;
     eprint!("{}", report::text(&artifact, false));
+    let near = artifact.report.near_boundary_score;
+    if args.score_near_boundary && near.is_none() {
+        eprintln!(
+            "warning: --score-near-boundary applies to classifiers whose bit widths are searched; {} is scored otherwise (a regressor or a tree ensemble), so it changes nothing",
+            model.display()
+        );
+    }
     eprintln!("compiled {} in {:.2} s → {}", model.display(), start.elapsed().as_secs_f64(), output.display());
     Ok(())
 }

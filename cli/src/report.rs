@@ -47,8 +47,10 @@ pub fn text(a: &Artifact, trials: bool) -> String {
             let rows = if r.scored_near_boundary { "calibration and near-boundary rows" } else { "calibration" };
             let _ = writeln!(s, "{rows}: {:.4} {}", r.calibration_score, r.metric);
             if let Some(near) = r.near_boundary_score {
-                let how = if r.scored_near_boundary {
-                    "the search met the tolerance on both sets together"
+                let how = if r.scored_near_boundary && r.accuracy_warning.is_empty() {
+                    "alone; the search met the tolerance on both sets together, line above"
+                } else if r.scored_near_boundary {
+                    "alone; the search scored both sets together, line above"
                 } else {
                     "calibration rows are usually training rows: expect agreement on new data between the two figures; --score-near-boundary makes the search meet the tolerance on both sets together, at any cost"
                 };

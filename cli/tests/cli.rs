@@ -259,3 +259,21 @@ fn demo_runs_end_to_end() {
     assert!(out.status.success(), "{}{}", text, String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("encrypted predictions match the clear ones"), "{text}");
 }
+
+#[test]
+fn the_report_gives_agreement_near_the_decision_boundaries() {
+    let dir = scratch("near_boundary");
+    let m = models().join("mlp_digits");
+    let (onnx, calib, out) = (m.join("model.onnx"), m.join("calib.npy"), dir.join("m.veil"));
+    let run = veil(&["compile", s(&onnx), "--calib", s(&calib), "-o", s(&out)]);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    assert!(err.contains("near decision boundaries: 0.9"), "{err}");
+    // a regressor is not scored near boundaries: the flag says it changes nothing
+    let r = models().join("linreg_diabetes");
+    let (onnx, calib, out) = (r.join("model.onnx"), r.join("calib.npy"), dir.join("r.veil"));
+    let run = veil(&["compile", s(&onnx), "--calib", s(&calib), "-o", s(&out), "--score-near-boundary"]);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success() && err.contains("--score-near-boundary applies to classifiers"), "{err}");
+    assert!(!err.contains("near decision boundaries"), "{err}");
+}
