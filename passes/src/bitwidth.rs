@@ -213,6 +213,12 @@ pub fn rounding_for(input: Range, p: u32) -> Option<u32> {
     (0..48).find(|&k| lookup_precision(entries(input, k), k) <= p)
 }
 
+/// Rounding for an `abs_enc` over `input` to need at most `p` bits (a whole-torus read:
+/// see [`veil_ir::enc::abs_precision`]).
+pub fn abs_rounding_for(input: Range, p: u32) -> Option<u32> {
+    (0..63).find(|&k| abs_precision(input, k) <= p)
+}
+
 /// Buckets a range spans when read to multiples of 2^k (aligned, round half up).
 pub fn entries(r: Range, k: u32) -> u64 {
     let step = 1i64 << k;
@@ -243,7 +249,7 @@ pub fn set_precision(g: &Graph, p: u32) -> Result<Graph> {
             }
             Op::AbsEnc { shift, .. } => {
                 let r = out.enc_range(ops[0]);
-                let rounding = (0..63).find(|&k| abs_precision(r, k) <= p).ok_or_else(|| too_narrow(p, &node.name))?;
+                let rounding = abs_rounding_for(r, p).ok_or_else(|| too_narrow(p, &node.name))?;
                 // the output's scale is fixed by `shift`: a finer read would not show in it
                 Op::AbsEnc { rounding: rounding.max(*shift), shift: *shift }
             }
@@ -373,6 +379,8 @@ pub(crate) struct Search<'a> {
     /// The rows trials are scored on: the calibration rows, and for classifiers as many
     /// rows near the decision boundaries (see [`crate::boundary::near_boundary_rows`]).
     scored: Vec<Tensor>,
+    /// Whether `scored` holds mixed rows after the calibration rows.
+    mixed: bool,
     pub(crate) calib: Calibration,
     reference: Tensor,
     out_index: usize,
@@ -440,9 +448,7 @@ impl Search<'_> {
             Err(e) => return Err(e),
         }
         // Score as the encrypted circuit behaves: rounded reads are noisy.
-        let s = if self.scored.len() == self.inputs.len()
-            && self.scored.iter().zip(self.inputs).all(|(a, b)| a.shape() == b.shape())
-        {
+        let s = if !self.mixed {
             let outs = q.run_noisy(&self.scored, self.slot_std, 0x5eed)?;
             score(self.metric, &outs[self.out_index], &self.reference)
         } else {
@@ -507,6 +513,7 @@ fn compile_scored(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<
     let mut s = Search {
         g,
         inputs,
+        mixed: opts.near_boundary && mixed.is_some(),
         scored,
         calib,
         reference,
@@ -687,7 +694,7 @@ fn compile_scored(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<
         unfused,
         output_bits: if exact { 0 } else { s.output_bits },
         below_tolerance,
-        scored_near_boundary: opts.near_boundary && near_boundary.is_some(),
+        scored_near_boundary: s.mixed,
         near_boundary,
     })
 }
