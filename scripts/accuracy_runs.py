@@ -12,7 +12,7 @@ It also prints why calibration agreement overstates test agreement: the share of
 whose float top-2 logit margin is small, on each set.
 
 Run from the repository root after `cargo build -p veil-cli`:
-    python3 scripts/accuracy_runs.py [--runs 10] [--models mlp,cnn,bn] [-- extra compile args]
+    python3 scripts/accuracy_runs.py [--runs 10] [--models mlp,cnn,bn] [--keep DIR] [-- extra compile args]
 Needs torch, scikit-learn, onnx and numpy (models/requirements.txt).
 """
 
@@ -91,10 +91,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--models", default="mlp,cnn,bn")
+    ap.add_argument("--keep", help="keep models, data and artifacts in this directory")
     ap.add_argument("extra", nargs="*", help="extra `veil compile` arguments (after --)")
     a = ap.parse_args()
     torch.set_num_threads(2)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = a.keep or scratch
+        os.makedirs(tmp, exist_ok=True)
         for kind in a.models.split(","):
             rows = []
             for seed in range(a.runs):

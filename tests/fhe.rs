@@ -116,7 +116,7 @@ fn outputs_sent_as_digits_decrypt_as_in_the_clear() {
 
 #[test]
 fn two_lookups_on_one_input_share_a_bootstrap() {
-    // W1·relu(4x − 2) and W2·sigmoid(4x − 2): both functions read the same 4-bit values,
+    // W1·tanh(4x − 2) and W2·sigmoid(4x − 2): both functions read the same 4-bit values,
     // which fill only half the slots of a 5-bit bootstrap, so one bootstrap serves both.
     // (Two outputs rather than their sum: a sum would rescale one branch with a rounded
     // lookup, and this test compares encrypted and clear results exactly.)
@@ -126,7 +126,8 @@ fn two_lookups_on_one_input_share_a_bootstrap() {
     let two = b.constant(ArrayD::from_elem(vec![], 2.0));
     let h = b.mul(x, x4).unwrap();
     let h = b.sub(h, two).unwrap();
-    let r = b.relu(h).unwrap();
+    // (tanh, not ReLU: a ReLU is read as |x| on the whole torus, which shares nothing)
+    let r = b.tanh(h).unwrap();
     let s = b.sigmoid(h).unwrap();
     let w =
         |seed: u64| Array2::from_shape_vec((3, 6), uniform(18, seed).iter().map(|v| v * 2.0 - 1.0).collect()).unwrap();
@@ -142,7 +143,7 @@ fn two_lookups_on_one_input_share_a_bootstrap() {
     q.graph = fuse(&q.graph).unwrap().0;
     q.graph = veil_passes::bitwidth::set_precision(&q.graph, 5).unwrap();
     let lowered = veil_backend::lower::lower(&q, 5).unwrap();
-    // relu and sigmoid share their 6 bootstraps
+    // tanh and sigmoid share their 6 bootstraps
     let shared: Vec<_> = lowered
         .circuit
         .instructions

@@ -387,9 +387,9 @@ pub(crate) struct Search<'a> {
     pub(crate) metric: Metric,
     pub(crate) tolerance: f64,
     /// Quantized and fused models per bit-width configuration (precision only re-rounds).
-    cache: HashMap<(QuantConfig, Rules), (QuantizedModel, FuseReport, Graph)>,
+    cache: HashMap<(QuantConfig, Rules, bool), (QuantizedModel, FuseReport, Graph)>,
     /// [`narrow_element_bits`] of each cached configuration's outputs.
-    deficits: HashMap<(QuantConfig, Rules), Vec<u32>>,
+    deficits: HashMap<(QuantConfig, Rules, bool), Vec<u32>>,
     pub(crate) trials: Vec<Trial>,
     margin: f64,
     rules: Rules,
@@ -404,7 +404,8 @@ impl Search<'_> {
     /// Quantize, fuse and narrow one configuration (cached; precision only re-rounds).
     /// Also returns the quantizer's graph before fusion.
     pub(crate) fn fused(&mut self, cfg: QuantConfig) -> Result<(QuantizedModel, FuseReport, Graph)> {
-        if let Some(m) = self.cache.get(&(cfg, self.rules)) {
+        let key = (cfg, self.rules, self.placement.kink_tables);
+        if let Some(m) = self.cache.get(&key) {
             return Ok(m.clone());
         }
         // the max→lookup order pools the activation's input with whole-torus maxima
@@ -414,9 +415,9 @@ impl Search<'_> {
         let (graph, report) = fuse_with(&q.graph, self.rules)?;
         let enc = q.encode_inputs(self.inputs)?;
         q.graph = crate::ranges::narrow(&graph, &enc, self.margin)?;
-        self.deficits.insert((cfg, self.rules), narrow_element_bits(&q.graph, &enc)?);
+        self.deficits.insert(key, narrow_element_bits(&q.graph, &enc)?);
         let entry = (q, report, unfused);
-        self.cache.insert((cfg, self.rules), entry.clone());
+        self.cache.insert(key, entry.clone());
         Ok(entry)
     }
 
@@ -438,7 +439,8 @@ impl Search<'_> {
         match set_precision(&q.graph, p) {
             Ok(g) => {
                 q.graph = g;
-                let deficit = self.deficits.get(&(cfg, self.rules)).cloned().unwrap_or_default();
+                let key = (cfg, self.rules, self.placement.kink_tables);
+                let deficit = self.deficits.get(&key).cloned().unwrap_or_default();
                 set_output_rounding(&mut q, self.output_bits, &deficit);
             }
             Err(PassError::Search(_)) => {
@@ -531,6 +533,7 @@ fn compile_scored(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<
             server_tail: opts.server_tail,
             client_tree_tests: opts.client_tree_tests,
             whole_torus_max: false,
+            kink_tables: false,
         },
     };
 
@@ -548,9 +551,16 @@ fn compile_scored(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<
         variants.push(Rules { max_commute: false });
     }
     let mut chosen: Option<(QuantizedModel, FuseReport, f64, u32, Rules, QuantConfig, f64)> = None;
-    let mut best_rejected: Option<(f64, u32, Rules, QuantConfig)> = None;
-    for rules in variants {
+    let mut best_rejected: Option<(f64, u32, Rules, QuantConfig, bool)> = None;
+    let mut chosen_tables = false;
+    // ReLU-like activations as |x| on the whole torus first; tables when that meets no
+    // tolerance (see `Placement::kink_tables`)
+    for (rules, kink_tables) in variants.iter().map(|&r| (r, false)).chain(variants.iter().map(|&r| (r, true))) {
+        if kink_tables && chosen.is_some() {
+            break;
+        }
         s.rules = rules;
+        s.placement.kink_tables = kink_tables;
         'precision: for p in 2..=opts.max_precision {
             // Activations of p − 1 bits make the differences a max reads exact at p bits.
             let mut widths = vec![full];
@@ -563,12 +573,13 @@ fn compile_scored(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<
                 if ok {
                     if chosen.as_ref().is_none_or(|c| cost < c.6) {
                         chosen = Some((q, rep, score, p, rules, cfg, cost));
+                        chosen_tables = kink_tables;
                     }
                     break 'precision;
                 }
                 let fits = count_lookups(&q.graph) > 0 || max_precision(&q.graph) == 0;
                 if fits && best_rejected.is_none_or(|(b, ..)| score > b) {
-                    best_rejected = Some((score, p, rules, cfg));
+                    best_rejected = Some((score, p, rules, cfg, kink_tables));
                 }
                 if count_lookups(&q.graph) == 0 {
                     break 'precision; // precision does not matter without lookups
@@ -580,7 +591,8 @@ fn compile_scored(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<
     let chosen = match chosen {
         Some(c) => c,
         None => {
-            let (b, bp, rules, cfg) = best_rejected.unwrap_or((0.0, opts.max_precision, s.rules, full));
+            let (b, bp, rules, cfg, tables) =
+                best_rejected.unwrap_or((0.0, opts.max_precision, s.rules, full, s.placement.kink_tables));
             let hint = if opts.n_bits.is_some() {
                 format!("give more bits with --n-bits (now {top}) or allow more error with --accuracy-tolerance")
             } else if opts.max_precision < MAX_PRECISION {
@@ -602,6 +614,8 @@ fn compile_scored(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<
                 return Err(PassError::Search(msg));
             }
             s.rules = rules;
+            chosen_tables = tables;
+            s.placement.kink_tables = tables;
             let (q, rep, score, _) = s.trial(cfg, bp)?;
             below_tolerance = Some(msg);
             (q, rep, score, bp, rules, cfg, 0.0)
@@ -609,6 +623,7 @@ fn compile_scored(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<
     };
     let (mut model, mut report, mut best_score, p, rules, start, _) = chosen;
     s.rules = rules;
+    s.placement.kink_tables = chosen_tables;
     let mut cfg = start;
     let floor = best_score;
     // Without lookups the outputs decrypt exactly and wider inputs and weights cost only a
@@ -622,7 +637,11 @@ fn compile_scored(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<
             widened = true;
         }
     }
-    if opts.n_bits.is_none() && !widened {
+    // With lookups the cost is fixed by the precision and the output bits: a narrower
+    // width saves nothing, and a rise in agreement it seems to bring is the sampling
+    // noise of the scored rows (the digits CNN took 6-bit weights for 5 rows in 2000 more
+    // and lost 1.1 points on its test split), so the widest is kept.
+    if opts.n_bits.is_none() && !widened && count_lookups(&model.graph) == 0 {
         // Narrow each width while the model stays within tolerance.
         for field in 0..3 {
             loop {
@@ -636,21 +655,15 @@ fn compile_scored(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<
                     break;
                 }
                 *w -= 1;
-                // With lookups, the cost is fixed by the precision and the output bits, so
-                // a narrower width is only worth taking when it raises agreement (a coarser
-                // grid can fit the lookups' buckets better); at equal agreement the wider,
-                // more precise model is kept, as it generalises at least as well. Without
-                // lookups outputs decrypt exactly and every bit decrypted counts: inputs
-                // and activations may fall back to the first accepted score, weights (Σw²
-                // scales the decrypted noise) to half the tolerance.
+                // Without lookups outputs decrypt exactly and every bit decrypted counts:
+                // inputs and activations may fall back to the first accepted score,
+                // weights (Σw² scales the decrypted noise) to half the tolerance.
                 let (q, rep, score, ok) = s.trial(c, p)?;
-                let lookups = count_lookups(&q.graph) > 0;
                 let floor = match field {
-                    _ if lookups => best_score,
                     1 => floor.min(1.0 - opts.tolerance / 2.0),
                     _ => floor,
                 };
-                if !ok || score < floor || (lookups && score == floor) {
+                if !ok || score < floor || count_lookups(&q.graph) > 0 {
                     break;
                 }
                 (cfg, model, report, best_score) = (c, q, rep, score);

@@ -29,6 +29,10 @@ impl Quantizer<'_> {
         if let Some(q) = self.tables.get(&id) {
             return Ok(q.clone());
         }
+        if let Some(q) = self.tabulate_kink(id, &p)? {
+            self.tables.insert(id, q.clone());
+            return Ok(q);
+        }
         // The output is requantized over its calibrated range: headroom there would cost
         // every value resolution (a 25% margin each side lost one sample in 100 on a small
         // classifier). Values beyond it saturate, and `veil predict`/`encrypt` report the

@@ -171,6 +171,108 @@ impl Quantizer<'_> {
     }
 }
 
+impl Quantizer<'_> {
+    /// A pending ReLU-like function of one encrypted tensor as `n·(α·(v − c) + β·|v − c|)
+    /// + k` per element, with |·| read on the whole torus: ReLU (α = β = 1), a ReLU of −v
+    /// (α = −1) or |v| (α = 0), each possibly followed by a per-element affine map; an
+    /// element whose kink lies beyond the source's range is affine there (α = 2, β = 0).
+    /// One lookup per element, as a table would take, but twice the buckets and half the
+    /// error (see the module doc), and exact beyond the calibrated range. The result
+    /// keeps the source's integer scale, so it is taken only while the source is under
+    /// 2^[`KINK_SOURCE_BITS`] (each linear layer after it adds weight and sum bits).
+    /// `None` when the function is not of that form (then it is tabulated).
+    pub(super) fn tabulate_kink(&mut self, id: NodeId, p: &Pending) -> Result<Option<Quantized>> {
+        let r = self.enc_range(p.src);
+        let widest = r.lo.unsigned_abs().max(r.hi.unsigned_abs()).max(1);
+        if widest >= 1 << KINK_SOURCE_BITS || self.placement.kink_tables {
+            return Ok(None);
+        }
+        let dims = self.sample_dims(id);
+        if sample_dims(&self.out.node(p.src).ty.shape) != dims {
+            return Ok(None);
+        }
+        let tlu = Tlu { expr: p.expr.clone(), input: r, params: p.params.clone(), rounding: 0, label: String::new() };
+        let params = tlu.element_params(&dims).map_err(|e| self.err(id, e))?;
+        // parameters are usually per channel: fit each distinct function once
+        let mut found: HashMap<Vec<u64>, Option<KinkTerms>> = HashMap::new();
+        let mut terms = Vec::with_capacity(params.len());
+        for pe in &params {
+            let key: Vec<u64> = pe.iter().map(|v| v.to_bits()).collect();
+            let fit = found.entry(key).or_insert_with(|| kink_terms(|v| p.expr.eval(v, pe), r));
+            match fit {
+                Some(t) => terms.push(*t),
+                None => return Ok(None),
+            }
+        }
+        let ints = |f: fn(&KinkTerms) -> i64| {
+            ArrayD::from_shape_vec(dims.clone(), terms.iter().map(f).collect()).expect("one per element")
+        };
+        let reals = |f: fn(&KinkTerms) -> f64| {
+            ArrayD::from_shape_vec(dims.clone(), terms.iter().map(f).collect()).expect("one per element")
+        };
+        let name = self.g.node(id).name.clone();
+        let scale = |out: &mut Graph, x: NodeId, factor: ArrayD<i64>, bias: ArrayD<i64>, tag: &str| -> Result<NodeId> {
+            let lin = Linear::new(LinearKind::Scale { factor }, bias, tag);
+            Ok(out.add(Op::Linear(Box::new(lin)), &[x], format!("{name}_{tag}"))?)
+        };
+        let v = scale(&mut self.out, p.src, ArrayD::from_elem(vec![], 1), ints(|t| -t.c), "kink")?;
+        let linear = terms.iter().any(|t| t.alpha != 0).then(|| match terms.iter().all(|t| t.alpha == 1) {
+            true => Ok(v),
+            false => scale(&mut self.out, v, ints(|t| t.alpha), ArrayD::zeros(dims.clone()), "linear"),
+        });
+        let linear = linear.transpose()?;
+        let abs = self.out.add(Op::AbsEnc { rounding: 0, shift: 0 }, &[v], format!("{name}_abs"))?;
+        let abs = match terms.iter().all(|t| t.beta == 1) {
+            true => abs,
+            false => scale(&mut self.out, abs, ints(|t| t.beta), ArrayD::zeros(dims.clone()), "kinked")?,
+        };
+        let node = match linear {
+            Some(l) => self.out.add(Op::AddEnc, &[l, abs], name)?,
+            None => abs,
+        };
+        Ok(Some(Quantized { node, scale: reals(|t| t.n), offset: reals(|t| t.k) }))
+    }
+}
+
+/// One element's `f(v) ≈ n·(α·(v − c) + β·|v − c|) + k` (see [`Quantizer::tabulate_kink`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct KinkTerms {
+    c: i64,
+    alpha: i64,
+    beta: i64,
+    n: f64,
+    k: f64,
+}
+
+/// [`KinkTerms`] of `f` on the integer range `r`: a kink inside `r` with slopes a ± n and
+/// a/n ∈ {−1, 0, 1}, or `f` affine on `r`. The kink is put at the nearest integer, which
+/// moves f by at most n/2 beside it.
+fn kink_terms(f: impl Fn(f64) -> f64, r: Range) -> Option<KinkTerms> {
+    let widest = r.lo.unsigned_abs().max(r.hi.unsigned_abs()).max(1) as f64;
+    if let Some(k) = kink_of(&f, widest) {
+        let ratio = k.a / k.n;
+        let alpha = ratio.round();
+        let inside = k.v0 > r.lo as f64 && k.v0 < r.hi as f64;
+        if inside && alpha.abs() <= 1.0 && (ratio - alpha).abs() <= 1e-9 {
+            let c = k.v0.round() as i64;
+            return Some(KinkTerms { c, alpha: alpha as i64, beta: 1, n: k.n, k: f(c as f64) });
+        }
+    }
+    // affine on r: f(v) = s·v + f(0) = (s/2)·2v + f(0)
+    let (lo, hi) = (r.lo as f64, r.hi as f64);
+    let s = if hi > lo { (f(hi) - f(lo)) / (hi - lo) } else { 0.0 };
+    let b = f(0.0);
+    let tol = 1e-7 * (s.abs() * widest + b.abs()).max(f64::MIN_POSITIVE);
+    let affine = (0..=16).map(|i| lo + (hi - lo) * i as f64 / 16.0).all(|v| (f(v) - (s * v + b)).abs() <= tol);
+    affine.then_some(KinkTerms { c: 0, alpha: 2, beta: 0, n: s / 2.0, k: b })
+}
+
+/// Widest source (bits of its largest |v|) whose ReLU-like functions [`Quantizer::tabulate_kink`]
+/// keeps at the source's scale: a dense or convolution layer after it adds about 15 bits
+/// (8-bit weights, sums of a few hundred); past it a table resets the scale, so values
+/// stay well inside the 64-bit torus.
+const KINK_SOURCE_BITS: u32 = 24;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,5 +297,30 @@ mod tests {
         assert!(kink_of(|v: f64| 3.0 * v + 1.0, 10.0).is_none(), "affine: nothing to read");
         // GELU is ReLU-like far out but not piecewise linear
         assert!(kink_of(|v: f64| 0.5 * v * (1.0 + (v / 2f64.sqrt()).tanh()), 10.0).is_none());
+    }
+
+    #[test]
+    fn kink_terms_rebuild_relu_like_functions_on_integers() {
+        let r = Range::new(-300, 500);
+        let rebuilt =
+            |t: &KinkTerms, v: i64| t.n * (t.alpha * (v - t.c)) as f64 + t.n * (t.beta * (v - t.c).abs()) as f64 + t.k;
+        let check = |f: &dyn Fn(f64) -> f64, alpha: i64, beta: i64| {
+            let t = kink_terms(f, r).expect("ReLU-like");
+            assert_eq!((t.alpha, t.beta), (alpha, beta), "{t:?}");
+            for v in r.lo..=r.hi {
+                // the kink moves to the nearest integer: f moves by at most |n| beside it
+                assert!((rebuilt(&t, v) - f(v as f64)).abs() <= t.n.abs() + 1e-9, "v {v}: {t:?}");
+            }
+        };
+        // ReLU then batch norm with a negative scale, at a kink between integers
+        check(&|v| -0.3 * (0.01 * v - 0.555).max(0.0) + 2.0, 1, 1);
+        check(&|v| (2.0 - 0.1 * v).max(0.0), -1, 1);
+        check(&|v| 0.5 * (v - 7.0).abs(), 0, 1);
+        // kinks beyond the range: a dead and an always active unit are affine there
+        check(&|v| (0.01 * v - 9.0).max(0.0) + 1.5, 2, 0);
+        check(&|v| (0.01 * v + 9.0).max(0.0), 2, 0);
+        // leaky ReLU is not n·(α·x + |x|) with an integer α; sigmoid has no kink
+        assert!(kink_terms(|v| if v > 0.0 { v } else { 0.1 * v }, r).is_none());
+        assert!(kink_terms(|v| 1.0 / (1.0 + (-0.01 * v).exp()), r).is_none());
     }
 }

@@ -62,6 +62,11 @@ pub struct Placement {
     /// relu(a − b) read with half its error. Otherwise the activation is tabulated per
     /// element and the maxima read relu(a − b).
     pub whole_torus_max: bool,
+    /// Tabulate ReLU-like activations element by element even where
+    /// [`Quantizer::tabulate_kink`] could read them as |x| on the whole torus. The search
+    /// falls back to tables when no |x| form meets the tolerance: |x| keeps the
+    /// accumulator's scale, and a table requantizes to its calibrated range.
+    pub kink_tables: bool,
 }
 
 impl Default for QuantConfig {
