@@ -188,3 +188,56 @@ fn a_saturated_activation_is_reported_per_sample() {
         }
     }
 }
+
+/// n numbers in [0, 1) from a fixed LCG.
+fn uniform(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32
+        })
+        .collect()
+}
+
+#[test]
+fn relu_then_a_negative_batch_norm_scale_then_max_pooling_keeps_the_maximum() {
+    // conv → ReLU → batch norm (one channel of negative scale) → max pool → dense. The
+    // ReLU is read as |x| with a non-negative scale (the integer carries the sign), so the
+    // max pool compares values: with the sign on the scale it took that channel's minimum.
+    use ndarray::{Array1, Array2, Array4, ArrayD};
+    let mut b = veil_frontend::dsl::GraphBuilder::new("neg_bn_pool");
+    let x = b.input("x", &[1, 6, 6]);
+    let w = Array4::from_shape_vec((2, 1, 3, 3), uniform(18, 1).iter().map(|v| v * 2.0 - 1.0).collect()).unwrap();
+    let h = b.conv2d(x, w, Some(Array1::from_vec(vec![0.1, -0.2])), 1, 0).unwrap();
+    let h = b.relu(h).unwrap();
+    let (gamma, beta) = (Array1::from_vec(vec![1.5, -2.0]), Array1::from_vec(vec![0.2, 0.3]));
+    let h = b.batch_norm(h, gamma, beta, Array1::zeros(2), Array1::ones(2), 1e-5).unwrap();
+    let h = b.max_pool2d(h, 2, 2).unwrap();
+    let h = b.flatten(h).unwrap();
+    let w2 = Array2::from_shape_vec((3, 8), uniform(24, 2).iter().map(|v| v * 2.0 - 1.0).collect()).unwrap();
+    let y = b.linear(h, w2, None).unwrap();
+    b.output("y", y);
+    let g = b.finish().unwrap();
+    let rows = |n: usize, seed: u64| {
+        veil_ir::Tensor::F32(ArrayD::from_shape_vec(vec![n, 1, 6, 6], uniform(n * 36, seed)).unwrap())
+    };
+    let opts = veil_passes::bitwidth::SearchOptions {
+        task: Some(veil_ir::Task::Regression),
+        lookup_cost: veil_backend::params::typical_lookup_cost_ms,
+        ..Default::default()
+    };
+    let c = veil_passes::bitwidth::compile(&g, &[rows(300, 3)], &opts).unwrap();
+    assert!(c.below_tolerance.is_none(), "{:?}", c.below_tolerance);
+    assert_eq!(count(&c.model.graph, "tlu"), 0, "the ReLU is read as |x|, not tabulated");
+    let test = rows(200, 4);
+    let float = veil_ir::interp::run(&g, std::slice::from_ref(&test)).unwrap()[0].to_f32();
+    let clear = c.model.run_clear(&[test]).unwrap()[0].to_f32();
+    for j in 0..3 {
+        let (f, q) = (float.index_axis(ndarray::Axis(1), j), clear.index_axis(ndarray::Axis(1), j));
+        let mean = f.mean().unwrap();
+        let ss_tot: f32 = f.iter().map(|v| (v - mean).powi(2)).sum();
+        let ss_res: f32 = f.iter().zip(q.iter()).map(|(a, b)| (a - b).powi(2)).sum();
+        assert!(1.0 - ss_res / ss_tot > 0.98, "output {j}: R² {}", 1.0 - ss_res / ss_tot);
+    }
+}

@@ -46,8 +46,26 @@ pub fn compile(float: &Graph, calibration: &[Tensor], opts: &CompileOptions) -> 
     let mut search_opts = opts.search.clone();
     search_opts.p_error = opts.global_p_error.map_or(opts.p_error, |g| g.min(opts.p_error));
     let mut compiled = search(float, calibration, &search_opts)?;
-    let Outputs { model, digits, score_parts, mut lowered, mut params } =
-        cheapest_outputs(&compiled, calibration, opts)?;
+    let outputs = match cheapest_outputs(&compiled, calibration, opts) {
+        Ok(o) => o,
+        // |x| reads keep accumulators on a linear path whose noise can leave no
+        // parameters; tables reset the scale (see `SearchOptions::kink_tables`)
+        Err(e) if !search_opts.kink_tables => {
+            let tables = SearchOptions { kink_tables: true, ..search_opts.clone() };
+            let retry = search(float, calibration, &tables)
+                .map_err(Into::into)
+                .and_then(|c| cheapest_outputs(&c, calibration, opts).map(|o| (c, o)));
+            match retry {
+                Ok((c, o)) => {
+                    compiled = c;
+                    o
+                }
+                Err(_) => return Err(e),
+            }
+        }
+        Err(e) => return Err(e),
+    };
+    let Outputs { model, digits, score_parts, mut lowered, mut params } = outputs;
     if opts.several_sets {
         if let Some((l, p)) = partitioned(&model, &lowered, &params, opts)? {
             (lowered, params) = (l, p);

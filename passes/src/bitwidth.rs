@@ -57,6 +57,10 @@ pub struct SearchOptions {
     /// decision boundaries (see [`crate::boundary::near_boundary_rows`]): closer to agreement on new data,
     /// and often wider lookups. Otherwise those rows are only scored for the report.
     pub near_boundary: bool,
+    /// Tabulate ReLU-like activations instead of reading them as |x| (see
+    /// `Placement::kink_tables`; the pipeline sets it when the |x| form's linear path
+    /// leaves no crypto parameters).
+    pub kink_tables: bool,
 }
 
 impl Default for SearchOptions {
@@ -73,6 +77,7 @@ impl Default for SearchOptions {
             client_tree_tests: true,
             lookup_cost: doubling_cost,
             near_boundary: false,
+            kink_tables: false,
         }
     }
 }
@@ -464,6 +469,12 @@ impl Search<'_> {
     }
 }
 
+/// What tells two quantized graphs apart cheaply: their node and lookup counts.
+fn shape_of(g: &Graph) -> (usize, usize, usize) {
+    let count = |f: fn(&Op) -> bool| g.node_ids().filter(|&n| f(&g.node(n).op)).count();
+    (g.node_ids().count(), count(|op| matches!(op, Op::Tlu(_))), count(|op| matches!(op, Op::AbsEnc { .. })))
+}
+
 /// Calibrate, quantize, fuse and choose bit widths for `g` on the calibration inputs.
 ///
 /// A classifier is searched first on its calibration rows. When the result misses the
@@ -545,46 +556,63 @@ fn compile_scored(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<
     // Fusion variants: commuting lookups past maxima saves lookups but needs more
     // precision; try both when the model has a max and keep the cheaper circuit.
     let mut variants = vec![Rules { max_commute: true }];
+    s.placement.kink_tables = true;
     let probe = s.fused(full)?.0.graph;
     let pools = g.node_ids().any(|n| matches!(g.node(n).op, Op::MaxPool(_)));
     if pools || probe.node_ids().any(|n| matches!(probe.node(n).op, Op::MaxEnc { .. })) {
         variants.push(Rules { max_commute: false });
     }
+    // ReLU-like activations read as |x| on the whole torus first (`tabulate_kink`), tables
+    // when that meets no tolerance or cannot be built (see `Placement::kink_tables`); one
+    // pass when the model has no such activation.
+    s.placement.kink_tables = false;
+    let kinks = s.fused(full).is_ok_and(|(q, ..)| shape_of(&q.graph) != shape_of(&probe));
+    let passes: &[bool] = if kinks && !opts.kink_tables { &[false, true] } else { &[true] };
     let mut chosen: Option<(QuantizedModel, FuseReport, f64, u32, Rules, QuantConfig, f64)> = None;
     let mut best_rejected: Option<(f64, u32, Rules, QuantConfig, bool)> = None;
     let mut chosen_tables = false;
-    // ReLU-like activations as |x| on the whole torus first; tables when that meets no
-    // tolerance (see `Placement::kink_tables`)
-    for (rules, kink_tables) in variants.iter().map(|&r| (r, false)).chain(variants.iter().map(|&r| (r, true))) {
+    for &kink_tables in passes {
         if kink_tables && chosen.is_some() {
             break;
         }
-        s.rules = rules;
         s.placement.kink_tables = kink_tables;
-        'precision: for p in 2..=opts.max_precision {
-            // Activations of p − 1 bits make the differences a max reads exact at p bits.
-            let mut widths = vec![full];
-            if opts.n_bits.is_none() && p > 2 && p - 1 < top {
-                widths.push(QuantConfig { act_bits: p - 1, ..full });
-            }
-            for cfg in widths {
-                let (q, rep, score, ok) = s.trial(cfg, p)?;
-                let cost = count_lookups(&q.graph) as f64 * (opts.lookup_cost)(p);
-                if ok {
-                    if chosen.as_ref().is_none_or(|c| cost < c.6) {
-                        chosen = Some((q, rep, score, p, rules, cfg, cost));
-                        chosen_tables = kink_tables;
+        let mut pass = || -> Result<()> {
+            for &rules in &variants {
+                s.rules = rules;
+                'precision: for p in 2..=opts.max_precision {
+                    // Activations of p − 1 bits make the differences a max reads exact at p bits.
+                    let mut widths = vec![full];
+                    if opts.n_bits.is_none() && p > 2 && p - 1 < top {
+                        widths.push(QuantConfig { act_bits: p - 1, ..full });
                     }
-                    break 'precision;
-                }
-                let fits = count_lookups(&q.graph) > 0 || max_precision(&q.graph) == 0;
-                if fits && best_rejected.is_none_or(|(b, ..)| score > b) {
-                    best_rejected = Some((score, p, rules, cfg, kink_tables));
-                }
-                if count_lookups(&q.graph) == 0 {
-                    break 'precision; // precision does not matter without lookups
+                    for cfg in widths {
+                        let (q, rep, score, ok) = s.trial(cfg, p)?;
+                        let cost = count_lookups(&q.graph) as f64 * (opts.lookup_cost)(p);
+                        if ok {
+                            if chosen.as_ref().is_none_or(|c| cost < c.6) {
+                                chosen = Some((q, rep, score, p, rules, cfg, cost));
+                                chosen_tables = kink_tables;
+                            }
+                            break 'precision;
+                        }
+                        let fits = count_lookups(&q.graph) > 0 || max_precision(&q.graph) == 0;
+                        if fits && best_rejected.is_none_or(|(b, ..)| score > b) {
+                            best_rejected = Some((score, p, rules, cfg, kink_tables));
+                        }
+                        if count_lookups(&q.graph) == 0 {
+                            break 'precision; // precision does not matter without lookups
+                        }
+                    }
                 }
             }
+            Ok(())
+        };
+        if let Err(e) = pass() {
+            if kink_tables {
+                return Err(e);
+            }
+            // e.g. an accumulator past 64 bits downstream: the tables pass decides alone
+            (chosen, best_rejected) = (None, None);
         }
     }
     let mut below_tolerance = None;
@@ -637,13 +665,19 @@ fn compile_scored(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<
             widened = true;
         }
     }
-    // With lookups the cost is fixed by the precision and the output bits: a narrower
-    // width saves nothing, and a rise in agreement it seems to bring is the sampling
-    // noise of the scored rows (the digits CNN took 6-bit weights for 5 rows in 2000 more
-    // and lost 1.1 points on its test split), so the widest is kept.
-    if opts.n_bits.is_none() && !widened && count_lookups(&model.graph) == 0 {
-        // Narrow each width while the model stays within tolerance.
-        for field in 0..3 {
+    if opts.n_bits.is_none() && !widened {
+        // Narrow widths while the model stays within tolerance. Without lookups outputs
+        // decrypt exactly and every bit decrypted counts: inputs and activations may fall
+        // back to the first accepted score, weights (Σw² scales the decrypted noise) to
+        // half the tolerance. With lookups only the inputs are narrowed, and only where
+        // agreement rises: their width sets the first accumulators' range and so the
+        // parameters (the digits MLP: 7-bit inputs, 35 ms per lookup against 43 ms at 8),
+        // while narrower weights or activations save nothing the parameters see, and a
+        // rise they seem to bring is the scored rows' sampling noise (the digits CNN took
+        // 6-bit weights for 5 rows in 2000 more and lost 1.1 points on its test split).
+        let lookups = count_lookups(&model.graph) > 0;
+        let fields: &[usize] = if lookups { &[2] } else { &[0, 1, 2] };
+        for &field in fields {
             loop {
                 let mut c = cfg;
                 let w = match field {
@@ -655,15 +689,13 @@ fn compile_scored(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<
                     break;
                 }
                 *w -= 1;
-                // Without lookups outputs decrypt exactly and every bit decrypted counts:
-                // inputs and activations may fall back to the first accepted score,
-                // weights (Σw² scales the decrypted noise) to half the tolerance.
                 let (q, rep, score, ok) = s.trial(c, p)?;
                 let floor = match field {
+                    _ if lookups => best_score,
                     1 => floor.min(1.0 - opts.tolerance / 2.0),
                     _ => floor,
                 };
-                if !ok || score < floor || count_lookups(&q.graph) > 0 {
+                if !ok || score < floor || (lookups && score == floor) || (count_lookups(&q.graph) > 0) != lookups {
                     break;
                 }
                 (cfg, model, report, best_score) = (c, q, rep, score);

@@ -1,6 +1,7 @@
 //! Element-wise ops: real-valued functions of one encrypted source accumulate as a
-//! *pending* function and become one table lookup only when an integer is needed
-//! (`tabulate`); binary ops between encrypted tensors and rescaling to a common scale.
+//! *pending* function and become one lookup only when an integer is needed (`tabulate`:
+//! a whole-torus |x| read for ReLU-like functions, a table otherwise); binary ops between
+//! encrypted tensors and rescaling to a common scale.
 
 use super::*;
 
@@ -23,8 +24,8 @@ impl Quantizer<'_> {
         }
     }
 
-    /// Turn a pending function (the value of float node `id`) into one table lookup whose
-    /// output is requantized to `act_bits` over the calibrated range.
+    /// Turn a pending function (the value of float node `id`) into its |x| form (see
+    /// [`Self::tabulate_kink`]) or else one table lookup (see [`Self::table_lookup`]).
     pub(super) fn tabulate(&mut self, id: NodeId, p: Pending) -> Result<Quantized> {
         if let Some(q) = self.tables.get(&id) {
             return Ok(q.clone());
@@ -32,6 +33,16 @@ impl Quantizer<'_> {
         if let Some(q) = self.tabulate_kink(id, &p)? {
             self.tables.insert(id, q.clone());
             return Ok(q);
+        }
+        self.table_lookup(id, p)
+    }
+
+    /// `p` as one table lookup whose output is requantized to `act_bits` over the
+    /// calibrated range, whatever its form: also what a client decrypts, which must be the
+    /// function's value alone (a |x| form would carry the pre-activation's low bits).
+    pub(super) fn table_lookup(&mut self, id: NodeId, p: Pending) -> Result<Quantized> {
+        if let Some(q) = self.tables.get(&id).filter(|q| matches!(self.out.node(q.node).op, Op::Tlu(_))) {
+            return Ok(q.clone());
         }
         // The output is requantized over its calibrated range: headroom there would cost
         // every value resolution (a 25% margin each side lost one sample in 100 on a small

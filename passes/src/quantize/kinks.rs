@@ -1,4 +1,6 @@
-//! Activations with one kink between two dense layers, read on the whole torus.
+//! Activations with one kink, read on the whole torus: composed between two dense layers
+//! (`compose_kink`), and elsewhere computed in place from the accumulator
+//! (`tabulate_kink`, see its doc).
 //!
 //! A piecewise-linear activation with one kink (ReLU, leaky ReLU, PReLU, |x|, any of them
 //! followed by an affine map such as batch normalisation) is `a·(u − u0) + n·|u − u0| + c`
@@ -204,6 +206,15 @@ impl Quantizer<'_> {
                 None => return Ok(None),
             }
         }
+        snap_scales(&mut terms);
+        if terms.iter().all(|t| t.beta == 0) {
+            // affine on the whole range: the source itself, rescaled (no lookup)
+            let dims_of = |f: fn(&KinkTerms) -> f64| {
+                ArrayD::from_shape_vec(dims.clone(), terms.iter().map(f).collect()).expect("one per element")
+            };
+            let (scale, offset) = (dims_of(|t| t.alpha as f64 * t.n), dims_of(|t| t.k));
+            return Ok(Some(Quantized { node: p.src, scale, offset }));
+        }
         let ints = |f: fn(&KinkTerms) -> i64| {
             ArrayD::from_shape_vec(dims.clone(), terms.iter().map(f).collect()).expect("one per element")
         };
@@ -234,7 +245,21 @@ impl Quantizer<'_> {
     }
 }
 
-/// One element's `f(v) ≈ n·(α·(v − c) + β·|v − c|) + k` (see [`Quantizer::tabulate_kink`]).
+/// Scales n that differ only by float rounding (slopes found by finite differences, per
+/// element at a padded border) are made equal, so that consumers needing one scale per
+/// channel (max pooling, convolutions) see one.
+fn snap_scales(terms: &mut [KinkTerms]) {
+    let mut seen: Vec<f64> = Vec::new();
+    for t in terms.iter_mut() {
+        match seen.iter().find(|&&n| (n - t.n).abs() <= 1e-9 * n.abs().max(t.n.abs())) {
+            Some(&n) => t.n = n,
+            None => seen.push(t.n),
+        }
+    }
+}
+
+/// One element's `f(v) ≈ n·(α·(v − c) + β·|v − c|) + k` (see [`Quantizer::tabulate_kink`]),
+/// with n ≥ 0, so that a larger integer is a larger value (max pooling compares integers).
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct KinkTerms {
     c: i64,
@@ -245,8 +270,9 @@ struct KinkTerms {
 }
 
 /// [`KinkTerms`] of `f` on the integer range `r`: a kink inside `r` with slopes a ± n and
-/// a/n ∈ {−1, 0, 1}, or `f` affine on `r`. The kink is put at the nearest integer, which
-/// moves f by at most n/2 beside it.
+/// a/n ∈ {−1, 0, 1}, or `f` affine on `r`. The kink is put at the nearest integer c; the
+/// offset k = f(v0) + a·(c − v0) splits the move between both sides, so f moves by at
+/// most |n|/2 anywhere.
 fn kink_terms(f: impl Fn(f64) -> f64, r: Range) -> Option<KinkTerms> {
     let widest = r.lo.unsigned_abs().max(r.hi.unsigned_abs()).max(1) as f64;
     if let Some(k) = kink_of(&f, widest) {
@@ -255,22 +281,26 @@ fn kink_terms(f: impl Fn(f64) -> f64, r: Range) -> Option<KinkTerms> {
         let inside = k.v0 > r.lo as f64 && k.v0 < r.hi as f64;
         if inside && alpha.abs() <= 1.0 && (ratio - alpha).abs() <= 1e-9 {
             let c = k.v0.round() as i64;
-            return Some(KinkTerms { c, alpha: alpha as i64, beta: 1, n: k.n, k: f(c as f64) });
+            let offset = k.k0 + k.a * (c as f64 - k.v0);
+            // n < 0 (a negative batch-norm scale after a ReLU): the integer carries the sign
+            let (sign, n) = if k.n < 0.0 { (-1, -k.n) } else { (1, k.n) };
+            return Some(KinkTerms { c, alpha: sign * alpha as i64, beta: sign, n, k: offset });
         }
     }
-    // affine on r: f(v) = s·v + f(0) = (s/2)·2v + f(0)
+    // affine on r: f(v) = s·v + b, as n·(2v) + b with n = s/2 (no |·| term)
     let (lo, hi) = (r.lo as f64, r.hi as f64);
     let s = if hi > lo { (f(hi) - f(lo)) / (hi - lo) } else { 0.0 };
-    let b = f(0.0);
+    let b = f(lo) - s * lo;
     let tol = 1e-7 * (s.abs() * widest + b.abs()).max(f64::MIN_POSITIVE);
     let affine = (0..=16).map(|i| lo + (hi - lo) * i as f64 / 16.0).all(|v| (f(v) - (s * v + b)).abs() <= tol);
-    affine.then_some(KinkTerms { c: 0, alpha: 2, beta: 0, n: s / 2.0, k: b })
+    let (alpha, n) = if s < 0.0 { (-2, -s / 2.0) } else { (2, s / 2.0) };
+    affine.then_some(KinkTerms { c: 0, alpha, beta: 0, n, k: b })
 }
 
 /// Widest source (bits of its largest |v|) whose ReLU-like functions [`Quantizer::tabulate_kink`]
-/// keeps at the source's scale: a dense or convolution layer after it adds about 15 bits
-/// (8-bit weights, sums of a few hundred); past it a table resets the scale, so values
-/// stay well inside the 64-bit torus.
+/// keeps at the source's scale: a dense or convolution layer after it adds 15–20 bits
+/// (8-bit weights, sums of hundreds to thousands); past it a table resets the scale. A
+/// chain that still overflows fails to quantize, and the search falls back to tables.
 const KINK_SOURCE_BITS: u32 = 24;
 
 #[cfg(test)]
@@ -308,17 +338,20 @@ mod tests {
             let t = kink_terms(f, r).expect("ReLU-like");
             assert_eq!((t.alpha, t.beta), (alpha, beta), "{t:?}");
             for v in r.lo..=r.hi {
-                // the kink moves to the nearest integer: f moves by at most |n| beside it
-                assert!((rebuilt(&t, v) - f(v as f64)).abs() <= t.n.abs() + 1e-9, "v {v}: {t:?}");
+                // the kink moves to the nearest integer: f moves by at most n/2
+                assert!(t.n >= 0.0, "{t:?}");
+                assert!((rebuilt(&t, v) - f(v as f64)).abs() <= t.n / 2.0 + 1e-9, "v {v}: {t:?}");
             }
         };
-        // ReLU then batch norm with a negative scale, at a kink between integers
-        check(&|v| -0.3 * (0.01 * v - 0.555).max(0.0) + 2.0, 1, 1);
+        // ReLU then batch norm with a negative scale, at a kink between integers: the
+        // integer carries the sign, so that it grows with the value
+        check(&|v| -0.3 * (0.01 * v - 0.555).max(0.0) + 2.0, -1, -1);
         check(&|v| (2.0 - 0.1 * v).max(0.0), -1, 1);
         check(&|v| 0.5 * (v - 7.0).abs(), 0, 1);
         // kinks beyond the range: a dead and an always active unit are affine there
         check(&|v| (0.01 * v - 9.0).max(0.0) + 1.5, 2, 0);
         check(&|v| (0.01 * v + 9.0).max(0.0), 2, 0);
+        check(&|v| -(0.01 * v + 9.0).max(0.0), -2, 0);
         // leaky ReLU is not n·(α·x + |x|) with an integer α; sigmoid has no kink
         assert!(kink_terms(|v| if v > 0.0 { v } else { 0.1 * v }, r).is_none());
         assert!(kink_terms(|v| 1.0 / (1.0 + (-0.01 * v).exp()), r).is_none());

@@ -229,7 +229,7 @@ impl Quantizer<'_> {
         }
         let in_dims = self.sample_dims(xin);
         let sample_axes: Vec<usize> = axes.iter().map(|&a| a - 1).collect();
-        let mut x = x;
+        let mut x = self.positive_scales(id, x, &in_dims)?;
         let mut scale = x.scale.broadcast(IxDyn(&in_dims)).expect("scale").to_owned();
         if reduce_uniform(&scale, &sample_axes).is_none() {
             // Compared values need one scale: the coarsest magnitude of the lane (exact and
@@ -401,6 +401,7 @@ impl Quantizer<'_> {
     pub(super) fn max_pool(&mut self, id: NodeId, x: Quantized, p: &Pool2d) -> Result<QVal> {
         let xin = self.float_operand(id, 0);
         let in_dims = self.sample_dims(xin);
+        let x = self.positive_scales(id, x, &in_dims)?;
         let scale = x.scale.broadcast(IxDyn(&in_dims)).expect("scale").to_owned();
         let offset = x.offset.broadcast(IxDyn(&in_dims)).expect("offset").to_owned();
         if per_channel_of(&scale, &in_dims).is_none() || per_channel_of(&offset, &in_dims).is_none() {
@@ -413,6 +414,21 @@ impl Quantizer<'_> {
         let s = per_channel_of(&scale, &in_dims).expect("checked");
         let o = per_channel_of(&offset, &in_dims).expect("checked");
         Ok(QVal::Enc(Quantized { node: top, scale: per_channel(&s, &out_dims), offset: per_channel(&o, &out_dims) }))
+    }
+
+    /// `x` with every scale made non-negative by negating the integers where it was
+    /// negative (exact, no lookup): maxima compare integers, and the largest integer must
+    /// be the largest value (a negated input, a batch norm of negative scale).
+    fn positive_scales(&mut self, id: NodeId, x: Quantized, dims: &[usize]) -> Result<Quantized> {
+        let scale = x.scale.broadcast(IxDyn(dims)).ok_or_else(|| self.err(id, "scale shape"))?.to_owned();
+        if scale.iter().all(|&s| s >= 0.0) {
+            return Ok(x);
+        }
+        let factor = scale.mapv(|s| if s < 0.0 { -1i64 } else { 1 });
+        let lin = Linear::new(LinearKind::Scale { factor }, ArrayD::zeros(vec![]), "sign");
+        let name = format!("{}_sign", self.g.node(id).name);
+        let node = self.out.add(Op::Linear(Box::new(lin)), &[x.node], name)?;
+        Ok(Quantized { node, scale: scale.mapv(f64::abs), offset: x.offset })
     }
 
     /// The taps of a max-pooling window over encrypted `x` [C, H, W]: one gathered tensor

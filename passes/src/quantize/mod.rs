@@ -5,9 +5,9 @@
 //! compiler). Linear ops stay exact in integers: their float weights are folded with the
 //! input scales and quantized per output channel, and offsets become clear output offsets.
 //! Element-wise non-linear ops are not tabulated one by one: they accumulate into a
-//! *pending* real-valued function of one encrypted source, which becomes a single table
-//! lookup only when something needs an integer again (a linear op, a layout op, the end
-//! of the circuit). So `dequantize → bias → activation → requantize` chains, stacked
+//! *pending* real-valued function of one encrypted source, which becomes a single lookup
+//! only when something needs an integer again (a linear op, a layout op, the end of the
+//! circuit): a table, or for ReLU-like functions an |x| read on the whole torus (`kinks`). So `dequantize → bias → activation → requantize` chains, stacked
 //! activations and expressions like `x·Φ(x)` each cost one lookup, and no intermediate
 //! requantization is ever introduced. The trailing non-linear ops (sigmoid, softmax,
 //! argmax, …) move to the client, which runs them after decryption.
@@ -39,7 +39,7 @@ pub struct QuantConfig {
     pub input_bits: u32,
     /// Weights, per output channel, signed.
     pub weight_bits: u32,
-    /// Outputs of table lookups (activations).
+    /// Outputs of table lookups (activations; |x| reads keep their input's scale).
     pub act_bits: u32,
 }
 
@@ -59,8 +59,8 @@ pub struct Placement {
     /// activation's input and applies the activation after, with maxima computed as
     /// a + b + |a − b| (twice the max), |·| read on the whole torus: one lookup per
     /// window for the activation, and each max resolves twice the buckets of a
-    /// relu(a − b) read with half its error. Otherwise the activation is tabulated per
-    /// element and the maxima read relu(a − b).
+    /// relu(a − b) read with half its error. Otherwise the activation is computed per
+    /// element (as |x| or a table) and the maxima read relu(a − b).
     pub whole_torus_max: bool,
     /// Tabulate ReLU-like activations element by element even where
     /// [`Quantizer::tabulate_kink`] could read them as |x| on the whole torus. The search

@@ -42,7 +42,7 @@ impl Quantizer<'_> {
                             }
                         }
                         QVal::Fn(p) => {
-                            let e = q.tabulate(id, p)?;
+                            let e = q.table_lookup(id, p)?;
                             tail_inputs.push(q.server_output(id, e, &mut decode));
                             tail_graph.add_input(node.name.clone(), node.ty.clone())
                         }
