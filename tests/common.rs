@@ -64,3 +64,15 @@ pub fn relative_error(ours: &Tensor, reference: &Tensor) -> f64 {
     let range = if hi > lo { hi - lo } else { hi.abs().max(1.0) };
     a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max) / range
 }
+
+/// `n` numbers in [0, 1) from a fixed linear congruential generator (Knuth's MMIX
+/// constants): reproducible test data without a random-number crate.
+pub fn uniform(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32
+        })
+        .collect()
+}

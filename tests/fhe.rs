@@ -8,18 +8,7 @@ use veil_frontend::dsl::GraphBuilder;
 use veil_ir::Tensor;
 use veil_passes::{calibrate, fuse, quantize, QuantConfig};
 use veil_runtime::{keygen, Evaluator};
-use veil_tests::{models_dir, read_npy};
-
-/// Deterministic pseudo-random values in [0, 1).
-fn uniform(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (s >> 40) as f32 / (1u64 << 24) as f32
-        })
-        .collect()
-}
+use veil_tests::{models_dir, read_npy, uniform};
 
 /// Keygen, encrypt `x`, evaluate with the server key only, decrypt: the decoded integers.
 fn encrypted_integers(

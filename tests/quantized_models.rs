@@ -1,7 +1,7 @@
 //! Quantized models in clear mode against the float model and the labels.
 
 use veil_passes::{calibrate, quantize, QuantConfig};
-use veil_tests::{meta, model_dirs, read_npy};
+use veil_tests::{meta, model_dirs, read_npy, uniform};
 
 /// Accuracy (classification: argmax of the first float output) or R² (regression).
 fn score(task: &str, out: &veil_ir::Tensor, y: &veil_ir::Tensor) -> f64 {
@@ -187,17 +187,6 @@ fn a_saturated_activation_is_reported_per_sample() {
             assert_eq!(flagged.contains(&i), beyond, "sample {i} (t = {ti}, calibrated max {max_sum}): {flagged:?}");
         }
     }
-}
-
-/// n numbers in [0, 1) from a fixed LCG.
-fn uniform(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (s >> 40) as f32 / (1u64 << 24) as f32
-        })
-        .collect()
 }
 
 #[test]
