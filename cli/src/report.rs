@@ -16,10 +16,18 @@ pub fn text(a: &Artifact, trials: bool) -> String {
             a.model_name, r.lookups_per_sample, r.max_precision, r.input_bits, r.weight_bits, r.act_bits
         );
     } else {
+        // activation widths are those of table outputs: say so only when there are tables
+        let tables = r.layers.iter().any(|l| l.op == "tlu" && l.lookups > 0);
+        let acts = if tables { format!(", activations {} b", r.act_bits) } else { String::new() };
+        let widest = if r.lookups_per_sample > 0 {
+            format!("widest lookup {} bits", r.max_precision)
+        } else {
+            "no lookups".into()
+        };
         let _ = writeln!(
             s,
-            "model {}: {} lookups/sample (before fusion {}), widest lookup {} bits; inputs {} b, weights {} b, activations {} b",
-            a.model_name, r.lookups_per_sample, r.lookups_before_fusion, r.max_precision, r.input_bits, r.weight_bits, r.act_bits
+            "model {}: {} lookups/sample (before fusion {}), {widest}; inputs {} b, weights {} b{acts}",
+            a.model_name, r.lookups_per_sample, r.lookups_before_fusion, r.input_bits, r.weight_bits
         );
     }
     match &a.training {
@@ -75,6 +83,14 @@ pub fn text(a: &Artifact, trials: bool) -> String {
         }
         let _ = writeln!(s);
     }
+    if r.layers.iter().any(|l| l.op == "abs_enc") {
+        let _ = writeln!(
+            s,
+            "(abs_enc: |x| by one lookup on the whole torus; ReLUs are computed as (x + |x|)/2 and maxima as (a + b + |a − b|)/2 with it, so a ReLU shows as the abs_enc of its input, a max pool as the abs_enc of its taps' differences)"
+        );
+    }
+    let _ =
+        writeln!(s, "(range: each layer's integer output range; dropped: low bits a lookup's input loses to rounding)");
     let _ = writeln!(s, "{:<40} {:<8} {:>22} {:>8} {:>5} {:>8}", "layer", "op", "range", "lookups", "bits", "dropped");
     // runs of like layers (a tree score's partial sums, a forest's comparisons on one
     // feature: the same name but for a trailing number) print once, with their count

@@ -329,7 +329,10 @@ pub fn choose_metric(g: &Graph, reference: &Tensor, task: Option<veil_ir::Task>)
         return (Metric::R2, "the model maps values element-wise");
     }
     match reference.shape() {
-        [_, k, ..] if *k >= 2 => (Metric::ArgmaxAgreement, "several output columns (set --task regression otherwise)"),
+        [_, k, ..] if *k >= 2 => (
+            Metric::ArgmaxAgreement,
+            "classification, inferred from several output columns; --task regression overrides",
+        ),
         _ => (Metric::R2, "one output column"),
     }
 }
