@@ -47,23 +47,19 @@ pub fn compile(float: &Graph, calibration: &[Tensor], opts: &CompileOptions) -> 
     search_opts.p_error = opts.global_p_error.map_or(opts.p_error, |g| g.min(opts.p_error));
     let mut compiled = search(float, calibration, &search_opts)?;
     let outputs = match cheapest_outputs(&compiled, calibration, opts) {
-        Ok(o) => o,
         // |x| reads keep accumulators on a linear path whose noise can leave no
-        // parameters; tables reset the scale (see `SearchOptions::kink_tables`)
+        // parameters; tables reset the scale (see `SearchOptions::kink_tables`). If
+        // tables fail too, the first error is the one to report.
         Err(e) if !search_opts.kink_tables => {
             let tables = SearchOptions { kink_tables: true, ..search_opts.clone() };
-            let retry = search(float, calibration, &tables)
+            let (c, o) = search(float, calibration, &tables)
                 .map_err(Into::into)
-                .and_then(|c| cheapest_outputs(&c, calibration, opts).map(|o| (c, o)));
-            match retry {
-                Ok((c, o)) => {
-                    compiled = c;
-                    o
-                }
-                Err(_) => return Err(e),
-            }
+                .and_then(|c| cheapest_outputs(&c, calibration, opts).map(|o| (c, o)))
+                .map_err(|_| e)?;
+            compiled = c;
+            o
         }
-        Err(e) => return Err(e),
+        other => other?,
     };
     let Outputs { model, digits, score_parts, mut lowered, mut params } = outputs;
     if opts.several_sets {

@@ -209,18 +209,12 @@ impl Quantizer<'_> {
         snap_scales(&mut terms);
         if terms.iter().all(|t| t.beta == 0) {
             // affine on the whole range: the source itself, rescaled (no lookup)
-            let dims_of = |f: fn(&KinkTerms) -> f64| {
-                ArrayD::from_shape_vec(dims.clone(), terms.iter().map(f).collect()).expect("one per element")
-            };
-            let (scale, offset) = (dims_of(|t| t.alpha as f64 * t.n), dims_of(|t| t.k));
+            let (scale, offset) =
+                (per_element(&dims, &terms, |t| t.alpha as f64 * t.n), per_element(&dims, &terms, |t| t.k));
             return Ok(Some(Quantized { node: p.src, scale, offset }));
         }
-        let ints = |f: fn(&KinkTerms) -> i64| {
-            ArrayD::from_shape_vec(dims.clone(), terms.iter().map(f).collect()).expect("one per element")
-        };
-        let reals = |f: fn(&KinkTerms) -> f64| {
-            ArrayD::from_shape_vec(dims.clone(), terms.iter().map(f).collect()).expect("one per element")
-        };
+        let ints = |f: fn(&KinkTerms) -> i64| per_element(&dims, &terms, f);
+        let reals = |f: fn(&KinkTerms) -> f64| per_element(&dims, &terms, f);
         let name = self.g.node(id).name.clone();
         let scale = |out: &mut Graph, x: NodeId, factor: ArrayD<i64>, bias: ArrayD<i64>, tag: &str| -> Result<NodeId> {
             let lin = Linear::new(LinearKind::Scale { factor }, bias, tag);
@@ -243,6 +237,11 @@ impl Quantizer<'_> {
         };
         Ok(Some(Quantized { node, scale: reals(|t| t.n), offset: reals(|t| t.k) }))
     }
+}
+
+/// One value per element, of the per-sample shape `dims`.
+fn per_element<T>(dims: &[usize], terms: &[KinkTerms], f: impl Fn(&KinkTerms) -> T) -> ArrayD<T> {
+    ArrayD::from_shape_vec(dims.to_vec(), terms.iter().map(f).collect()).expect("one per element")
 }
 
 /// Scales n that differ only by float rounding (slopes found by finite differences, per

@@ -7,7 +7,8 @@
 //! Element-wise non-linear ops are not tabulated one by one: they accumulate into a
 //! *pending* real-valued function of one encrypted source, which becomes a single lookup
 //! only when something needs an integer again (a linear op, a layout op, the end of the
-//! circuit): a table, or for ReLU-like functions an |x| read on the whole torus (`kinks`). So `dequantize → bias → activation → requantize` chains, stacked
+//! circuit): a table, or for ReLU-like functions an |x| read on the whole torus
+//! (`kinks`). So `dequantize → bias → activation → requantize` chains, stacked
 //! activations and expressions like `x·Φ(x)` each cost one lookup, and no intermediate
 //! requantization is ever introduced. The trailing non-linear ops (sigmoid, softmax,
 //! argmax, …) move to the client, which runs them after decryption.
