@@ -416,17 +416,64 @@ impl Search<'_> {
         if let Some(m) = self.cache.get(&key) {
             return Ok(m.clone());
         }
+        let (mut entry, layers) = self.build(cfg, &HashMap::new())?;
+        // Wide weights leave room for the coarser ones a fill factor costs.
+        if cfg.weight_bits >= 7 && !layers.is_empty() {
+            if let Some(refilled) = self.refilled(cfg, &entry.0.graph, &layers) {
+                entry = refilled;
+            }
+        }
+        let enc = entry.0.encode_inputs(self.inputs)?;
+        self.deficits.insert(key, narrow_element_bits(&entry.0.graph, &enc)?);
+        self.cache.insert(key, entry.clone());
+        Ok(entry)
+    }
+
+    /// Quantize with fill factors `refill`, fuse and narrow ranges; also returns the
+    /// layers whose outputs lookups read.
+    fn build(
+        &self,
+        cfg: QuantConfig,
+        refill: &HashMap<NodeId, f64>,
+    ) -> Result<((QuantizedModel, FuseReport, Graph), Vec<NodeId>)> {
         // the max→lookup order pools the activation's input with whole-torus maxima
         let placement = crate::quantize::Placement { whole_torus_max: self.rules.max_commute, ..self.placement };
-        let mut q = crate::quantize::quantize_with(self.g, &self.calib, &cfg, self.margin, placement)?;
+        let (mut q, layers) =
+            crate::quantize::quantize_refilled(self.g, &self.calib, &cfg, self.margin, placement, refill)?;
         let unfused = q.graph.clone();
         let (graph, report) = fuse_with(&q.graph, self.rules)?;
         let enc = q.encode_inputs(self.inputs)?;
         q.graph = crate::ranges::narrow(&graph, &enc, self.margin)?;
-        self.deficits.insert(key, narrow_element_bits(&q.graph, &enc)?);
-        let entry = (q, report, unfused);
-        self.cache.insert(key, entry.clone());
-        Ok(entry)
+        Ok(((q, report, unfused), layers))
+    }
+
+    /// The model quantized with each of `layers` scaled so that the lookups reading it
+    /// fill their slots (see [`crate::slot_fill`]), when that resolves them finer than
+    /// `base` (the graph without factors) does. Any failure keeps `base`.
+    fn refilled(
+        &self,
+        cfg: QuantConfig,
+        base: &Graph,
+        layers: &[NodeId],
+    ) -> Option<(QuantizedModel, FuseReport, Graph)> {
+        use crate::slot_fill::{attributed, best_factor, read_sites, resolution, PROBE};
+        let sites = read_sites(base);
+        let mut refill = HashMap::new();
+        for &layer in layers {
+            let Ok(((probe, ..), _)) = self.build(cfg, &HashMap::from([(layer, PROBE)])) else { continue };
+            let Some(own) = attributed(&sites, &read_sites(&probe.graph), PROBE) else { continue };
+            let f = best_factor(&own.iter().map(|&i| &sites[i]).collect::<Vec<_>>());
+            if f < 1.0 {
+                refill.insert(layer, f);
+            }
+        }
+        if refill.is_empty() {
+            return None;
+        }
+        let (entry, _) = self.build(cfg, &refill).ok()?;
+        let all = |s: &[crate::slot_fill::ReadSite]| resolution(&s.iter().collect::<Vec<_>>(), 1.0);
+        let after = read_sites(&entry.0.graph);
+        (after.len() == sites.len() && all(&after) > all(&sites)).then_some(entry)
     }
 
     pub(crate) fn record(

@@ -11,6 +11,7 @@ pub mod fuse;
 pub mod model;
 pub mod quantize;
 pub mod ranges;
+pub mod slot_fill;
 pub mod training;
 pub mod tree_search;
 pub mod trees;

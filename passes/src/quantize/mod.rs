@@ -19,7 +19,7 @@ mod layers;
 mod scales;
 mod tail;
 
-use scales::{equalize, fill, heterogeneous, median};
+use scales::{equalize, heterogeneous, median};
 use tail::{client_only, client_tail, tail_only_input};
 
 use crate::calibrate::Calibration;
@@ -122,6 +122,22 @@ pub fn quantize_with(
     margin: f64,
     placement: Placement,
 ) -> Result<QuantizedModel> {
+    Ok(quantize_refilled(g, calib, cfg, margin, placement, &HashMap::new())?.0)
+}
+
+/// [`quantize_with`], with the integer output range of each dense or convolution layer
+/// (float node id) in `refill` multiplied by its factor (in (0, 1]: coarser weights, a
+/// narrower accumulator), so that the lookups reading it downstream fill their slots (see
+/// [`crate::slot_fill`]). Also returns the layers whose outputs lookups read: the
+/// candidates for a factor.
+pub fn quantize_refilled(
+    g: &Graph,
+    calib: &Calibration,
+    cfg: &QuantConfig,
+    margin: f64,
+    placement: Placement,
+    refill: &HashMap<NodeId, f64>,
+) -> Result<(QuantizedModel, Vec<NodeId>)> {
     let tail = client_tail(g, placement.server_tail)?;
     let mut q = Quantizer {
         g,
@@ -137,6 +153,8 @@ pub fn quantize_with(
         rank_cuts: HashMap::new(),
         placement,
         dense_src: HashMap::new(),
+        refill,
+        filled: Vec::new(),
     };
     let order = g.topo_order().ok_or_else(|| PassError::Quantize { node: g.name.clone(), msg: "cycle".into() })?;
     for &id in &order {
@@ -146,7 +164,8 @@ pub fn quantize_with(
         let v = q.node(id)?;
         q.vals.insert(id, v);
     }
-    q.finish(&order, &tail)
+    let filled = std::mem::take(&mut q.filled);
+    Ok((q.finish(&order, &tail)?, filled))
 }
 
 struct Quantizer<'a> {
@@ -170,6 +189,10 @@ struct Quantizer<'a> {
     /// Dense layers on [batch, K] inputs, by their output node, for composition with a
     /// following one-kink activation and dense layer (see `kinks`).
     dense_src: HashMap<NodeId, kinks::DenseSource>,
+    /// Extra factors on layers' integer output ranges (see [`quantize_refilled`]).
+    refill: &'a HashMap<NodeId, f64>,
+    /// Layers whose outputs lookups read, in quantization order.
+    filled: Vec<NodeId>,
 }
 
 impl<'a> Quantizer<'a> {

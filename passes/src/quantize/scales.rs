@@ -27,6 +27,30 @@ impl Quantizer<'_> {
         self.g.users(id).iter().any(|u| !self.tail.contains(u))
     }
 
+    /// [`fill`] the integer range of layer `id` when lookups read it, then apply its
+    /// factor from `refill`. Records `id` as a candidate for a factor.
+    pub(super) fn fill(
+        &mut self,
+        id: NodeId,
+        eff: &Array2<f64>,
+        q: Array2<i64>,
+        s_out: Vec<f64>,
+        spans: Option<&[f64]>,
+    ) -> (Array2<i64>, Vec<f64>) {
+        if !self.read_by_lookups(id) {
+            return (q, s_out);
+        }
+        self.filled.push(id);
+        let (q, s_out) = fill(eff, q, s_out, spans, self.margin);
+        match self.refill.get(&id) {
+            Some(&f) if f > 0.0 && f != 1.0 => {
+                let scales: Vec<f64> = s_out.iter().map(|s| s / f).collect();
+                (Array2::from_shape_fn(eff.raw_dim(), |(j, k)| (eff[[j, k]] / scales[j]).round() as i64), scales)
+            }
+            _ => (q, s_out),
+        }
+    }
+
     /// Calibrated span of each output channel (axis 1) of float node `id`.
     pub(super) fn channel_spans(&self, id: NodeId) -> Option<Vec<f64>> {
         self.calib.channels.get(&id).map(|c| c.iter().map(|(l, h)| h - l).collect())
