@@ -131,12 +131,12 @@ fn count(g: &veil_ir::Graph, op: &str) -> usize {
 #[test]
 fn relus_between_dense_layers_read_absolute_values_on_the_whole_torus() {
     // (x + |x|)/2 with the linear half composed into the next layer: no ReLU table is
-    // left, and the shipped split loses 0.6 point at the 4-bit lookups it had before
-    // (it lost 0.8); over ten training runs, 0.31 point on average (ARCHITECTURE.md).
+    // left. 5-bit lookups, which the near-boundary rows ask for when each set must meet
+    // the tolerance; over ten training runs, 0.29 point lost on average (ARCHITECTURE.md).
     let (c, clear, float) = compiled_accuracy("mlp_digits");
     assert_eq!(count(&c.model.graph, "tlu"), 0);
     assert_eq!(count(&c.model.graph, "abs_enc"), 2);
-    assert!(c.precision <= 4, "widest lookup {} bits", c.precision);
+    assert!(c.precision <= 5, "widest lookup {} bits", c.precision);
     assert!(clear >= float - 0.006, "clear {clear} vs float {float}");
     // the report's estimate near the decision boundaries was measured
     assert!(c.near_boundary.is_some_and(|nb| nb > 0.95 && nb <= 1.0));

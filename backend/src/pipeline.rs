@@ -274,6 +274,7 @@ fn report(c: &Compiled, lookups: usize, seconds: f64) -> proto::Report {
         accuracy_warning: String::new(),
         near_boundary_score: c.near_boundary,
         scored_near_boundary: c.scored_near_boundary,
+        near_boundary_short: c.near_boundary_short,
         trials: c
             .trials
             .iter()

@@ -230,6 +230,7 @@ fn report(model: &TrainingModel, low: &LoweredGraph, seconds: f64) -> proto::Rep
         accuracy_warning: String::new(),
         near_boundary_score: None,
         scored_near_boundary: false,
+        near_boundary_short: false,
     }
 }
 

@@ -376,11 +376,11 @@ struct CompileArgs {
     /// found is compiled, with a warning saying how far it is).
     #[arg(long)]
     strict_tolerance: bool,
-    /// Classifiers: judge the tolerance on the calibration rows and as many rows mixed
-    /// from pairs of them near the decision boundaries, instead of the calibration rows
-    /// alone. Calibration rows are usually training rows, on which agreement overstates
-    /// agreement on new data; this tracks it better, and may choose wider lookups. By
-    /// default the search does so only when it costs at most twice the lookup time. The
+    /// Classifiers: judge the tolerance on the calibration rows and, separately, on as
+    /// many rows mixed from pairs of them near the decision boundaries, instead of the
+    /// calibration rows alone. Calibration rows are usually training rows, on which
+    /// agreement overstates agreement on new data; this tracks it better, and may choose
+    /// wider lookups. By default the search does so within twice the lookup time. The
     /// report gives the agreement on the mixed rows either way.
     #[arg(long)]
     score_near_boundary: bool,

@@ -64,19 +64,19 @@ pub fn near_boundary_rows(inputs: &[Tensor], reference: &Tensor) -> Option<Vec<T
     mixed.collect()
 }
 
-/// Argmax agreement of `model` with the float `reference` on `rows[from..]`, as the
-/// encrypted circuit would give it: reads are noisy (`slot_std`), and a row that leaves a
-/// compiled accumulator range counts as a disagreement (the circuit would compute garbage
-/// there, where the interpreter saturates). Mixed rows can leave ranges calibrated on the
-/// calibration rows.
+/// Argmax agreement of `model` with the float `reference` on the rows before `split` and
+/// on the rows from `split` on, as the encrypted circuit would give it: reads are noisy
+/// (`slot_std`), and a row that leaves a compiled accumulator range counts as a
+/// disagreement (the circuit would compute garbage there, where the interpreter
+/// saturates). Mixed rows can leave ranges calibrated on the calibration rows.
 pub fn agreement(
     model: &QuantizedModel,
     rows: &[Tensor],
     reference: &Tensor,
     out_index: usize,
     slot_std: f64,
-    from: usize,
-) -> Result<f64> {
+    split: usize,
+) -> Result<(f64, f64)> {
     let outs = model.run_noisy(rows, slot_std, 0x5eed)?;
     let (_, overflows) = model.run_clear_checked(rows)?;
     let mut bad = std::collections::HashSet::new();
@@ -92,9 +92,13 @@ pub fn agreement(
             .collect()
     };
     let (ours, want) = (argmax(&outs[out_index]), argmax(reference));
-    let n = ours.len().saturating_sub(from);
-    let agree = (from..ours.len()).filter(|&r| ours[r] == want[r] && !bad.contains(&r)).count();
-    Ok(agree as f64 / n.max(1) as f64)
+    let part = |rows: std::ops::Range<usize>| {
+        let n = rows.len();
+        let agree = rows.filter(|&r| ours[r] == want[r] && !bad.contains(&r)).count();
+        agree as f64 / n.max(1) as f64
+    };
+    let split = split.min(ours.len());
+    Ok((part(0..split), part(split..ours.len())))
 }
 
 #[cfg(test)]

@@ -98,6 +98,7 @@ pub(crate) fn compile(mut s: Search, opts: &SearchOptions, metric_source: &'stat
         output_bits: SCORE_READ_BITS,
         below_tolerance,
         near_boundary: None,
+        near_boundary_short: false,
         scored_near_boundary: false,
     })
 }
