@@ -52,15 +52,19 @@ pub fn text(a: &Artifact, trials: bool) -> String {
             );
         }
         None => {
-            let rows = if r.scored_near_boundary { "calibration and near-boundary rows" } else { "calibration" };
+            let rows = if r.scored_near_boundary && !r.near_boundary_short {
+                "calibration and near-boundary rows (the smaller agreement)"
+            } else {
+                "calibration"
+            };
             let _ = writeln!(s, "{rows}: {:.4} {}", r.calibration_score, r.metric);
             if let Some(near) = r.near_boundary_score {
                 let how = if r.near_boundary_short {
-                    "short of the tolerance: the closest within twice the lookup time of the calibration-only result; --score-near-boundary meets it at any cost"
+                    "short of the tolerance: the closest within twice the lookup time of the calibration-only result; --score-near-boundary may meet it at a higher cost"
                 } else if r.scored_near_boundary && r.accuracy_warning.is_empty() {
-                    "the search met the tolerance on each set; line above: the smaller agreement"
+                    "the search met the tolerance on each set"
                 } else if r.scored_near_boundary {
-                    "the search scored each set; line above: the smaller agreement"
+                    "the search scored each set"
                 } else {
                     "calibration rows are usually training rows: expect agreement on new data between the two figures; --score-near-boundary makes the search meet the tolerance on each set, at any cost"
                 };

@@ -17,8 +17,6 @@ use crate::model::QuantizedModel;
 use crate::quantize::QuantConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use veil_ir::enc::abs_precision;
-use veil_ir::tlu::lookup_precision;
 use veil_ir::{Graph, NodeId, Op, Range, Tensor};
 
 /// Largest lookup precision the search considers: 8-bit bootstraps need ~11 GB keys here.
@@ -53,9 +51,11 @@ pub struct SearchOptions {
     pub client_tree_tests: bool,
     /// How candidates are priced (see [`LookupCost`]).
     pub lookup_cost: LookupCost,
-    /// Classifiers: score trials on the calibration rows and as many rows near the
-    /// decision boundaries (see [`crate::boundary::near_boundary_rows`]): closer to agreement on new data,
-    /// and often wider lookups. Otherwise those rows are only scored for the report.
+    /// Classifiers: score trials on the calibration rows and, separately, as many rows
+    /// near the decision boundaries (see [`crate::boundary::near_boundary_rows`]), by the
+    /// smaller agreement: closer to agreement on new data, and often wider lookups.
+    /// Otherwise [`compile`] scores those rows for the report, and searches on them within
+    /// [`crate::boundary::NEAR_BOUNDARY_COST`] when the first result misses them.
     pub near_boundary: bool,
     /// Tabulate ReLU-like activations instead of reading them as |x| (see
     /// `Placement::kink_tables`; the pipeline sets it when the |x| form's linear path
@@ -130,12 +130,15 @@ pub struct Compiled {
     /// Classifiers: argmax agreement of the compiled model on the rows mixed near the
     /// decision boundaries alone (see [`crate::boundary::near_boundary_rows`]).
     pub near_boundary: Option<f64>,
-    /// The search scored trials on those rows too.
+    /// The search scored trials on those rows too (by the smaller of the two agreements).
     pub scored_near_boundary: bool,
     /// Scored on those rows too, no quantization within the cost the default search
     /// allows for them ([`crate::boundary::NEAR_BOUNDARY_COST`]) met the tolerance there:
-    /// this is the best one within it.
+    /// this is the closest one within it, and `score` is its calibration agreement.
     pub near_boundary_short: bool,
+    /// Classifiers: argmax agreement on the calibration rows alone (noisy reads, as
+    /// scored), when near-boundary rows were scored too.
+    pub calibration_agreement: Option<f64>,
 }
 
 /// The number of standard deviations `z` with P(|N(0,1)| > z) = p.
@@ -216,91 +219,9 @@ pub fn doubling_cost(precision: u32) -> f64 {
     }
 }
 
-/// Rounding (low bits dropped) for a lookup over `input` to need at most `p` bits; `None`
-/// when no rounding fits (a rounded lookup needs at least 2 bits for its spare slots).
-pub fn rounding_for(input: Range, p: u32) -> Option<u32> {
-    (0..48).find(|&k| lookup_precision(entries(input, k), k) <= p)
-}
-
-/// Rounding for an `abs_enc` over `input` to need at most `p` bits (a whole-torus read:
-/// see [`veil_ir::enc::abs_precision`]).
-pub fn abs_rounding_for(input: Range, p: u32) -> Option<u32> {
-    (0..63).find(|&k| abs_precision(input, k) <= p)
-}
-
-/// Buckets a range spans when read to multiples of 2^k (aligned, round half up).
-pub fn entries(r: Range, k: u32) -> u64 {
-    let step = 1i64 << k;
-    let bucket = |v: i64| (v + step / 2).div_euclid(step);
-    (bucket(r.hi) - bucket(r.lo)) as u64 + 1
-}
-
-/// Set every lookup's rounding so that none needs more than `p` bits, re-deriving ranges
-/// downstream (a rounded max can overshoot by half a step).
-pub fn set_precision(g: &Graph, p: u32) -> Result<Graph> {
-    let (out, _) = g.rebuild(|out, id, ops| {
-        let node = g.node(id);
-        let op = match &node.op {
-            Op::Tlu(t) => {
-                let mut t = t.clone();
-                t.input = out.enc_range(ops[0]);
-                t.rounding = rounding_for(t.input, p).ok_or_else(|| too_narrow(p, &node.name))?;
-                Op::Tlu(t)
-            }
-            Op::MaxEnc { diff, .. } => {
-                let d = diff.unwrap_or_else(|| out.enc_range(ops[0]).minus(&out.enc_range(ops[1])));
-                let rounding = rounding_for(d, p).ok_or_else(|| too_narrow(p, &node.name))?;
-                Op::MaxEnc { rounding, diff: *diff }
-            }
-            Op::SatEnc { lo, hi, .. } => {
-                let rounding = rounding_for(out.enc_range(ops[0]), p).ok_or_else(|| too_narrow(p, &node.name))?;
-                Op::SatEnc { lo: *lo, hi: *hi, rounding }
-            }
-            Op::AbsEnc { shift, .. } => {
-                let r = out.enc_range(ops[0]);
-                let rounding = abs_rounding_for(r, p).ok_or_else(|| too_narrow(p, &node.name))?;
-                // the output's scale is fixed by `shift`: a finer read would not show in it
-                Op::AbsEnc { rounding: rounding.max(*shift), shift: *shift }
-            }
-            op => op.clone(),
-        };
-        Ok::<_, PassError>(Some(out.add(op, ops, node.name.clone())?))
-    })?;
-    Ok(out)
-}
-
-fn too_narrow(p: u32, node: &str) -> PassError {
-    PassError::Search(format!("no rounding lets lookup '{node}' fit in {p} bits"))
-}
-
-/// The widest precision any lookup of `g` needs.
-pub fn max_precision(g: &Graph) -> u32 {
-    g.node_ids().map(|id| max_precision_of(g, id)).max().unwrap_or(0)
-}
-
-/// The precision one node's lookups need (0 if it has none).
-pub fn max_precision_of(g: &Graph, id: NodeId) -> u32 {
-    match &g.node(id).op {
-        Op::Tlu(t) => t.input_bits(),
-        Op::MaxEnc { rounding, diff } => {
-            let ops = g.operands(id);
-            let d = diff.unwrap_or_else(|| g.enc_range(ops[0]).minus(&g.enc_range(ops[1])));
-            lookup_precision(entries(d, *rounding), *rounding)
-        }
-        Op::SatEnc { rounding, .. } => {
-            let r = g.enc_range(g.operands(id)[0]);
-            lookup_precision(entries(r, *rounding), *rounding)
-        }
-        Op::AbsEnc { rounding, .. } => abs_precision(g.enc_range(g.operands(id)[0]), *rounding),
-        // the sums a + b are read exactly
-        Op::MatMulEnc => {
-            let ops = g.operands(id);
-            let (a, b) = (g.enc_range(ops[0]), g.enc_range(ops[1]));
-            lookup_precision(entries(Range::new(a.lo + b.lo, a.hi + b.hi), 0), 0)
-        }
-        _ => 0,
-    }
-}
+pub use crate::precision::{
+    abs_rounding_for, entries, lookup_input, max_precision, max_precision_of, rounding_for, set_precision,
+};
 
 /// The first floating-point output of a float model's outputs, as reference values.
 fn first_float(outs: &[Tensor]) -> Option<usize> {
@@ -393,6 +314,8 @@ pub(crate) struct Search<'a> {
     scored: Vec<Tensor>,
     /// Whether `scored` holds mixed rows after the calibration rows.
     mixed: bool,
+    /// Calibration rows (the mixed rows follow them in `scored`).
+    rows: usize,
     pub(crate) calib: Calibration,
     reference: Tensor,
     out_index: usize,
@@ -463,9 +386,18 @@ impl Search<'_> {
         use crate::slot_fill::{attributed, best_factor, read_sites, resolution, PROBE};
         let sites = read_sites(base);
         let mut refill = HashMap::new();
+        // a read that follows two layers' scales is the first one's to set
+        let mut claimed = std::collections::HashSet::new();
         for &layer in layers {
             let Ok(((probe, ..), _)) = self.build(cfg, &HashMap::from([(layer, PROBE)])) else { continue };
             let Some(own) = attributed(&sites, &read_sites(&probe.graph), PROBE) else { continue };
+            let own: Vec<usize> = own.into_iter().filter(|&i| claimed.insert(i)).collect();
+            // tables reading a layer are sized for it already (`quantize::scales::fill`);
+            // finer reads of them only amplified its noise (a third bootstrap level on the
+            // digits CNN with ReLU tables)
+            if !own.iter().any(|&i| sites[i].abs) {
+                continue;
+            }
             let f = best_factor(&own.iter().map(|&i| &sites[i]).collect::<Vec<_>>());
             if f < 1.0 {
                 refill.insert(layer, f);
@@ -514,9 +446,14 @@ impl Search<'_> {
             score(self.metric, &outs[self.out_index], &self.reference)
         } else {
             // with mixed rows: those leaving a compiled range count as disagreements
-            let n = self.inputs.first().and_then(|t| t.shape().first().copied()).unwrap_or(0);
-            let (calib, mixed) =
-                crate::boundary::agreement(&q, &self.scored, &self.reference, self.out_index, self.slot_std, n)?;
+            let (calib, mixed) = crate::boundary::agreement(
+                &q,
+                &self.scored,
+                &self.reference,
+                self.out_index,
+                self.slot_std,
+                self.rows,
+            )?;
             // each set must meet the tolerance: the mean of the two let the mixed rows fall
             // 2 points short beside a perfect calibration score, and test agreement with them
             calib.min(mixed)
@@ -565,9 +502,16 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
     let Ok(mut second) = compile_scored(g, inputs, &wider) else { return Ok(first) };
     let cost = |c: &Compiled| count_lookups(&c.model.graph) as f64 * (opts.lookup_cost)(c.precision);
     let closer = second.near_boundary.unwrap_or(0.0) > first.near_boundary.unwrap_or(0.0);
-    if cost(&second) <= budget && (second.below_tolerance.is_none() || closer) {
-        // the first result met the tolerance where the user asked (on calibration rows)
-        second.near_boundary_short = second.below_tolerance.take().is_some();
+    // the tolerance the user asked for holds on the calibration rows, as the first's did
+    let calibration = second.calibration_agreement.unwrap_or(0.0);
+    if cost(&second) <= budget
+        && 1.0 - calibration <= opts.tolerance + 1e-12
+        && (second.below_tolerance.is_none() || closer)
+    {
+        if second.below_tolerance.take().is_some() {
+            second.near_boundary_short = true;
+            second.score = calibration;
+        }
         second.trials = first.trials.into_iter().chain(second.trials).collect();
         return Ok(second);
     }
@@ -599,6 +543,7 @@ fn compile_scored(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<
         g,
         inputs,
         mixed: opts.near_boundary && mixed.is_some(),
+        rows: inputs.first().and_then(|t| t.shape().first().copied()).unwrap_or(0),
         scored,
         calib,
         reference,
@@ -791,12 +736,12 @@ fn compile_scored(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<
     }
     let precision = max_precision(&model.graph);
     let unfused = s.fused(cfg)?.2;
-    let near_boundary = match &mixed {
+    let (calibration_agreement, near_boundary) = match &mixed {
         Some((reference, rows)) => {
-            let n = s.inputs.first().and_then(|t| t.shape().first().copied()).unwrap_or(0);
-            Some(crate::boundary::agreement(&model, rows, reference, s.out_index, s.slot_std, n)?.1)
+            let (calib, near) = crate::boundary::agreement(&model, rows, reference, s.out_index, s.slot_std, s.rows)?;
+            (Some(calib), Some(near))
         }
-        None => None,
+        None => (None, None),
     };
     Ok(Compiled {
         model,
@@ -813,6 +758,7 @@ fn compile_scored(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<
         below_tolerance,
         scored_near_boundary: s.mixed,
         near_boundary_short: false,
+        calibration_agreement,
         near_boundary,
     })
 }

@@ -9,6 +9,7 @@ pub mod digits;
 pub mod error;
 pub mod fuse;
 pub mod model;
+pub mod precision;
 pub mod quantize;
 pub mod ranges;
 pub mod slot_fill;

@@ -99,6 +99,7 @@ pub(crate) fn compile(mut s: Search, opts: &SearchOptions, metric_source: &'stat
         below_tolerance,
         near_boundary: None,
         near_boundary_short: false,
+        calibration_agreement: None,
         scored_near_boundary: false,
     })
 }

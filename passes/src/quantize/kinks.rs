@@ -25,6 +25,8 @@ use super::*;
 pub(super) struct DenseSource {
     /// The float node (for its calibrated range).
     pub float: NodeId,
+    /// Its integer output v in the quantized graph.
+    pub node: NodeId,
     /// The encrypted input h, [K] per sample.
     pub x: Quantized,
     /// Real weights [K, M] on h's real values, and bias [M].
@@ -66,27 +68,6 @@ pub(super) fn kink_of(f: impl Fn(f64) -> f64, r: f64) -> Option<Kink> {
     probes.into_iter().all(|v| (f(v) - model(v)).abs() <= tol).then_some(k)
 }
 
-/// Integer factors (1 to 4) per element that bring every element's reach (its largest
-/// |v| to read) close below one common target 7/8·2^j. A whole-torus read of p bits
-/// resolves buckets up to 2^p − 1 from the kink with a power-of-two rounding, so a reach
-/// just over a power of two would leave half the buckets unused, and an element reaching
-/// half as far as the widest would use half of them. Below 7/8·2^j every p ≥ 3 fits.
-/// The target is chosen for the best mean use of the window.
-pub(super) fn fill_factors(reach: &[f64]) -> Vec<i64> {
-    let widest = reach.iter().copied().fold(1.0f64, f64::max);
-    let first = (widest / 0.875).log2().ceil() as i32;
-    let factors = |j: i32| -> Vec<i64> {
-        let target = 0.875 * 2f64.powi(j);
-        reach.iter().map(|&r| ((target / r.max(1e-300)).floor() as i64).clamp(1, 4)).collect()
-    };
-    let usage = |j: i32| {
-        let target = 0.875 * 2f64.powi(j);
-        factors(j).iter().zip(reach).map(|(&f, &r)| (r * f as f64 / target).min(1.0)).sum::<f64>()
-    };
-    let best = (first..first + 5).max_by(|&a, &b| usage(a).total_cmp(&usage(b)).then(b.cmp(&a))).unwrap_or(first);
-    factors(best)
-}
-
 impl Quantizer<'_> {
     /// `y = P(u)·W2 + b2` for float dense node `id`, when its operand P is a pending
     /// one-kink function of a dense layer's output u (see the module doc); `None` when it
@@ -115,32 +96,40 @@ impl Quantizer<'_> {
                 _ => return Ok(None),
             }
         }
+        // Each element's calibrated reach from its kink, in real units.
+        let Some(ranges) = self.calib.features.get(&src.float).filter(|r| r.len() == m).cloned() else {
+            return Ok(None);
+        };
+        let reach: Vec<f64> = (0..m)
+            .map(|e| {
+                let u0 = src.scale[e] * kinks[e].v0 + src.offset[e];
+                (ranges[e].0 - u0).abs().max((ranges[e].1 - u0).abs())
+            })
+            .collect();
+        // The layer re-quantized with a scale per element that brings its reach to one
+        // target: the lookup then resolves every element with most of its buckets (see
+        // `fill_source`), where power-of-two scales left the widest with half of them.
+        let (source, target) = self.fill_source(&src, &reach)?;
+        for (e, k) in kinks.iter_mut().enumerate() {
+            // old integer = ratio·new + (new offset − old offset)/old scale
+            let ratio = source.scale[e] / src.scale[e];
+            let shift = (source.offset[e] - src.offset[e]) / src.scale[e];
+            *k = Kink { a: k.a * ratio, n: k.n * ratio, v0: (k.v0 - shift) / ratio, k0: k.k0 };
+        }
+        let src = source;
         // Integer shift putting each kink at (within half an integer of) 0.
         let c: Vec<i64> = kinks.iter().map(|k| k.v0.round() as i64).collect();
-        // Each element's calibrated reach from its kink, in integer units.
-        let reach: Vec<f64> = match self.calib.features.get(&src.float).filter(|r| r.len() == m) {
-            Some(ranges) => (0..m)
-                .map(|e| {
-                    let at = |u: f64| ((u - src.offset[e]) / src.scale[e] - c[e] as f64).abs();
-                    at(ranges[e].0).max(at(ranges[e].1)).max(1.0)
-                })
-                .collect(),
-            None => return Ok(None),
-        };
-        let factors = fill_factors(&reach);
-        let widest =
-            reach.iter().zip(&factors).map(|(r, &f)| r * f as f64).fold(1.0, f64::max) * (1.0 + 2.0 * self.margin);
+        let widest = target * (1.0 + 2.0 * self.margin);
         // keep act_bits of |v − c|: more would only widen the next layer's integer weights
         // on its other inputs
         let shift = (64 - (widest.ceil() as u64).leading_zeros()).saturating_sub(self.cfg.act_bits);
         let name = self.g.node(operand).name.clone();
         let shifted = Linear::new(
-            LinearKind::Scale { factor: ArrayD::from_shape_vec(vec![m], factors.clone()).expect("one per element") },
-            ArrayD::from_shape_vec(vec![m], c.iter().zip(&factors).map(|(&v, &f)| -v * f).collect())
-                .expect("one per element"),
+            LinearKind::Scale { factor: ArrayD::ones(vec![m]) },
+            ArrayD::from_shape_vec(vec![m], c.iter().map(|&v| -v).collect()).expect("one per element"),
             "kink",
         );
-        let v = self.out.add(Op::Linear(Box::new(shifted)), &[p.src], format!("{name}_kink"))?;
+        let v = self.out.add(Op::Linear(Box::new(shifted)), &[src.node], format!("{name}_kink"))?;
         let abs = self.out.add(Op::AbsEnc { rounding: shift, shift }, &[v], format!("{name}_abs"))?;
         // P ≈ a·(u − u0) + k0 + n·2^shift·abs, with u = s·v + o and u0 = s·v0 + o.
         let lam: Vec<f64> = kinks.iter().zip(&src.scale).map(|(k, s)| k.a / s).collect();
@@ -160,8 +149,7 @@ impl Quantizer<'_> {
             return Ok(None);
         };
         let unit = 2f64.powi(shift as i32);
-        let scale: Vec<f64> =
-            x_scale.iter().copied().chain(kinks.iter().zip(&factors).map(|(k, &f)| k.n * unit / f as f64)).collect();
+        let scale: Vec<f64> = x_scale.iter().copied().chain(kinks.iter().map(|k| k.n * unit)).collect();
         let offset: Vec<f64> = x_offset.iter().copied().chain(std::iter::repeat_n(0.0, m)).collect();
         let both = self.out.add(Op::Concat { axis: 1 }, &[src.x.node, abs], format!("{name}_and_input"))?;
         let x = Quantized {
@@ -169,7 +157,42 @@ impl Quantizer<'_> {
             scale: ArrayD::from_shape_vec(vec![k_in + m], scale).expect("one per input"),
             offset: ArrayD::from_shape_vec(vec![k_in + m], offset).expect("one per input"),
         };
+        // its scales are `fill_source`'s now: no fill factor of the search applies to it
+        self.filled.retain(|&l| l != src.float);
         self.dense_over(id, x, vec![k_in + m], w, bias).map(Some)
+    }
+}
+
+impl Quantizer<'_> {
+    /// Dense layer `src` re-quantized with one scale per output element, so that every
+    /// element's reach from its kink (`reach`, real units) spans the same integer target
+    /// T: the |u − u0| read then uses most of its buckets for every element. T is
+    /// [`WINDOW_SHARE`]·2^j over (1 + 2·margin), since the compiled range widens the
+    /// calibrated span (±T) by the margin on each side; j is the smallest with T at least
+    /// the widest element's reach at the present scales, so no element's weights get
+    /// coarser, and an element is made at most 4× finer (a narrow one keeps a shorter
+    /// reach). With power-of-two scales and integer factors the reads reached 0.56–0.70 of
+    /// their buckets on the digits MLP. The new layer is not centred: its offset is
+    /// W·offset(h) + b. Returns the new source and T.
+    fn fill_source(&mut self, src: &DenseSource, reach: &[f64]) -> Result<(DenseSource, f64)> {
+        let (m, k_in) = (src.scale.len(), src.w.nrows());
+        let widest = reach.iter().zip(&src.scale).map(|(r, s)| r / s).fold(1.0, f64::max);
+        // the compiled range adds the margin on both sides of the whole tensor's span
+        let fit = WINDOW_SHARE / (1.0 + 2.0 * self.margin.max(0.0));
+        let target = fit * 2f64.powf((widest / fit).log2().ceil());
+        let scale: Vec<f64> = (0..m).map(|e| (reach[e] / target).max(src.scale[e] / 4.0)).collect();
+        let (Some(x_scale), Some(x_offset)) =
+            (src.x.scale.broadcast(IxDyn(&[k_in])), src.x.offset.broadcast(IxDyn(&[k_in])))
+        else {
+            return Err(self.err(src.float, "input scales of a dense layer vary along the batch"));
+        };
+        let q = Array2::from_shape_fn((m, k_in), |(e, k)| (src.w[[k, e]] * x_scale[k] / scale[e]).round() as i64);
+        let offset: Vec<f64> =
+            (0..m).map(|e| src.bias[e] + (0..k_in).map(|k| x_offset[k] * src.w[[k, e]]).sum::<f64>()).collect();
+        let lin = Linear::new(LinearKind::Dense { weights: q }, ArrayD::zeros(vec![]), "dense");
+        let name = format!("{}_filled", self.g.node(src.float).name);
+        let node = self.out.add(Op::Linear(Box::new(lin)), &[src.x.node], name)?;
+        Ok((DenseSource { node, scale, offset, ..src.clone() }, target))
     }
 }
 
@@ -301,6 +324,13 @@ fn kink_terms(f: impl Fn(f64) -> f64, r: Range) -> Option<KinkTerms> {
 /// (8-bit weights, sums of hundreds to thousands); past it a table resets the scale. A
 /// chain that still overflows fails to quantize, and the search falls back to tables.
 const KINK_SOURCE_BITS: u32 = 24;
+
+/// The share of a power of two a composed kink's compiled reach is brought to. A
+/// whole-torus read of p bits resolves buckets within ±(2^p − 1) of the kink, half a
+/// bucket kept for rounding: 0.81 of 2^p at p = 3, 0.91 at 4, 0.95 at 5. The narrowed
+/// range overshoots the margin's estimate by a few percent (rounded kinks, a span a
+/// little over 2T), so 0.8 leaves every p ≥ 4 room.
+const WINDOW_SHARE: f64 = 0.8;
 
 #[cfg(test)]
 mod tests {

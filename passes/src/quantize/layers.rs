@@ -33,7 +33,7 @@ impl Quantizer<'_> {
         // per output feature, whatever the rank: a leading size-1 axis must not cost accuracy
         let spans = self.feature_spans(id);
         let (q, s_out) = equalize(&eff, q, s_out, spans.as_deref());
-        let (q, s_out) = self.fill(id, &eff, q, s_out, spans.as_deref());
+        let (q, s_out) = self.fill_slots(id, &eff, q, s_out, spans.as_deref());
         // Offsets enter as a clear per-output offset: W·offset + bias, per sample position.
         let off = x.offset.broadcast(IxDyn(&in_dims)).ok_or_else(|| self.err(id, "offset shape"))?.to_owned();
         let off2 = off.to_shape((off.len() / k, k)).map_err(|e| self.err(id, e.to_string()))?.to_owned();
@@ -57,6 +57,7 @@ impl Quantizer<'_> {
         if in_dims.len() == 1 {
             let source = kinks::DenseSource {
                 float: id,
+                node,
                 x: x.clone(),
                 w: w.clone(),
                 bias: bias_real.clone(),
@@ -95,7 +96,7 @@ impl Quantizer<'_> {
         let (q, s_out) = self.quantize_rows(&eff);
         let spans = self.channel_spans(id);
         let (q, s_out) = equalize(&eff, q, s_out, spans.as_deref());
-        let (q, s_out) = self.fill(id, &eff, q, s_out, spans.as_deref());
+        let (q, s_out) = self.fill_slots(id, &eff, q, s_out, spans.as_deref());
         let q4 = q.into_shape_with_order((m, cg, kh, kw)).map_err(|e| self.err(id, e.to_string()))?;
         // Offsets (and zero padding, whose real value is 0) enter through a float
         // convolution of the offset image: exact per output position.

@@ -126,8 +126,8 @@ pub fn quantize_with(
 }
 
 /// [`quantize_with`], with the integer output range of each dense or convolution layer
-/// (float node id) in `refill` multiplied by its factor (in (0, 1]: coarser weights, a
-/// narrower accumulator), so that the lookups reading it downstream fill their slots (see
+/// (float node id) in `refill` multiplied by its factor (in (0, 1): coarser weights, a
+/// narrower accumulator; others are ignored), so that the lookups reading it downstream fill their slots (see
 /// [`crate::slot_fill`]). Also returns the layers whose outputs lookups read: the
 /// candidates for a factor.
 pub fn quantize_refilled(

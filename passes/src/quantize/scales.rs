@@ -29,7 +29,7 @@ impl Quantizer<'_> {
 
     /// [`fill`] the integer range of layer `id` when lookups read it, then apply its
     /// factor from `refill`. Records `id` as a candidate for a factor.
-    pub(super) fn fill(
+    pub(super) fn fill_slots(
         &mut self,
         id: NodeId,
         eff: &Array2<f64>,
@@ -43,7 +43,7 @@ impl Quantizer<'_> {
         self.filled.push(id);
         let (q, s_out) = fill(eff, q, s_out, spans, self.margin);
         match self.refill.get(&id) {
-            Some(&f) if f > 0.0 && f != 1.0 => {
+            Some(&f) if f > 0.0 && f < 1.0 => {
                 let scales: Vec<f64> = s_out.iter().map(|s| s / f).collect();
                 (Array2::from_shape_fn(eff.raw_dim(), |(j, k)| (eff[[j, k]] / scales[j]).round() as i64), scales)
             }
