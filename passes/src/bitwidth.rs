@@ -734,6 +734,11 @@ fn compile_scored(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<
             (model, report, best_score) = (q, rep, score);
         }
     }
+    // the narrowing after a fallback to the best rejected widths can meet the tolerance:
+    // the warning describes the model compiled
+    if below_tolerance.is_some() && 1.0 - best_score <= opts.tolerance + 1e-12 {
+        below_tolerance = None;
+    }
     let precision = max_precision(&model.graph);
     let unfused = s.fused(cfg)?.2;
     let (calibration_agreement, near_boundary) = match &mixed {
