@@ -69,7 +69,7 @@ pub fn compile(float: &Graph, calibration: &[Tensor], opts: &CompileOptions) -> 
     }
     compiled.model = model;
     let lookups = lowered.circuit.lookups_per_sample();
-    let mut report = report(&compiled, lookups, start.elapsed().as_secs_f64());
+    let mut report = report(&compiled, lookups, start.elapsed().as_secs_f64(), opts.search.tolerance);
     report.output_digits = digits;
     report.score_parts = score_parts;
     report.accuracy_warning = compiled.below_tolerance.clone().unwrap_or_default();
@@ -230,7 +230,7 @@ fn partitioned(
 }
 
 /// Per-layer bit widths and lookup counts of the final integer graph.
-fn report(c: &Compiled, lookups: usize, seconds: f64) -> proto::Report {
+fn report(c: &Compiled, lookups: usize, seconds: f64, tolerance: f64) -> proto::Report {
     let g = &c.model.graph;
     let mut layers = Vec::new();
     for id in g.topo_order().unwrap_or_default() {
@@ -275,6 +275,8 @@ fn report(c: &Compiled, lookups: usize, seconds: f64) -> proto::Report {
         near_boundary_score: c.near_boundary,
         scored_near_boundary: c.scored_near_boundary,
         near_boundary_short: c.near_boundary_short,
+        calibration_agreement: c.calibration_agreement,
+        accuracy_tolerance: tolerance,
         trials: c
             .trials
             .iter()

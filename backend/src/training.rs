@@ -231,6 +231,8 @@ fn report(model: &TrainingModel, low: &LoweredGraph, seconds: f64) -> proto::Rep
         near_boundary_score: None,
         scored_near_boundary: false,
         near_boundary_short: false,
+        calibration_agreement: None,
+        accuracy_tolerance: 0.0,
     }
 }
 

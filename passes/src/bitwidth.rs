@@ -391,13 +391,14 @@ impl Search<'_> {
         for &layer in layers {
             let Ok(((probe, ..), _)) = self.build(cfg, &HashMap::from([(layer, PROBE)])) else { continue };
             let Some(own) = attributed(&sites, &read_sites(&probe.graph), PROBE) else { continue };
-            let own: Vec<usize> = own.into_iter().filter(|&i| claimed.insert(i)).collect();
+            let own: Vec<usize> = own.into_iter().filter(|i| !claimed.contains(i)).collect();
             // tables reading a layer are sized for it already (`quantize::scales::fill`);
             // finer reads of them only amplified its noise (a third bootstrap level on the
             // digits CNN with ReLU tables)
             if !own.iter().any(|&i| sites[i].abs) {
                 continue;
             }
+            claimed.extend(own.iter().copied());
             let f = best_factor(&own.iter().map(|&i| &sites[i]).collect::<Vec<_>>());
             if f < 1.0 {
                 refill.insert(layer, f);
@@ -458,11 +459,16 @@ impl Search<'_> {
             // 2 points short beside a perfect calibration score, and test agreement with them
             calib.min(mixed)
         };
-        let ok = 1.0 - s <= self.tolerance + 1e-12;
+        let ok = meets(s, self.tolerance);
         let lookups = count_lookups(&q.graph);
         self.trials.push(self.record(cfg, p, lookups, s, ok));
         Ok((q, report, s, ok))
     }
+}
+
+/// Whether agreement (or R²) `score` is within `tolerance` of 1.
+fn meets(score: f64, tolerance: f64) -> bool {
+    1.0 - score <= tolerance + 1e-12
 }
 
 /// What tells two quantized graphs apart cheaply: their node and lookup counts.
@@ -477,12 +483,14 @@ fn shape_of(g: &Graph) -> (usize, usize, usize) {
 /// tolerance on the rows near the decision boundaries (see
 /// [`crate::boundary::near_boundary_rows`]), it is searched again, within the precisions
 /// whose lookups cost at most [`crate::boundary::NEAR_BOUNDARY_COST`] times the first's,
-/// for a result that meets it on each set (scored by the smaller agreement); the best one
-/// found is taken when it agrees near the boundaries more than the first. With
+/// for a result that meets it on each set (scored by the smaller agreement); the closest
+/// one found is taken when it agrees near the boundaries more than the first and still
+/// meets the tolerance on the calibration rows (`near_boundary_short` when it misses the
+/// mixed rows). With
 /// `opts.near_boundary` the search is scored on both sets from the start, at any cost.
 pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Compiled> {
     let first = compile_scored(g, inputs, opts)?;
-    let short = first.near_boundary.is_some_and(|nb| 1.0 - nb > opts.tolerance + 1e-12);
+    let short = first.near_boundary.is_some_and(|nb| !meets(nb, opts.tolerance));
     if opts.near_boundary || !short || first.below_tolerance.is_some() || first.precision >= opts.max_precision {
         return Ok(first);
     }
@@ -504,10 +512,7 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
     let closer = second.near_boundary.unwrap_or(0.0) > first.near_boundary.unwrap_or(0.0);
     // the tolerance the user asked for holds on the calibration rows, as the first's did
     let calibration = second.calibration_agreement.unwrap_or(0.0);
-    if cost(&second) <= budget
-        && 1.0 - calibration <= opts.tolerance + 1e-12
-        && (second.below_tolerance.is_none() || closer)
-    {
+    if cost(&second) <= budget && meets(calibration, opts.tolerance) && (second.below_tolerance.is_none() || closer) {
         if second.below_tolerance.take().is_some() {
             second.near_boundary_short = true;
             second.score = calibration;
@@ -736,7 +741,7 @@ fn compile_scored(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<
     }
     // the narrowing after a fallback to the best rejected widths can meet the tolerance:
     // the warning describes the model compiled
-    if below_tolerance.is_some() && 1.0 - best_score <= opts.tolerance + 1e-12 {
+    if below_tolerance.is_some() && meets(best_score, opts.tolerance) {
         below_tolerance = None;
     }
     let precision = max_precision(&model.graph);

@@ -75,7 +75,8 @@ pub fn max_precision(g: &Graph) -> u32 {
 pub fn lookup_input(g: &Graph, id: NodeId) -> Option<(Range, bool)> {
     let ops = g.operands(id);
     match &g.node(id).op {
-        Op::Tlu(t) => Some((t.input, false)),
+        // `t.input` is refreshed by `set_precision` only; the operand's range is current
+        Op::Tlu(_) => Some((g.enc_range(ops[0]), false)),
         Op::SatEnc { .. } => Some((g.enc_range(ops[0]), false)),
         Op::MaxEnc { diff, .. } => {
             Some((diff.unwrap_or_else(|| g.enc_range(ops[0]).minus(&g.enc_range(ops[1]))), false))

@@ -109,7 +109,7 @@ impl Quantizer<'_> {
         // The layer re-quantized with a scale per element that brings its reach to one
         // target: the lookup then resolves every element with most of its buckets (see
         // `fill_source`), where power-of-two scales left the widest with half of them.
-        let (source, target) = self.fill_source(&src, &reach)?;
+        let Some((source, target)) = self.fill_source(&src, &reach)? else { return Ok(None) };
         for (e, k) in kinks.iter_mut().enumerate() {
             // old integer = ratio·new + (new offset − old offset)/old scale
             let ratio = source.scale[e] / src.scale[e];
@@ -119,7 +119,7 @@ impl Quantizer<'_> {
         let src = source;
         // Integer shift putting each kink at (within half an integer of) 0.
         let c: Vec<i64> = kinks.iter().map(|k| k.v0.round() as i64).collect();
-        let widest = target * (1.0 + 2.0 * self.margin);
+        let widest = target * (1.0 + 2.0 * self.margin.max(0.0));
         // keep act_bits of |v − c|: more would only widen the next layer's integer weights
         // on its other inputs
         let shift = (64 - (widest.ceil() as u64).leading_zeros()).saturating_sub(self.cfg.act_bits);
@@ -174,7 +174,11 @@ impl Quantizer<'_> {
     /// reach). With power-of-two scales and integer factors the reads reached 0.56–0.70 of
     /// their buckets on the digits MLP. The new layer is not centred: its offset is
     /// W·offset(h) + b. Returns the new source and T.
-    fn fill_source(&mut self, src: &DenseSource, reach: &[f64]) -> Result<(DenseSource, f64)> {
+    /// `None` (the activation is then tabulated) without a finite margin.
+    fn fill_source(&mut self, src: &DenseSource, reach: &[f64]) -> Result<Option<(DenseSource, f64)>> {
+        if !self.margin.is_finite() {
+            return Ok(None);
+        }
         let (m, k_in) = (src.scale.len(), src.w.nrows());
         let widest = reach.iter().zip(&src.scale).map(|(r, s)| r / s).fold(1.0, f64::max);
         // the compiled range adds the margin on both sides of the whole tensor's span
@@ -184,7 +188,7 @@ impl Quantizer<'_> {
         let (Some(x_scale), Some(x_offset)) =
             (src.x.scale.broadcast(IxDyn(&[k_in])), src.x.offset.broadcast(IxDyn(&[k_in])))
         else {
-            return Err(self.err(src.float, "input scales of a dense layer vary along the batch"));
+            return Ok(None);
         };
         let q = Array2::from_shape_fn((m, k_in), |(e, k)| (src.w[[k, e]] * x_scale[k] / scale[e]).round() as i64);
         let offset: Vec<f64> =
@@ -192,7 +196,7 @@ impl Quantizer<'_> {
         let lin = Linear::new(LinearKind::Dense { weights: q }, ArrayD::zeros(vec![]), "dense");
         let name = format!("{}_filled", self.g.node(src.float).name);
         let node = self.out.add(Op::Linear(Box::new(lin)), &[src.x.node], name)?;
-        Ok((DenseSource { node, scale, offset, ..src.clone() }, target))
+        Ok(Some((DenseSource { node, scale, offset, ..src.clone() }, target)))
     }
 }
 
