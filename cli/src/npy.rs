@@ -98,18 +98,26 @@ fn read_model_inputs_any(path: &Path, names: &[String]) -> Result<Vec<Tensor>> {
             } else {
                 bail!("{}: array '{name}' is not a numeric array veil can read (float32/64, int32/64)", path.display())
             };
-            let per = t.len() / t.shape().first().copied().unwrap_or(1).max(1);
-            if let Some((i, v)) = t.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                bail!(
-                    "{} ({name}): sample {}, element {} is {v}; inputs must be finite numbers",
-                    path.display(),
-                    i / per.max(1),
-                    i % per.max(1)
-                );
+            if let Some(at) = first_non_finite(&t) {
+                bail!("{} ({name}): {at}; inputs must be finite numbers", path.display());
             }
             Ok(Tensor::F32(t))
         })
         .collect()
+}
+
+/// Where the first NaN or infinity of a batch `a` is: "sample 7, element 3 is NaN" for
+/// rows of features, "sample 1, element [0, 2, 3] is inf" (the index within the sample)
+/// for images and other ranks.
+fn first_non_finite(a: &ArrayD<f32>) -> Option<String> {
+    use ndarray::Dimension;
+    let (ix, v) = a.indexed_iter().find(|(_, v)| !v.is_finite())?;
+    let ix = ix.slice();
+    let within = match &ix[1.min(ix.len())..] {
+        [e] => e.to_string(),
+        rest => format!("{rest:?}"),
+    };
+    Some(format!("sample {}, element {within} is {v}", ix.first().copied().unwrap_or(0)))
 }
 
 /// Read model inputs: float, every value finite. A NaN or an infinity would be quantized
@@ -118,14 +126,8 @@ fn read_model_inputs_any(path: &Path, names: &[String]) -> Result<Vec<Tensor>> {
 pub fn read_inputs(path: &Path) -> Result<Tensor> {
     let t = read_f32(path)?;
     if let Tensor::F32(a) = &t {
-        let per = a.len() / a.shape().first().copied().unwrap_or(1).max(1);
-        if let Some((i, v)) = a.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            bail!(
-                "{}: sample {}, element {} is {v}; inputs must be finite numbers",
-                path.display(),
-                i / per.max(1),
-                i % per.max(1)
-            );
+        if let Some(at) = first_non_finite(a) {
+            bail!("{}: {at}; inputs must be finite numbers", path.display());
         }
     }
     Ok(t)
@@ -186,6 +188,17 @@ pub fn file_name(name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_non_finite_value_is_named_by_sample_and_index_within_it() {
+        let mut rows = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[20, 64]));
+        rows[[7, 3]] = f32::NAN;
+        assert_eq!(super::first_non_finite(&rows).unwrap(), "sample 7, element 3 is NaN");
+        let mut images = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[2, 1, 8, 8]));
+        images[[1, 0, 2, 3]] = f32::INFINITY;
+        assert_eq!(super::first_non_finite(&images).unwrap(), "sample 1, element [0, 2, 3] is inf");
+        assert_eq!(super::first_non_finite(&ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[3]))), None);
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -177,12 +177,22 @@ pub fn text(a: &Artifact, trials: bool) -> String {
         let _ = writeln!(s, "bit-width search ({} trial(s), in order; score = {}):", r.trials.len(), r.metric);
         let _ = writeln!(
             s,
+            "  (✓: within the tolerance on the rows that pass scored: the calibration rows, or with near-boundary rows the smaller of the two agreements; ← the widths compiled)"
+        );
+        let _ = writeln!(
+            s,
             "  {:>4} {:>6} {:>7} {:>4} {:>4}  {:<11} {:>7} {:>7}",
             "bits", "inputs", "weights", "acts", "outs", "order", "lookups", "score"
         );
         // the order of maxima and lookups is only a choice in models with a max
         let both_orders = r.trials.iter().any(|t| t.commute_max) && r.trials.iter().any(|t| !t.commute_max);
-        for t in &r.trials {
+        // the compiled widths: the last accepted trial that has them
+        let chosen = r.trials.iter().rposition(|t| {
+            t.accepted
+                && (t.precision, t.input_bits, t.weight_bits, t.act_bits, t.output_bits)
+                    == (r.max_precision, r.input_bits, r.weight_bits, r.act_bits, r.output_bits)
+        });
+        for (i, t) in r.trials.iter().enumerate() {
             let maxima = match t.commute_max {
                 _ if !both_orders => "-",
                 true => "max→lookup",
@@ -200,7 +210,12 @@ pub fn text(a: &Artifact, trials: bool) -> String {
                 maxima,
                 t.lookups,
                 score,
-                if t.accepted { "✓" } else { "" }
+                match (t.accepted, chosen == Some(i)) {
+                    (true, true) => "✓ ←",
+                    (true, false) => "✓",
+                    (false, true) => "←",
+                    (false, false) => "",
+                }
             );
         }
     } else if !r.trials.is_empty() {
