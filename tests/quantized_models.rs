@@ -237,9 +237,8 @@ fn relu_then_a_negative_batch_norm_scale_then_max_pooling_keeps_the_maximum() {
 /// kink, ±(2^p − 1), that its input range reaches.
 fn abs_slot_use(g: &veil_ir::Graph, p: u32) -> Vec<(String, f64)> {
     g.node_ids()
-        .filter_map(|id| match g.node(id).op {
-            veil_ir::Op::AbsEnc { rounding, .. } => {
-                let r = g.enc_range(g.operands(id)[0]);
+        .filter_map(|id| match (g.node(id).op.clone(), veil_passes::bitwidth::lookup_input(g, id)) {
+            (veil_ir::Op::AbsEnc { rounding, .. }, Some((r, true))) => {
                 let reach = r.lo.unsigned_abs().max(r.hi.unsigned_abs()) as f64;
                 Some((g.node(id).name.clone(), reach / 2f64.powi(rounding as i32) / ((1u64 << p) - 1) as f64))
             }

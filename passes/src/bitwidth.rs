@@ -497,9 +497,9 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
     // Searched within the precisions the cost allows (not one bit wider: the digits MLP
     // went from 3 to 5 bits within it). Where none meets the tolerance, the best of them
     // still beats the first result near the boundaries, which the search did not look at.
-    let lookups = count_lookups(&first.model.graph) as f64;
-    let budget = crate::boundary::NEAR_BOUNDARY_COST * lookups * (opts.lookup_cost)(first.precision);
-    let cap = (first.precision..=opts.max_precision).take_while(|&p| lookups * (opts.lookup_cost)(p) <= budget).last();
+    let cost_at = |g: &Graph, p: u32| count_lookups(g) as f64 * (opts.lookup_cost)(p);
+    let budget = crate::boundary::NEAR_BOUNDARY_COST * cost_at(&first.model.graph, first.precision);
+    let cap = (first.precision..=opts.max_precision).take_while(|&p| cost_at(&first.model.graph, p) <= budget).last();
     let wider = SearchOptions {
         near_boundary: true,
         strict: false,
@@ -508,11 +508,13 @@ pub fn compile(g: &Graph, inputs: &[Tensor], opts: &SearchOptions) -> Result<Com
     };
     // the second search is optional: whatever goes wrong there, the first result stands
     let Ok(mut second) = compile_scored(g, inputs, &wider) else { return Ok(first) };
-    let cost = |c: &Compiled| count_lookups(&c.model.graph) as f64 * (opts.lookup_cost)(c.precision);
     let closer = second.near_boundary.unwrap_or(0.0) > first.near_boundary.unwrap_or(0.0);
     // the tolerance the user asked for holds on the calibration rows, as the first's did
     let calibration = second.calibration_agreement.unwrap_or(0.0);
-    if cost(&second) <= budget && meets(calibration, opts.tolerance) && (second.below_tolerance.is_none() || closer) {
+    if cost_at(&second.model.graph, second.precision) <= budget
+        && meets(calibration, opts.tolerance)
+        && (second.below_tolerance.is_none() || closer)
+    {
         if second.below_tolerance.take().is_some() {
             second.near_boundary_short = true;
             second.score = calibration;

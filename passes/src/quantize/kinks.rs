@@ -190,7 +190,8 @@ impl Quantizer<'_> {
         else {
             return Ok(None);
         };
-        let q = Array2::from_shape_fn((m, k_in), |(e, k)| (src.w[[k, e]] * x_scale[k] / scale[e]).round() as i64);
+        let eff = Array2::from_shape_fn((m, k_in), |(e, k)| src.w[[k, e]] * x_scale[k]);
+        let q = scales::round_rows(&eff, &scale);
         let offset: Vec<f64> =
             (0..m).map(|e| src.bias[e] + (0..k_in).map(|k| x_offset[k] * src.w[[k, e]]).sum::<f64>()).collect();
         let lin = Linear::new(LinearKind::Dense { weights: q }, ArrayD::zeros(vec![]), "dense");

@@ -8,17 +8,18 @@ impl Quantizer<'_> {
     /// and the scale of each row.
     pub(super) fn quantize_rows(&self, w: &Array2<f64>) -> (Array2<i64>, Vec<f64>) {
         let qmax = ((1i64 << (self.cfg.weight_bits - 1)) - 1).max(1) as f64;
-        let mut q = Array2::zeros(w.raw_dim());
-        let mut scales = Vec::with_capacity(w.nrows());
-        for (j, row) in w.outer_iter().enumerate() {
-            let m = row.iter().fold(0.0f64, |a, &v| a.max(v.abs()));
-            let s = if m > 0.0 { m / qmax } else { 1.0 };
-            for (k, &v) in row.iter().enumerate() {
-                q[[j, k]] = (v / s).round() as i64;
-            }
-            scales.push(s);
-        }
-        (q, scales)
+        let scales: Vec<f64> = w
+            .outer_iter()
+            .map(|row| {
+                let m = row.iter().fold(0.0f64, |a, &v| a.max(v.abs()));
+                if m > 0.0 {
+                    m / qmax
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        (round_rows(w, &scales), scales)
     }
 
     /// Does some server-side op read float node `id`? Otherwise it is decrypted: filling
@@ -45,7 +46,7 @@ impl Quantizer<'_> {
         match self.refill.get(&id) {
             Some(&f) if f > 0.0 && f < 1.0 => {
                 let scales: Vec<f64> = s_out.iter().map(|s| s / f).collect();
-                (Array2::from_shape_fn(eff.raw_dim(), |(j, k)| (eff[[j, k]] / scales[j]).round() as i64), scales)
+                (round_rows(eff, &scales), scales)
             }
             _ => (q, s_out),
         }
@@ -96,6 +97,11 @@ impl Quantizer<'_> {
     }
 }
 
+/// Integer weights of `eff` [out, in] at one scale per output row.
+pub(super) fn round_rows(eff: &Array2<f64>, scales: &[f64]) -> Array2<i64> {
+    Array2::from_shape_fn(eff.raw_dim(), |(j, k)| (eff[[j, k]] / scales[j]).round() as i64)
+}
+
 /// Give every output channel the same calibrated accumulator span: a channel whose
 /// values span less than the widest gets a finer scale (larger integer weights, up to 16×),
 /// so that a lookup rounding the whole tensor to p bits resolves every channel equally.
@@ -116,7 +122,7 @@ pub(super) fn equalize(
         .zip(&int_spans)
         .map(|(&s, &w)| if w > 0.0 { s * (w / widest).max(1.0 / 16.0) } else { s })
         .collect();
-    let q = Array2::from_shape_fn(eff.raw_dim(), |(j, k)| (eff[[j, k]] / scales[j]).round() as i64);
+    let q = round_rows(eff, &scales);
     (q, scales)
 }
 
@@ -145,7 +151,7 @@ pub(super) fn fill(
         return (q, s_out);
     }
     let scales: Vec<f64> = s_out.iter().map(|s| s / f).collect();
-    let q = Array2::from_shape_fn(eff.raw_dim(), |(j, k)| (eff[[j, k]] / scales[j]).round() as i64);
+    let q = round_rows(eff, &scales);
     (q, scales)
 }
 
